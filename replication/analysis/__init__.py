@@ -1,0 +1,1 @@
+"""Analysis: Network Dissection, basis rotations."""

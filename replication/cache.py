@@ -1,0 +1,49 @@
+"""Configuration-keyed cache: a stage's output lives under a folder named by its config hash.
+
+A finished stage writes a `DONE.json` marker last (atomically), so a folder without it is an
+unfinished run and is never mistaken for a result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from replication import io, paths
+
+DONE_MARKER = "DONE.json"
+
+
+def canonical(config: Any) -> Any:
+    """A JSON-able, order-independent form of a config (dataclasses, tuples, paths)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: canonical(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {str(k): canonical(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(config, (list, tuple)):
+        return [canonical(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def config_hash(config: Any, length: int = 12) -> str:
+    """Stable short hash of a configuration."""
+    text = json.dumps(canonical(config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def stage_dir(kind: str, config: Any, root: Path | None = None) -> Path:
+    """The folder for stage `kind` with this config: `<cache>/<kind>/<hash>/`."""
+    return Path(root or paths.cache_dir()) / kind / config_hash(config)
+
+
+def is_done(folder: Path) -> bool:
+    return (Path(folder) / DONE_MARKER).exists()
+
+
+def mark_done(folder: Path, config: Any, **extra: Any) -> None:
+    """Record that the stage in `folder` finished, with the config that produced it."""
+    io.write_json(Path(folder) / DONE_MARKER, {"config": canonical(config), **extra})

@@ -1,0 +1,1 @@
+"""Datasets: the Broden reader, the ConceptWorld generator, classification datasets."""

@@ -1,0 +1,1 @@
+"""Models: torchvision backbones sized for small images, local weight loading, activation hooks."""

@@ -1,0 +1,1 @@
+"""Reporting: paper reference numbers, claims tables, figures, notebook runner support."""

@@ -1,0 +1,106 @@
+"""Shared machinery: torchvision on CPU torch, atomic writes, the config cache, profiles, claims."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import replication  # noqa: F401  (makes torchvision importable)
+from replication import cache, io
+from replication.profiles import available_profiles, load_profile
+from replication.reporting.claims import ClaimResult, claims_table, directional_verdict, mean_std
+
+
+def test_torchvision_imports_and_builds_models_on_this_torch():
+    import torchvision
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    extractor = create_feature_extractor(resnet18(weights=None), {"layer4": "out"})
+    assert extractor(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 512, 2, 2)
+    assert torchvision.__version__.startswith("0.28")
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path: Path):
+    target = tmp_path / "result.json"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path):
+    target = io.write_json(tmp_path / "a" / "r.json", {"x": 1})
+    io.write_json(target, {"x": 2})
+    assert io.read_json(target) == {"x": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+def test_torch_checkpoints_round_trip_with_weights_only(tmp_path: Path):
+    state = {"w": torch.arange(3.0), "epoch": 4}
+    io.save_torch(tmp_path / "c.pt", state)
+    loaded = io.load_torch(tmp_path / "c.pt")
+    assert torch.equal(loaded["w"], state["w"]) and loaded["epoch"] == 4
+
+
+def test_config_hash_is_order_independent_and_sensitive_to_values():
+    @dataclasses.dataclass
+    class Config:
+        a: int
+        b: tuple
+
+    assert cache.config_hash({"a": 1, "b": [2]}) == cache.config_hash({"b": (2,), "a": 1})
+    assert cache.config_hash(Config(1, (2,))) == cache.config_hash({"a": 1, "b": [2]})
+    assert cache.config_hash({"a": 1}) != cache.config_hash({"a": 2})
+
+
+def test_stage_is_done_only_after_marker(tmp_path: Path):
+    folder = cache.stage_dir("model", {"a": 1}, root=tmp_path)
+    assert not cache.is_done(folder)
+    cache.mark_done(folder, {"a": 1}, seconds=1.0)
+    assert cache.is_done(folder) and io.read_json(folder / cache.DONE_MARKER)["config"] == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["ci", "default", "gpu", "paper"])
+def test_every_profile_loads(name: str):
+    profile = load_profile(name)
+    assert profile.name == name and "runtime" in profile.sections
+
+
+def test_profile_build_rejects_unknown_keys():
+    @dataclasses.dataclass
+    class Narrow:
+        device: str
+
+    with pytest.raises(KeyError, match="does not accept"):
+        load_profile("ci").build(Narrow, "runtime")
+
+
+def test_unknown_profile_names_the_choices():
+    with pytest.raises(FileNotFoundError, match="choose one of"):
+        load_profile("nonexistent")
+    assert {"ci", "default", "gpu", "paper"} <= set(available_profiles())
+
+
+def test_profile_expands_environment_variables(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("BRODEN_DIR", str(tmp_path))
+    assert load_profile("paper").section("broden")["root"] == str(tmp_path)
+
+
+def test_directional_verdicts():
+    assert directional_verdict([5, 6, 7], [1, 2, 3]) == "confirmed"
+    assert directional_verdict([1, 2, 3], [5, 6, 7]) == "refuted"
+    assert directional_verdict([1, 2, 3], [1.1, 1.9, 3.0]) == "inconclusive"
+    assert directional_verdict([1, 2], [5, 6], direction="lower", min_seeds=2) == "confirmed"
+    assert directional_verdict([9], [1]) == "inconclusive"  # one seed is never evidence
+
+
+def test_claims_table_rejects_unknown_verdicts():
+    with pytest.raises(ValueError, match="verdict"):
+        ClaimResult("C1", "claim", "1", "2", "probably")
+    table = claims_table([ClaimResult("C1", "claim", "1", "2", "confirmed")])
+    assert list(table.columns)[:5] == ["claim_id", "claim", "paper", "ours", "verdict"]
+    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 (n=2)"
