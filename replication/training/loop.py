@@ -1,0 +1,377 @@
+"""One training loop for every notebook: pluggable loss terms, per-epoch metrics, resumable and cached.
+
+Determinism and resume: every epoch starts by seeding Python, NumPy, torch (CPU and CUDA) and the
+shuffling generator from `(config.seed, epoch)`, so an epoch's randomness (order, dropout, loss-term
+sampling) depends on nothing that happened before it. A checkpoint written atomically after each
+epoch holds the model, optimiser, schedule, AMP scaler and metric history; a run killed at any point
+restarts from the last finished epoch and ends bit-identical (on CPU) to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from replication import cache, io, runtime
+from replication.models.backbones import load_weights
+from replication.models.hooks import capture_activations
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "none")
+CHECKPOINT_NAME = "last.pt"
+HISTORY_NAME = "history.csv"
+MODEL_NAME = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the model's own settings live in its config (e.g. `BackboneConfig`).
+
+    `schedule`: "cosine" anneals the lr to 0 over `epochs`; "step" multiplies it by `gamma` every
+    `step_size` epochs (the CGL code's 0.1 every 30); "none" keeps it constant. Schedules step per epoch.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    amp: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}.")
+        for name in ("epochs", "batch_size", "step_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}.")
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """An extra loss added to the task cross-entropy (the papers' regularisers plug in here).
+
+    `layers` names the modules whose outputs the term reads; they arrive in `activations` with their
+    autograd graph. The returned scalar is already weighted. A term may also define
+    `decay_free_parameters(model) -> list[Parameter]` for parameters that must get no weight decay
+    (e.g. because the term replaces it). Parameters a term learns must belong to the model.
+    """
+
+    name: str
+    layers: tuple[str, ...]
+
+    def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: pd.DataFrame  # one row per epoch
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    *,
+    config: TrainConfig,
+    val_set: Dataset | None = None,
+    loss_terms: Sequence[LossTerm] = (),
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train `model` in place on `(image, class_id)` samples; resume from `checkpoint_dir` if it has a checkpoint.
+
+    History columns: epoch, train_loss (task cross-entropy), `loss_<name>` per term, train_acc,
+    val_loss, val_acc (NaN without `val_set`), lr, seconds, seed. Each epoch re-seeds the global
+    Python/NumPy/torch RNGs from `(config.seed, epoch)`; the model's initialisation is the caller's
+    (seed before building it, as `train_cached` does).
+    """
+    device = runtime.resolve_device(device)
+    if config.amp and device.type != "cuda":
+        raise ValueError(f"TrainConfig.amp=True needs CUDA but device is {device}; set amp=False.")
+    _check_terms(loss_terms)
+    if len(train_set) == 0:
+        raise ValueError("train() got an empty train_set; pass at least one (image, class_id) sample.")
+    model.to(device)
+    optimizer = _optimizer(model, config, loss_terms)
+    schedule = _schedule(optimizer, config)
+    amp_dtype = torch.bfloat16 if config.amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and amp_dtype == torch.float16)
+    identity = {"config": cache.canonical(config), "loss_terms": [_term_identity(t) for t in loss_terms]}
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None and checkpoint.exists():
+        history = _restore(checkpoint, identity, model, optimizer, schedule, scaler)
+
+    with _deterministic(device):
+        for epoch in range(len(history), config.epochs):
+            started = time.perf_counter()
+            generator = _seed_epoch(config.seed, epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generator, epoch, amp_dtype)
+            if schedule is not None:
+                schedule.step()
+            val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
+            row.update(val_loss=val.get("loss", math.nan), val_acc=val.get("accuracy", math.nan), lr=lr)
+            row.update(seconds=time.perf_counter() - started, seed=config.seed)
+            history.append({"epoch": epoch + 1, **row})
+            if checkpoint is not None:
+                state = {
+                    "identity": identity,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict() if schedule is not None else {},
+                    "scaler": scaler.state_dict(),
+                    "history": history,
+                }
+                io.save_torch(checkpoint, state)
+                io.write_csv(checkpoint.parent / HISTORY_NAME, pd.DataFrame(history))
+    return TrainResult(model=model, history=pd.DataFrame(history))
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, batch_size: int, device: str | torch.device | None = None, num_workers: int = 0
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of `model` (in eval mode) over `(image, class_id)` samples."""
+    device = runtime.resolve_device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    try:
+        with torch.no_grad():
+            for images, labels in runtime.progress(loader, desc="evaluate", total=len(loader)):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                logits = model(images).float()
+                totals += torch.stack([
+                    nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                ])
+    finally:
+        model.train(was_training)
+    loss_sum, correct, count = totals.tolist()
+    if count == 0:
+        raise ValueError("evaluate() got an empty dataset; pass at least one (image, class_id) sample.")
+    return {"loss": loss_sum / count, "accuracy": correct / count, "n": int(count)}
+
+
+def train_cached(
+    kind: str,
+    build_model: Callable[[], nn.Module],
+    train_set: Dataset,
+    *,
+    config: TrainConfig,
+    model_config: Any,
+    val_set: Dataset | None = None,
+    loss_terms: Sequence[LossTerm] = (),
+    loss_config: Any = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """`train` behind the configuration cache: a finished model is loaded from disk, not retrained.
+
+    The folder `cache.stage_dir(kind, key)` is keyed by `model_config`, `config`, `loss_config` (or
+    the loss terms themselves when they are dataclasses) and the datasets' fingerprints. It holds
+    `model.pt` (state dict), `history.csv` and the DONE marker; an unfinished run resumes from its
+    checkpoints. `build_model` is called after seeding with `config.seed`, so initial weights are
+    reproducible.
+    """
+    if loss_config is None and loss_terms:
+        if not all(dataclasses.is_dataclass(t) for t in loss_terms):
+            raise ValueError("train_cached needs loss_config describing the loss terms (they are not dataclasses), so the cache key covers them.")
+        loss_config = [_term_identity(t) for t in loss_terms]
+    key = {
+        "model": model_config,
+        "train": config,
+        "loss": loss_config,
+        "train_data": dataset_fingerprint(train_set),
+        "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
+    }
+    folder = cache.stage_dir(kind, key)
+    runtime.seed_everything(config.seed)
+    model = build_model()
+    if cache.is_done(folder):
+        load_weights(model, folder / MODEL_NAME)
+        return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
+    result = train(
+        model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, device=device,
+        checkpoint_dir=folder / "checkpoints",
+    )
+    io.save_torch(folder / MODEL_NAME, result.model.state_dict())
+    io.write_csv(folder / HISTORY_NAME, result.history)
+    cache.mark_done(folder, key)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by model.pt
+    return result
+
+
+def dataset_fingerprint(dataset: Dataset) -> Any:
+    """What identifies a dataset in a cache key: its `fingerprint` attribute when it has one, a
+    content hash for a `TensorDataset`, else its class name and length."""
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if fingerprint is not None:
+        return fingerprint() if callable(fingerprint) else fingerprint
+    if isinstance(dataset, TensorDataset):
+        digest = hashlib.sha256()
+        for tensor in dataset.tensors:
+            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return {"class": "TensorDataset", "sha256": digest.hexdigest()[:16]}
+    return {"class": type(dataset).__name__, "len": len(dataset)}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generator, epoch, amp_dtype) -> dict[str, float]:
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=RandomSampler(train_set, generator=generator),
+        num_workers=config.num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+    layers = list(dict.fromkeys(layer for term in loss_terms for layer in term.layers))
+    # per-epoch sums, kept on the device to avoid a sync per step: task loss, each term, correct, count
+    totals = torch.zeros(len(loss_terms) + 3, dtype=torch.float64, device=device)
+    model.train()
+    bar = runtime.progress(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
+    with capture_activations(model, layers, detach=False) as activations:
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+                logits = model(images)
+                task_loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            acts = {name: a.float() for name, a in activations.items()} if config.amp else activations
+            term_values = [_term_value(term, model, acts) for term in loss_terms]
+            loss = task_loss + sum(term_values) if term_values else task_loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = labels.numel()
+            correct = (logits.detach().argmax(1) == labels).sum()
+            totals += torch.stack([
+                *(v.detach().double() * n for v in [task_loss, *term_values]),
+                correct.double(),
+                torch.tensor(float(n), dtype=torch.float64, device=device),
+            ])
+    sums = totals.tolist()
+    count = sums[-1]
+    if not all(math.isfinite(s) for s in sums):
+        raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower TrainConfig.lr or check the loss terms' weights.")
+    row = {"train_loss": sums[0] / count}
+    row.update({f"loss_{term.name}": value / count for term, value in zip(loss_terms, sums[1:-2])})
+    row["train_acc"] = sums[-2] / count
+    return row
+
+
+def _term_value(term: LossTerm, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    value = term(model, activations)
+    if not torch.is_tensor(value) or value.ndim != 0:
+        raise ValueError(f"loss term {term.name!r} must return a scalar tensor, got {type(value).__name__} {getattr(value, 'shape', '')}.")
+    return value
+
+
+def _term_identity(term: LossTerm) -> dict[str, Any]:
+    """A loss term's settings (all its fields when it is a dataclass, else its name)."""
+    fields = cache.canonical(term) if dataclasses.is_dataclass(term) else {"name": term.name}
+    return {"type": type(term).__name__, **fields}
+
+
+def _check_terms(loss_terms: Sequence[LossTerm]) -> None:
+    names = [getattr(t, "name", None) for t in loss_terms]
+    for term, name in zip(loss_terms, names):
+        if not isinstance(term, LossTerm):
+            raise TypeError(f"loss term {term!r} lacks `name`, `layers` or `__call__`; see replication.training.loop.LossTerm.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss term names must be unique (they name history columns), got {names}.")
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, loss_terms: Sequence[LossTerm]) -> torch.optim.Optimizer:
+    """SGD or Adam; parameters any loss term declares decay-free get weight_decay=0."""
+    free_ids = {
+        id(p)
+        for term in loss_terms
+        if hasattr(term, "decay_free_parameters")
+        for p in term.decay_free_parameters(model)
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in free_ids], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) in free_ids], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    return None
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed every RNG from (seed, epoch) and return the epoch's shuffling generator."""
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+    return runtime.seed_everything(epoch_seed)
+
+
+def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scaler) -> list[dict[str, Any]]:
+    state = io.load_torch(checkpoint)
+    if state.get("identity") != identity:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written by a different run ({state.get('identity')} vs {identity}); "
+            f"delete it or choose another checkpoint_dir."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    return list(state["history"])
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels for the duration of training (CPU: torch's switch; CUDA: cuDNN flags)."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]

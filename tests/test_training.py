@@ -1,0 +1,240 @@
+"""Training loop: determinism, bit-exact resume after a kill, loss-term plumbing, evaluation, cache."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from replication import cache, io
+from replication.training import loop
+from replication.training.loop import TrainConfig, evaluate, train, train_cached
+from tests.helpers import assert_close
+
+CONFIG = TrainConfig(epochs=2, batch_size=8, lr=0.1, seed=3)
+VOLATILE = ["seconds"]
+
+
+def make_data(n: int = 32, seed: int = 0) -> TensorDataset:
+    """Three classes told apart by which colour channel is brightest."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.rand(n, 3, 6, 6, generator=g)
+    images[torch.arange(n), labels] += 0.5
+    return TensorDataset(images, labels)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Conv, BN (running statistics) and dropout (RNG), so resume must restore all of them."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Dropout(0.2), nn.Linear(4, 3),
+    )
+
+
+@dataclass(frozen=True)
+class RandomChannelPenalty:
+    """A loss term reading an activation and Python's RNG (as CGL's pair sampling does)."""
+
+    name: str = "channel"
+    layers: tuple[str, ...] = ("0",)
+    weight: float = 0.01
+
+    def __call__(self, model, activations):
+        channel = random.randrange(activations["0"].shape[1])
+        return self.weight * activations["0"][:, channel].pow(2).mean()
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(a.drop(columns=VOLATILE), b.drop(columns=VOLATILE), check_exact=True)
+
+
+def run(checkpoint_dir=None, *, model_seed=0, data=None, config=CONFIG, terms=(RandomChannelPenalty(),)):
+    return train(
+        make_model(model_seed), data or make_data(), config=config, val_set=make_data(12, seed=1),
+        loss_terms=terms, device="cpu", checkpoint_dir=checkpoint_dir,
+    )
+
+
+def test_same_seed_gives_identical_weights_and_metrics():
+    first, second = run(), run()
+    assert_same_state(first.model, second.model)
+    assert_same_history(first.history, second.history)
+    assert list(first.history.columns) == [
+        "epoch", "train_loss", "loss_channel", "train_acc", "val_loss", "val_acc", "lr", "seconds", "seed"
+    ]
+    assert first.history["epoch"].tolist() == [1, 2] and (first.history["seed"] == 3).all()
+    other = run(config=TrainConfig(epochs=2, batch_size=8, lr=0.1, seed=4))
+    assert not torch.equal(first.model[6].weight, other.model[6].weight)
+
+
+class KilledAfter(Dataset):
+    """Serves `data` until `limit` items have been read, then dies as a killed process would."""
+
+    def __init__(self, data: Dataset, limit: int):
+        self.data, self.limit, self.reads = data, limit, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise KeyboardInterrupt("killed")
+        return self.data[index]
+
+
+def test_resume_after_kill_mid_epoch_is_bit_exact(tmp_path):
+    reference = run(tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", data=KilledAfter(make_data(), limit=32 + 13))  # mid epoch 2
+    saved = io.load_torch(tmp_path / "killed" / loop.CHECKPOINT_NAME)
+    assert len(saved["history"]) == 1
+    # a fresh process would rebuild the model with other initial weights: the checkpoint must win
+    resumed = run(tmp_path / "killed", model_seed=99)
+    assert_same_state(resumed.model, reference.model)
+    assert_same_history(resumed.history, reference.history)
+    assert_same_history(pd.read_csv(tmp_path / "killed" / loop.HISTORY_NAME), pd.read_csv(tmp_path / "reference" / loop.HISTORY_NAME))
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    reference = run()
+    real_save, saves = torch.save, []
+
+    def dies_on_second_save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"half a checkpoint")
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([loop.CHECKPOINT_NAME, loop.HISTORY_NAME])
+    assert len(io.load_torch(tmp_path / loop.CHECKPOINT_NAME)["history"]) == 1
+    resumed = run(tmp_path, model_seed=99)
+    assert_same_state(resumed.model, reference.model)
+    assert_same_history(resumed.history, reference.history)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    one_epoch = TrainConfig(epochs=1, batch_size=8, lr=0.1, seed=3)
+    first = run(tmp_path, config=one_epoch)
+    with pytest.raises(ValueError, match="written by a different run"):
+        run(tmp_path)
+    with pytest.raises(ValueError, match="written by a different run"):
+        run(tmp_path, config=one_epoch, terms=[RandomChannelPenalty(weight=0.5)])
+    # the same run again is already finished: its history (timings included) comes from the checkpoint
+    pd.testing.assert_frame_equal(run(tmp_path, config=one_epoch).history, first.history, check_exact=True)
+
+
+@dataclass(frozen=True)
+class SquaredOutput:
+    """weight · mean(fc output²), with the fc layer exempt from weight decay."""
+
+    name: str = "squared"
+    layers: tuple[str, ...] = ("1",)
+    weight: float = 0.5
+
+    def __call__(self, model, activations):
+        return self.weight * activations["1"].pow(2).mean()
+
+    def decay_free_parameters(self, model):
+        return list(model[1].parameters())
+
+
+def test_one_step_matches_a_hand_computed_sgd_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+    data = make_data(16)
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.2, momentum=0.0, weight_decay=0.1, schedule="none")
+    expected = copy.deepcopy(model)
+    images, labels = data.tensors
+    logits = expected(images)
+    task = nn.functional.cross_entropy(logits, labels)
+    term = 0.5 * logits.pow(2).mean()
+    (task + term).backward()
+    with torch.no_grad():
+        for p in expected.parameters():
+            p -= config.lr * p.grad  # the term's decay_free_parameters: no weight decay on fc
+    result = train(model, data, config=config, loss_terms=[SquaredOutput()], device="cpu")
+    for got, want in zip(result.model.parameters(), expected.parameters()):
+        assert_close(got, want, atol=1e-6)
+    row = result.history.iloc[0]
+    assert_close(row["train_loss"], task.item(), atol=1e-6)
+    assert_close(row["loss_squared"], term.item(), atol=1e-6)
+    assert row["train_acc"] == (logits.argmax(1) == labels).float().mean().item()
+    assert row["lr"] == 0.2 and math.isnan(row["val_loss"])
+
+
+def test_evaluate_known_answer():
+    # the model passes its input through: each "image" is a row of logits
+    logits = torch.log(torch.tensor([[1.0, 3.0], [1.0, 3.0], [3.0, 1.0], [1.0, 1.0]]))
+    labels = torch.tensor([1, 0, 0, 1])
+    metrics = evaluate(nn.Identity(), TensorDataset(logits, labels), batch_size=3, device="cpu")
+    expected_loss = -(math.log(0.75) + math.log(0.25) + math.log(0.75) + math.log(0.5)) / 4
+    assert_close(metrics["loss"], expected_loss, atol=1e-6)
+    assert metrics["accuracy"] == 0.5  # argmax of the tie [1, 1] is class 0 -> wrong
+    assert metrics["n"] == 4
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        TrainConfig(epochs=1, batch_size=8, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="amp=True needs CUDA"):
+        run(config=TrainConfig(epochs=1, batch_size=8, lr=0.1, amp=True))
+    with pytest.raises(ValueError, match="unknown layer 'head'"):
+        run(terms=[RandomChannelPenalty(layers=("head",))])
+
+    @dataclass(frozen=True)
+    class PerSample:
+        name: str = "per_sample"
+        layers: tuple[str, ...] = ("0",)
+
+        def __call__(self, model, activations):
+            return activations["0"].mean(dim=(1, 2, 3))
+
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        run(terms=[PerSample()])
+
+
+def test_train_cached_loads_a_finished_model_instead_of_retraining(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    arguments = dict(config=CONFIG, model_config={"arch": "tiny"}, val_set=make_data(12, seed=1), loss_terms=[RandomChannelPenalty()], device="cpu")
+    first = train_cached("tiny", make_model, make_data(), **arguments)
+    (folder,) = (tmp_path / "tiny").iterdir()
+    assert cache.is_done(folder) and not (folder / "checkpoints").exists()
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a cached model was retrained"))
+    again = train_cached("tiny", lambda: make_model(seed=7), make_data(), **arguments)
+    assert_same_state(again.model, first.model)
+    assert_close(again.history.drop(columns=VOLATILE).to_numpy(), first.history.drop(columns=VOLATILE).to_numpy(), atol=1e-12)
+
+    # other data -> another cache entry (so the guard above fires)
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        train_cached("tiny", make_model, make_data(seed=5), **arguments)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_trains_and_evaluates():
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.1, amp=True)
+    result = train(make_model(), make_data(), config=config, val_set=make_data(12, seed=1), loss_terms=[RandomChannelPenalty()], device="cuda")
+    assert result.history[["train_loss", "loss_channel", "val_loss"]].notna().all().all()
+    assert next(result.model.parameters()).device.type == "cuda"
