@@ -12,7 +12,7 @@ def _world(args: argparse.Namespace) -> None:
 
     overrides = {"seed": args.seed} if args.seed is not None else {}
     config = load_profile(args.profile).build(WorldConfig, args.section, **overrides)
-    out = generate_world(config, Path(args.out))
+    out = generate_world(config, Path(args.out), overwrite=args.overwrite)
     print(f"ConceptWorld ({config.preset}, {config.n_images} images, seed {config.seed}) written to {out}")
 
 
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     world = commands.add_parser("world", help="generate a ConceptWorld dataset in Broden format")
     world.add_argument("--profile", default="default", help="ci, default, gpu or a .toml path")
-    world.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    world.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")
+    world.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     world.add_argument("--seed", type=int, default=None, help="override the profile's seed")
     world.add_argument("--section", default="world", help="profile section: world, or cgl_world for CGL's preset")
     world.set_defaults(handler=_world)

@@ -1,0 +1,67 @@
+"""What every notebook does the same way: determinism, its results folder, saving shown figures and tables.
+
+    ctx = notebook_context("03_concept_group_learning", profile="ci")
+    ctx.show(fig, "detectors")          # saves results/03_.../detectors.png, displays it, closes it
+    ctx.save_table(frame, "accuracy")   # saves results/03_.../accuracy.csv
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from replication import io, paths, runtime
+from replication.profiles import Profile, load_profile
+
+FIGURE_SIZE = (8.0, 4.5)
+FIGURE_DPI = 90
+
+
+@dataclass
+class NotebookContext:
+    """A notebook's profile, results folder and seeds, with helpers that write outputs atomically."""
+
+    name: str
+    profile: Profile
+    out_dir: Path
+    seeds: tuple[int, ...]
+
+    def show(self, figure, name: str) -> None:
+        """Save `figure` as `<out_dir>/<name>.png`, display it once, and close it (no stray reprs)."""
+        import matplotlib.pyplot as plt
+
+        path = io.save_figure(self.out_dir / f"{name}.png", figure)
+        try:
+            from IPython.display import Image, display
+
+            display(Image(filename=str(path)))
+        except ImportError:  # outside IPython: the file is the output
+            pass
+        plt.close(figure)
+
+    def save_table(self, frame: pd.DataFrame, name: str) -> None:
+        """Save `frame` as `<out_dir>/<name>.csv`, keeping a named index as columns."""
+        io.write_csv(self.out_dir / f"{name}.csv", frame.reset_index() if _has_named_index(frame) else frame)
+
+
+def _has_named_index(frame: pd.DataFrame) -> bool:
+    return any(name is not None for name in frame.index.names)
+
+
+def notebook_context(name: str, profile: str, seed: int = 0) -> NotebookContext:
+    """Seed everything, fix matplotlib's backend and figure size, and create `results/<name>/`."""
+    os.environ.setdefault("MPLBACKEND", "agg")
+    import matplotlib
+
+    matplotlib.use(os.environ["MPLBACKEND"])
+    matplotlib.rcParams.update({"figure.figsize": FIGURE_SIZE, "figure.dpi": FIGURE_DPI})
+    pd.set_option("display.width", 160)
+    pd.set_option("display.max_columns", 20)
+    runtime.seed_everything(seed)
+    loaded = load_profile(profile)
+    out_dir = paths.results_dir() / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = tuple(loaded.section("runtime").get("seeds", [seed]))
+    return NotebookContext(name=name, profile=loaded, out_dir=out_dir, seeds=seeds)
