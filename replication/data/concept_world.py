@@ -879,7 +879,7 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True.")
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (`--overwrite` on the command line).")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
