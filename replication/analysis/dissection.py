@@ -1,0 +1,618 @@
+"""Network Dissection (Bau et al. 2017) with NetDissect-Lite's tally semantics, exact and vectorised.
+
+For every unit k of a layer (or every direction of a `basis` applied to its channels):
+
+1. threshold T_k = the (1 − quantile) quantile of the unit's activations over all positions of all
+   images (`quantile=0.005`: the top 0.5%);
+2. the activation map is upsampled to the annotation resolution and binarised, M_k = S_k ≥ T_k;
+3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset; by default the unit's
+   term of the union only counts images carrying some label of l's primary category (Lite's
+   category-restricted denominator); whole-image labels (scene, texture) cover the whole mask;
+4. label = argmax_l IoU (per category and overall); detector when IoU ≥ `iou_threshold`.
+
+Passes. Pass 1 runs the forward pass once, feeds the exact per-unit quantile state and counts the
+label pixels; when the layer's features (float32) and the compacted labels fit `feature_budget_bytes`
+they are kept in memory (on `device`) and pass 2 (the tally) replays them, so the network and the
+image decoding run once. Otherwise pass 2 runs the loader and the forward pass again, and memory
+holds one batch plus the quantile state (below) and the N × K per-image maxima: no copy of the
+features, in memory or on disk (NetDissect-Lite writes them all as float64 memory maps).
+
+Quantiles. `quantile_method="exact"` keeps the m = n − ⌊(n − 1)·level⌋ largest values per unit
+(n = N·h·w positions, level = 1 − quantile), which is all a linear-interpolation quantile at that
+level reads, so the threshold equals `numpy.quantile(x.astype(float64), level)` exactly, with
+K·m·4 bytes ≈ quantile × the feature size. When that exceeds `quantile_budget_bytes` ("auto"), a
+deterministic compactor sketch is used (sorted buffers of `capacity` values per level, merged pairs
+keep alternate elements); its rank error is bounded by Σ 2^level over the compactions done, reported
+as `config["quantile_rank_error"]` (a fraction of n), and its memory is K·capacity·4·(levels + 2)
+bytes with levels ≈ log2(n / capacity).
+
+Upsampling. `upsample="bilinear"` is `F.interpolate(..., mode="bilinear", align_corners=False)` to the
+mask size: half-pixel-centred sampling as in Lite's PIL bilinear resize (edge pixels are clamped
+rather than renormalised, which can differ from PIL on the border row/column); the original
+NetDissect anchored a spline at receptive-field centres and quick-netdissect used layer offsets, so
+IoUs differ slightly from both. "bilinear-corners" (align_corners=True) and "nearest" are options.
+Every mode is a convex combination of the map's values, so maps whose maximum is below T_k cannot
+fire and are skipped exactly (Lite's speed trick, vectorised).
+
+Tally, per batch: only the (image, unit) maps that can fire are upsampled, in one interpolate call per
+memory-bounded chunk; intersections with pixel labels are bincounts over (unit, label) pairs at the
+positions where the mask is on; whole-image labels add the mask's area through one matrix product.
+All tallies are integers on `device`, so CPU and CUDA give identical, order-independent counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replication import io
+from replication.data.broden import broden_loader
+from replication.models.hooks import capture_activations, get_module
+from replication.runtime import progress, resolve_device
+
+QUANTILE_RULES = ("exact", "lite")
+QUANTILE_METHODS = ("auto", "exact", "sketch")
+UPSAMPLE_MODES = {
+    "bilinear": {"mode": "bilinear", "align_corners": False},
+    "bilinear-corners": {"mode": "bilinear", "align_corners": True},
+    "nearest": {"mode": "nearest"},
+}
+DENOMINATORS = ("category", "union")
+COMPARISONS = (">=", ">")
+_CHUNK_ELEMENTS = 1 << 24  # upsampled values held at once by the tally (64 MiB of float32)
+
+
+# ---------------------------------------------------------------- quantiles
+def quantile_level(quantile: float, rule: str = "exact") -> float:
+    """The quantile level at which thresholds are read: 1 − quantile ("exact"), or Lite's read-out.
+
+    NetDissect-Lite reads element int(1000·(1 − quantile) − 1) of 1000 evenly spaced quantiles,
+    i.e. level 994/999 ≈ 0.99499 for quantile 0.005 (spec 2.2).
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1) (the top fraction of activations, e.g. 0.005); got {quantile}.")
+    if rule == "exact":
+        return 1.0 - quantile
+    if rule == "lite":
+        return int(1000 * (1 - quantile) - 1) / 999
+    raise ValueError(f"unknown quantile_rule {rule!r}; use one of {QUANTILE_RULES}.")
+
+
+def _order_statistics(n: int, level: float) -> tuple[int, int, float]:
+    """Ascending ranks (lower, upper) and weight read by numpy's 'linear' quantile at `level`."""
+    virtual = (n - 1) * level
+    lower = min(math.floor(virtual), n - 1)
+    return lower, min(lower + 1, n - 1), virtual - lower
+
+
+def _lerp(lower: torch.Tensor, upper: torch.Tensor, gamma: float) -> torch.Tensor:
+    """numpy's quantile interpolation, bit for bit (it switches form at gamma = 0.5)."""
+    diff = upper - lower
+    return upper - diff * (1 - gamma) if gamma >= 0.5 else lower + diff * gamma
+
+
+class _TopValues:
+    """Exact streaming quantile: the m largest values of each unit, m = all the quantile reads."""
+
+    method = "exact"
+
+    def __init__(self, units: int, n: int, level: float, device: torch.device):
+        self.n, self.level = n, level
+        self.m = n - _order_statistics(n, level)[0]
+        self.values = torch.empty(units, 0, device=device)
+        self.rank_error = 0
+
+    @staticmethod
+    def bytes_needed(units: int, n: int, level: float) -> int:
+        return units * (n - _order_statistics(n, level)[0]) * 4
+
+    def update(self, values: torch.Tensor) -> None:
+        merged = torch.cat([self.values, values], dim=1)
+        self.values = merged.topk(self.m, dim=1, sorted=False).values if merged.shape[1] > self.m else merged
+
+    def thresholds(self) -> torch.Tensor:
+        lower, upper, gamma = _order_statistics(self.n, self.level)
+        top = self.values.sort(dim=1, descending=True).values.double()
+        return _lerp(top[:, self.n - 1 - lower], top[:, self.n - 1 - upper], gamma)
+
+
+class _CompactorSketch:
+    """Deterministic mergeable quantile sketch with a tracked rank-error bound (bounded memory)."""
+
+    method = "sketch"
+
+    def __init__(self, units: int, n: int, level: float, capacity: int):
+        self.n, self.level = n, level
+        self.capacity = max(2, capacity - capacity % 2)
+        self.levels: list[torch.Tensor | None] = []
+        self.parity: list[int] = []
+        self.pending: list[torch.Tensor] = []
+        self.rank_error = 0  # no value's rank moves by more than this (in positions)
+
+    def update(self, values: torch.Tensor) -> None:
+        self.pending.append(values)
+        merged = torch.cat(self.pending, dim=1)
+        full = merged.shape[1] // self.capacity * self.capacity
+        for chunk in merged[:, :full].split(self.capacity, dim=1):
+            self._push(chunk.sort(dim=1).values, 0)
+        self.pending = [merged[:, full:]]
+
+    def _push(self, buffer: torch.Tensor, level: int) -> None:
+        while True:
+            if level == len(self.levels):
+                self.levels.append(None)
+                self.parity.append(0)
+            if self.levels[level] is None:
+                self.levels[level] = buffer
+                return
+            merged = torch.cat([self.levels[level], buffer], dim=1).sort(dim=1).values
+            buffer = merged[:, self.parity[level] :: 2]  # keep alternate elements, offset alternating
+            self.parity[level] ^= 1
+            self.levels[level] = None
+            self.rank_error += 2**level
+            level += 1
+
+    def thresholds(self) -> torch.Tensor:
+        parts = [(buf, 2**i) for i, buf in enumerate(self.levels) if buf is not None] + [(self.pending[0], 1)]
+        values = torch.cat([buf for buf, _ in parts], dim=1)
+        weights = torch.cat([torch.full((buf.shape[1],), w, dtype=torch.int64, device=values.device) for buf, w in parts])
+        order = values.argsort(dim=1)
+        cumulative = weights[order].cumsum(dim=1)  # weighted ranks: total = n exactly
+        lower, upper, gamma = _order_statistics(self.n, self.level)
+        sorted_values = values.gather(1, order).double()
+
+        def at_rank(rank: int) -> torch.Tensor:
+            target = torch.full((values.shape[0], 1), rank + 1, dtype=torch.int64, device=values.device)
+            return sorted_values.gather(1, torch.searchsorted(cumulative, target)).squeeze(1)
+
+        return _lerp(at_rank(lower), at_rank(upper), gamma)
+
+
+def _comparison_thresholds(thresholds: torch.Tensor, comparison: str) -> torch.Tensor:
+    """float32 thresholds t with (x op t) ⟺ (x op T) for every float32 x, T being float64."""
+    rounded = thresholds.float()
+    if comparison == ">=":
+        too_low = rounded.double() < thresholds
+        return torch.where(too_low, torch.nextafter(rounded, torch.full_like(rounded, math.inf)), rounded)
+    too_high = rounded.double() > thresholds
+    return torch.where(too_high, torch.nextafter(rounded, torch.full_like(rounded, -math.inf)), rounded)
+
+
+def _compare(values: torch.Tensor, thresholds: torch.Tensor, comparison: str) -> torch.Tensor:
+    return values >= thresholds if comparison == ">=" else values > thresholds
+
+
+# ---------------------------------------------------------------- tally
+@dataclass
+class _Labels:
+    """One batch's annotations, compacted for storage between the passes."""
+
+    pixel: torch.Tensor  # (B·sh·sw)×P, position-major so that one row holds a position's labels; int16/int32
+    image: torch.Tensor  # B×L' int64 label numbers, 0 = padding
+    present: torch.Tensor  # B×C bool
+
+    @classmethod
+    def from_batch(cls, batch: dict, device: torch.device, num_labels: int) -> "_Labels":
+        dtype = torch.int16 if num_labels <= torch.iinfo(torch.int16).max else torch.int32
+        planes = batch["pixel_labels"]
+        count, depth, height, width = planes.shape
+        return cls(
+            planes.to(device=device, dtype=dtype).permute(0, 2, 3, 1).reshape(count * height * width, depth).contiguous(),
+            batch["image_labels"].to(device),
+            batch["category_present"].to(device),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.pixel, self.image, self.present))
+
+
+class _Tally:
+    """Integer accumulators of Lite's tally: intersections, active pixels, label pixels."""
+
+    def __init__(self, units: int, num_labels: int, num_categories: int, mask_size: tuple[int, int],
+                 upsample: str, comparison: str, device: torch.device):
+        self.L, self.mask_size, self.comparison = num_labels, mask_size, comparison
+        self.interpolation = UPSAMPLE_MODES[upsample]
+        self.intersection = torch.zeros(units, num_labels, dtype=torch.int64, device=device)
+        self.unit_category = torch.zeros(units, num_categories, dtype=torch.int64, device=device)
+        self.unit_total = torch.zeros(units, dtype=torch.int64, device=device)
+        self.label_pixels = torch.zeros(num_labels, dtype=torch.int64, device=device)
+
+    def _image_onehot(self, labels: _Labels) -> torch.Tensor:
+        onehot = torch.zeros(labels.image.shape[0], self.L, dtype=torch.float64, device=labels.image.device)
+        onehot.scatter_(1, labels.image, 1.0)
+        onehot[:, 0] = 0  # padding / unlabelled
+        return onehot
+
+    def count_labels(self, labels: _Labels) -> None:
+        area = self.mask_size[0] * self.mask_size[1]
+        pixel_counts = torch.bincount(labels.pixel.flatten().long(), minlength=self.L)
+        pixel_counts[0] = 0
+        self.label_pixels += pixel_counts + self._image_onehot(labels).sum(0).long() * area
+
+    def add(self, features: torch.Tensor, labels: _Labels, thresholds: torch.Tensor) -> None:
+        """Accumulate one batch; `thresholds` are the float32 comparison thresholds."""
+        batch, units = features.shape[:2]
+        area = self.mask_size[0] * self.mask_size[1]
+        # Conservative pre-filter (a few ulps of slack): skipped maps provably never reach T_k.
+        peaks = features.amax(dim=(2, 3))
+        slack = thresholds.abs() * 1e-6 + 1e-30
+        image_idx, unit_idx = (peaks >= thresholds - slack).nonzero(as_tuple=True)
+        active = torch.zeros(batch, units, dtype=torch.int64, device=features.device)
+        same_size = tuple(features.shape[2:]) == self.mask_size
+        step = max(1, _CHUNK_ELEMENTS // area)
+        for start in range(0, len(image_idx), step):
+            b, k = image_idx[start : start + step], unit_idx[start : start + step]
+            maps = features[b, k]
+            if not same_size:
+                maps = F.interpolate(maps[:, None], size=self.mask_size, **self.interpolation)[:, 0]
+            mask = _compare(maps, thresholds[k, None, None], self.comparison).view(len(b), area)
+            which, position = mask.nonzero(as_tuple=True)  # which selected map, where in it
+            active[b, k] = torch.bincount(which, minlength=len(b))
+            on_labels = labels.pixel.index_select(0, (b * area)[which] + position).long()  # on × planes
+            keys = (k * self.L)[which, None] + on_labels  # label 0 (none) lands in column 0, ignored
+            self.intersection += torch.bincount(keys.view(-1), minlength=units * self.L).view(units, self.L)
+        active_f = active.double()
+        self.intersection += (active_f.T @ self._image_onehot(labels)).long()
+        self.unit_category += (active_f.T @ labels.present.double()).long()
+        self.unit_total += active.sum(dim=0)
+
+
+# ---------------------------------------------------------------- feature sources
+def project_basis(features: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """A'[:, p] = basis @ A[:, p] at every position p of B × K × h × w features (float32)."""
+    features = features.float()
+    if basis is None:
+        return features
+    basis = torch.as_tensor(basis).to(device=features.device, dtype=torch.float32)
+    if basis.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"basis has {basis.shape[1]} columns but the layer has {features.shape[1]} channels; "
+            "pass a (directions × channels) matrix."
+        )
+    b, c, h, w = features.shape
+    return (basis @ features.reshape(b, c, h * w)).reshape(b, basis.shape[0], h, w)
+
+
+class _LayerReached(Exception):
+    """Raised by a hook to stop the forward pass once the probed layer has run."""
+
+
+def _stop_forward(*_args) -> None:
+    raise _LayerReached
+
+
+@dataclass
+class _ModelSource:
+    model: nn.Module
+    layer: str
+    device: torch.device
+    resident = False
+
+    def passes(self, loader, basis) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(features, batch) per batch; the forward stops at `layer` (later layers are not needed)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with capture_activations(self.model, self.layer) as captured:
+                stopper = get_module(self.model, self.layer).register_forward_hook(_stop_forward)  # after capture's
+                try:
+                    for batch in loader:
+                        try:
+                            self.model(batch["image"].to(self.device, non_blocking=True))
+                        except _LayerReached:
+                            pass
+                        yield project_basis(captured[self.layer], basis), batch
+                finally:
+                    stopper.remove()
+        finally:
+            self.model.train(was_training)
+
+
+@dataclass
+class _TensorSource:
+    features: torch.Tensor
+    device: torch.device
+    resident = True
+
+    def slice(self, offset: int, count: int, basis) -> torch.Tensor:
+        return project_basis(self.features[offset : offset + count].to(self.device), basis)
+
+    def passes(self, loader, basis) -> Iterator[tuple[torch.Tensor, dict]]:
+        offset = 0
+        for batch in loader:
+            count = len(batch["index"])
+            yield self.slice(offset, count, basis), batch
+            offset += count
+
+
+# ---------------------------------------------------------------- result
+@dataclass
+class Dissection:
+    """Result of one dissection: unit table, per-category summary, thresholds, IoU matrix, config.
+
+    `units`: one row per unit (0-based channel or basis direction): `unit, category, label,
+    label_number, iou, detector, threshold`, then `<category>-label` / `<category>-iou` per category.
+    `summary`: per category (and `total`) the number of detectors and of unique detectors (distinct
+    labels among detectors). `iou`: K × num_labels (NaN for labels outside the scored categories).
+    `image_max`: N × K per-image maximum activation (for top-image figures).
+    """
+
+    units: pd.DataFrame
+    summary: pd.DataFrame
+    thresholds: np.ndarray
+    iou: np.ndarray
+    label_names: list[str]
+    categories: list[str]
+    counts: dict[str, np.ndarray]
+    image_max: np.ndarray
+    config: dict = field(default_factory=dict)
+
+    @property
+    def unique_detectors(self) -> int:
+        return int(self.summary.set_index("category").loc["total", "unique_detectors"])
+
+    def save(self, folder: str | Path) -> Path:
+        """Write units.csv, summary.csv, iou.csv and dissection.json (config, thresholds), each atomically."""
+        folder = Path(folder)
+        io.write_csv(folder / "units.csv", self.units)
+        io.write_csv(folder / "summary.csv", self.summary)
+        scored = [l for l in range(len(self.label_names)) if not np.isnan(self.iou[:, l]).all()]
+        iou = pd.DataFrame(self.iou[:, scored], columns=[self.label_names[l] for l in scored])
+        io.write_csv(folder / "iou.csv", iou.rename_axis("unit").reset_index())
+        io.write_json(folder / "dissection.json", {"config": self.config, "thresholds": self.thresholds.tolist()})
+        return folder
+
+
+def activation_masks(features: torch.Tensor, dissection: Dissection) -> torch.Tensor:
+    """Binary masks (B × K × sh × sw) of features already in the dissected basis, as the tally made them."""
+    config = dissection.config
+    thresholds = _comparison_thresholds(torch.as_tensor(dissection.thresholds, device=features.device),
+                                        config["mask_comparison"])
+    maps = F.interpolate(features.float(), size=tuple(config["mask_size"]), **UPSAMPLE_MODES[config["upsample"]])
+    return _compare(maps, thresholds[:, None, None], config["mask_comparison"])
+
+
+@dataclass(frozen=True)
+class DissectionOptions:
+    """The method's choices besides quantile and IoU threshold (spec section 10), defaults as the spec.
+
+    `quantile_rule` "exact" (level 1 − quantile) or "lite" (994/999); `quantile_method` "exact" (top-m,
+    exact), "sketch" (bounded memory) or "auto" (exact while it fits `quantile_budget_bytes`);
+    `upsample` one of UPSAMPLE_MODES; `denominator` "category" (Lite) or "union" (plain union);
+    `mask_comparison` ">=" (M = S ≥ T) or ">"; `detector_comparison` ">=" (IoU ≥ threshold) or ">";
+    `feature_budget_bytes` bounds the features and labels kept between the passes (beyond it the
+    forward pass runs twice); `sketch_capacity` the sketch's buffer size (default: from the budget).
+    """
+
+    quantile_rule: str = "exact"
+    quantile_method: str = "auto"
+    upsample: str = "bilinear"
+    denominator: str = "category"
+    mask_comparison: str = ">="
+    detector_comparison: str = ">="
+    feature_budget_bytes: int = 1 << 30
+    quantile_budget_bytes: int = 256 << 20
+    sketch_capacity: int | None = None
+    num_workers: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("quantile_rule", QUANTILE_RULES),
+            ("quantile_method", QUANTILE_METHODS),
+            ("upsample", tuple(UPSAMPLE_MODES)),
+            ("denominator", DENOMINATORS),
+            ("mask_comparison", COMPARISONS),
+            ("detector_comparison", COMPARISONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
+
+    @classmethod
+    def from_keywords(cls, options: dict) -> "DissectionOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown dissection option(s) {unknown}; valid: {sorted(known)}.")
+        return cls(**options)
+
+
+def _scored_categories(dataset, categories: Sequence[str] | None) -> list[str]:
+    if categories is None:
+        return list(dataset.categories)
+    categories = [categories] if isinstance(categories, str) else list(categories)
+    unknown = [c for c in categories if c not in dataset.categories]
+    if unknown:
+        raise ValueError(
+            f"categories {unknown} are not in the dataset (it has {list(dataset.categories)}); "
+            "build the dataset with them or drop them."
+        )
+    return [c for c in dataset.categories if c in categories]
+
+
+def dissect(
+    model: nn.Module,
+    layer: str,
+    dataset,
+    *,
+    categories: Sequence[str] | None = None,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    basis: torch.Tensor | None = None,
+    **options,
+) -> Dissection:
+    """Dissect `layer` of `model` on a Broden-format `dataset` (see the module docstring).
+
+    The model is moved to `device` and run in eval mode (its mode is restored). `basis`
+    (D_out × channels) dissects the directions basis @ a instead of the channels a (rotations,
+    learned bases). `options`: the fields of `DissectionOptions`.
+    """
+    settings = DissectionOptions.from_keywords(options)
+    device = resolve_device(device)
+    get_module(model, layer)  # fail fast on a bad name
+    model.to(device)
+    return _dissect(_ModelSource(model, layer, device), dataset, layer=layer, categories=categories,
+                    quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size, device=device,
+                    basis=basis, options=settings)
+
+
+def dissect_features(
+    features: torch.Tensor,
+    dataset,
+    *,
+    categories: Sequence[str] | None = None,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    basis: torch.Tensor | None = None,
+    layer: str = "features",
+    **options,
+) -> Dissection:
+    """Dissect precomputed (or planted) feature maps `features` (N × K × h × w, in dataset order).
+
+    Same semantics and `options` as `dissect`; `layer` only names the result.
+    """
+    settings = DissectionOptions.from_keywords(options)
+    if features.ndim != 4 or features.shape[0] != len(dataset):
+        raise ValueError(
+            f"features must be N × K × h × w with N = len(dataset) = {len(dataset)}; got shape {tuple(features.shape)}."
+        )
+    device = resolve_device(device)
+    return _dissect(_TensorSource(features, device), dataset, layer=layer, categories=categories, quantile=quantile,
+                    iou_threshold=iou_threshold, batch_size=batch_size, device=device, basis=basis, options=settings)
+
+
+@torch.no_grad()
+def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, batch_size, device, basis,
+             options: DissectionOptions) -> Dissection:
+    level = quantile_level(quantile, options.quantile_rule)
+    scored = _scored_categories(dataset, categories)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty; choose a split or categories that keep some images.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    if basis is not None:
+        basis = torch.as_tensor(basis).to(device=device, dtype=torch.float32)
+        if basis.ndim != 2:
+            raise ValueError(f"basis must be a (directions × channels) matrix; got shape {tuple(basis.shape)}.")
+    mask_size = tuple(int(s) for s in dataset.mask_size)
+    num_labels = int(dataset.num_labels)
+    loader = broden_loader(dataset, batch_size=batch_size, num_workers=options.num_workers)
+    n_images = len(dataset)
+
+    # Pass 1: forward once; quantile state, label counts, per-image maxima; keep batches if they fit.
+    stored: list[tuple[int, torch.Tensor | None, _Labels]] | None = []
+    image_max, offset, quantiles, tally = [], 0, None, None
+    for features, batch in progress(source.passes(loader, basis), desc=f"dissect {layer}: pass 1",
+                                    total=len(loader)):
+        labels = _Labels.from_batch(batch, device, num_labels)
+        units, height, width = features.shape[1:]
+        if quantiles is None:
+            n = n_images * height * width
+            exact_bytes = _TopValues.bytes_needed(units, n, level)
+            method, budget = options.quantile_method, options.quantile_budget_bytes
+            if method == "exact" or (method == "auto" and exact_bytes <= budget):
+                quantiles = _TopValues(units, n, level, device)
+            else:  # buffers for up to 38 levels (n ≤ capacity · 2^38) fit the budget
+                capacity = options.sketch_capacity or max(1024, budget // (units * 4 * 40))
+                quantiles = _CompactorSketch(units, n, level, capacity)
+            per_image = labels.nbytes() / len(labels.present) + (0 if source.resident else units * height * width * 4)
+            if per_image * n_images > options.feature_budget_bytes:
+                stored = None
+            tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample,
+                           options.mask_comparison, device)
+        quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
+        tally.count_labels(labels)
+        image_max.append(features.amax(dim=(2, 3)))
+        if stored is not None:
+            stored.append((offset, None if source.resident else features, labels))
+        offset += len(labels.present)
+    thresholds = quantiles.thresholds()
+    compare_at = _comparison_thresholds(thresholds, options.mask_comparison)
+
+    # Pass 2: the tally, from memory or by running the forward pass again.
+    if stored is not None:
+        replay = ((source.slice(o, len(l.present), basis) if f is None else f, l) for o, f, l in stored)
+    else:
+        replay = ((f, _Labels.from_batch(b, device, num_labels)) for f, b in source.passes(loader, basis))
+    for features, labels in progress(replay, desc=f"dissect {layer}: pass 2", total=len(loader)):
+        tally.add(features, labels, compare_at)
+    forward_passes = 1 if stored is not None else 2
+    del stored, replay  # release the kept batches before building the result
+
+    config = {
+        **asdict(options), "layer": layer, "quantile": quantile, "quantile_level": level,
+        "quantile_method": quantiles.method, "quantile_rank_error": quantiles.rank_error / quantiles.n,
+        "iou_threshold": iou_threshold, "categories": scored, "n_images": n_images, "feature_shape": [units, height, width],
+        "mask_size": list(mask_size), "basis_shape": None if basis is None else list(basis.shape),
+        "forward_passes": forward_passes, "seed": None,
+    }
+    return _result(tally, thresholds, dataset, scored, torch.cat(image_max).cpu().numpy(), config)
+
+
+def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str], image_max: np.ndarray,
+            config: dict) -> Dissection:
+    """IoU from the tallies, per-category and overall labels, detectors and the summary."""
+    tally.intersection[:, 0] = 0  # label 0 = unlabelled; the tally lets it collect the unlabelled positions
+    intersection = tally.intersection.cpu().double()
+    label_pixels = tally.label_pixels.cpu().double()
+    primary = torch.as_tensor(dataset.primary_category).long().cpu()
+    if config["denominator"] == "category":
+        unit_term = tally.unit_category.cpu().double()[:, primary.clamp(min=0)]
+    else:
+        unit_term = tally.unit_total.cpu().double()[:, None].expand_as(intersection)
+    denominator = unit_term + label_pixels - intersection
+    iou = torch.where(denominator > 0, intersection / denominator.clamp(min=1), torch.zeros(()))
+    category_of = {c: dataset.categories.index(c) for c in scored}
+    is_scored = torch.zeros(len(primary), dtype=torch.bool)
+    for index in category_of.values():
+        is_scored |= primary == index
+    is_scored[0] = False
+    iou[:, ~is_scored] = math.nan
+
+    names = list(dataset.label_names)
+    units = iou.shape[0]
+    detector_op = (lambda v: v >= config["iou_threshold"]) if config["detector_comparison"] == ">=" else (
+        lambda v: v > config["iou_threshold"])
+    table = {}
+    for category, index in category_of.items():
+        scores = torch.where(primary == index, iou.nan_to_num(-1.0), torch.full_like(iou, -1.0))
+        value, label = scores.max(dim=1)
+        table[f"{category}-label"] = [names[l] if v >= 0 else "" for l, v in zip(label.tolist(), value.tolist())]
+        table[f"{category}-iou"] = value.clamp(min=0).numpy()
+    overall_value, overall_label = iou.nan_to_num(-1.0).max(dim=1)
+    label_category = primary[overall_label]
+    head = pd.DataFrame({
+        "unit": np.arange(units),
+        "category": [dataset.categories[c] if v >= 0 else "" for c, v in zip(label_category.tolist(), overall_value.tolist())],
+        "label": [names[l] if v >= 0 else "" for l, v in zip(overall_label.tolist(), overall_value.tolist())],
+        "label_number": overall_label.numpy(),
+        "iou": overall_value.clamp(min=0).numpy(),
+        "detector": detector_op(overall_value).numpy() & (overall_value >= 0).numpy(),
+        "threshold": thresholds.cpu().numpy(),
+    })
+    frame = pd.concat([head, pd.DataFrame(table)], axis=1)
+
+    rows = []
+    for category in [*scored, "total"]:
+        chosen = frame[frame.detector] if category == "total" else frame[frame.detector & (frame.category == category)]
+        rows.append({"category": category, "detectors": len(chosen), "unique_detectors": chosen.label.nunique()})
+    counts = {
+        "intersection": tally.intersection.cpu().numpy(),
+        "unit_category": tally.unit_category.cpu().numpy(),
+        "unit_total": tally.unit_total.cpu().numpy(),
+        "label_pixels": tally.label_pixels.cpu().numpy(),
+    }
+    return Dissection(units=frame, summary=pd.DataFrame(rows), thresholds=thresholds.cpu().numpy(),
+                      iou=iou.numpy(), label_names=names, categories=scored, counts=counts,
+                      image_max=image_max, config=config)

@@ -1,0 +1,62 @@
+"""Forward hooks by module name: read a layer's output without editing the model.
+
+`capture_activations` owns its hooks and removes them on exit, also when the block raises, so a
+model is never left with stray hooks (which would keep tensors alive and slow every later forward).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Dotted names of every submodule of `model`, in registration order (the root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name` (dotted, as in `named_modules()`); unknown names list the valid ones."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        valid = ", ".join(layer_names(model))
+        raise ValueError(f"unknown layer {name!r}; valid layers: {valid}")
+    return modules[name]
+
+
+@contextlib.contextmanager
+def capture_activations(
+    model: nn.Module, layers: str | Iterable[str], *, detach: bool = True, clone: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield a dict `name -> output` refreshed by every forward pass of `model` inside the block.
+
+    `detach=True` stores outputs cut from the graph (analysis); `detach=False` keeps the graph so
+    loss terms can back-propagate through the captured activations (training). `clone=True` copies
+    the output (differentiably) so that later in-place operations of the forward pass, such as
+    ResNet's `out += identity` after `bn2` or `ReLU(inplace=True)`, cannot change what was captured.
+    A layer whose output is a tuple stores its first element.
+    """
+    names = [layers] if isinstance(layers, str) else list(layers)
+    modules = {name: get_module(model, name) for name in names}  # validate every name before hooking
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, _inputs, output) -> None:
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if detach:
+                output = output.detach()
+            captured[name] = output.clone() if clone else output
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
