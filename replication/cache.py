@@ -5,11 +5,13 @@ unfinished run and is never mistaken for a result.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from replication import io, paths
 
@@ -47,3 +49,19 @@ def is_done(folder: Path) -> bool:
 def mark_done(folder: Path, config: Any, **extra: Any) -> None:
     """Record that the stage in `folder` finished, with the config that produced it."""
     io.write_json(Path(folder) / DONE_MARKER, {"config": canonical(config), **extra})
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a stage folder, so two processes never build the same stage at once.
+
+    The second process waits, then finds the stage done (check `is_done` inside the lock) and loads it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -104,3 +104,25 @@ def test_claims_table_rejects_unknown_verdicts():
     table = claims_table([ClaimResult("C1", "claim", "1", "2", "confirmed")])
     assert list(table.columns)[:5] == ["claim_id", "claim", "paper", "ours", "verdict"]
     assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 (n=2)"
+
+
+def test_stage_lock_serialises_two_processes(tmp_path: Path):
+    import multiprocessing
+    import time
+
+    def hold(folder: str, log: str) -> None:
+        with cache.stage_lock(Path(folder)):
+            with open(log, "a") as handle:
+                handle.write("start\n")
+            time.sleep(0.3)
+            with open(log, "a") as handle:
+                handle.write("end\n")
+
+    log = tmp_path / "log.txt"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=hold, args=(str(tmp_path / "stage"), str(log))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert log.read_text().split() == ["start", "end", "start", "end"]

@@ -212,17 +212,18 @@ def train_cached(
     folder = cache.stage_dir(kind, key)
     runtime.seed_everything(config.seed)
     model = build_model()
-    if cache.is_done(folder):
-        load_weights(model, folder / MODEL_NAME)
-        return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
-    result = train(
-        model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, device=device,
-        checkpoint_dir=folder / "checkpoints",
-    )
-    io.save_torch(folder / MODEL_NAME, result.model.state_dict())
-    io.write_csv(folder / HISTORY_NAME, result.history)
-    cache.mark_done(folder, key)
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by model.pt
+    with cache.stage_lock(folder):  # another notebook training the same model: wait and load it
+        if cache.is_done(folder):
+            load_weights(model, folder / MODEL_NAME)
+            return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
+        result = train(
+            model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, device=device,
+            checkpoint_dir=folder / "checkpoints",
+        )
+        io.save_torch(folder / MODEL_NAME, result.model.state_dict())
+        io.write_csv(folder / HISTORY_NAME, result.history)
+        cache.mark_done(folder, key)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by model.pt
     return result
 
 
