@@ -1,0 +1,369 @@
+"""NAD gated paths: placement per the spec's table, exact identity gates, the official objective and
+step, batched == sequential search, path IoU, mosaics and the hit rate on constructed mosaics."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import replication  # noqa: F401  (before torchvision)
+import torchvision
+
+from replication.methods import gated_paths as gp
+from replication.models.backbones import build_backbone
+from tests.helpers import assert_close
+
+# Spec section 3.1 table, at a 224-px input: (channels, spatial size) per gate location.
+SPEC_TABLE = {
+    "vgg16": [(64, 224), (64, 112), (128, 112), (128, 56), (256, 56), (256, 56), (256, 28), (512, 28),
+              (512, 28), (512, 14), (512, 14), (512, 14), (512, 7)],
+    "resnet50": [(64, 56)] + [(256, 56)] * 3 + [(512, 28)] * 4 + [(1024, 14)] * 6 + [(2048, 7)] * 3,
+    "densenet121": [(64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (1024, 7)],
+}
+SPEC_TOTALS = {"vgg16": 4224, "resnet50": 15168, "densenet121": 3776}
+SIZE = 32  # a 32-px probe keeps the big torchvision models cheap; spatial sizes scale by 32/224
+
+
+@pytest.fixture(scope="module")
+def official_models():
+    torch.manual_seed(0)
+    return {name: getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+            for name in ("vgg16", "resnet50", "densenet121")}
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet50", "densenet121"])
+def test_gate_placement_matches_spec_table(official_models, arch):
+    locations = gp.gate_locations(official_models[arch], (3, SIZE, SIZE))
+    expected = [(c, s * SIZE // 224) for c, s in SPEC_TABLE[arch]]
+    assert [(loc.channels, loc.height) for loc in locations] == expected
+    assert all(loc.height == loc.width for loc in locations)
+    assert sum(loc.channels for loc in locations) == SPEC_TOTALS[arch]
+    assert gp.connection_family(official_models[arch]) == gp.FAMILY_OF_ARCH[arch]
+
+
+def test_gate_placement_names(official_models):
+    names = [n for n, _ in gp._plain_names(official_models["vgg16"])]
+    assert names == [f"features.{i}" for i in (1, 4, 6, 9, 11, 13, 16, 18, 20, 23, 25, 27, 30)]
+    dense = official_models["densenet121"]
+    assert gp._dense_names(dense)[-1] == ("features.norm5", True)
+    assert "features.denseblock4" not in [n for n, _ in gp._dense_names(dense)]
+    resnet18 = torchvision.models.resnet18(weights=None, num_classes=2)
+    assert [n for n, _ in gp._residual_names(resnet18)] == ["maxpool"] + [
+        f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+
+
+@pytest.mark.parametrize("arch, count", [("vgg16", 13), ("vgg16_bn", 13), ("resnet18", 9), ("densenet121", 8)])
+def test_placement_on_small_project_backbones(arch, count):
+    model = build_backbone(arch, 5, small_input=True, width=0.125).eval()
+    locations = gp.gate_locations(model, (3, 32, 32))
+    assert len(locations) == count
+    if arch.startswith("vgg"):  # the first pool became nn.Identity and keeps its gate
+        assert locations[1].height == locations[0].height == 32
+    with torch.no_grad(), gp.gated(model, locations) as hooks:
+        x = torch.randn(2, 3, 32, 32)
+        hooks.set(gp.ones_gates(locations))
+        gated_logits = model(x)
+    assert torch.equal(gated_logits, model(x).detach())
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot place NAD gates on Linear"):
+        gp.gate_locations(nn.Linear(2, 2), (2,))
+    with pytest.raises(ValueError, match="no beta known for architecture 'mlp'"):
+        gp.official_beta("mlp")
+    assert gp.official_beta("resnet18") == gp.OFFICIAL_BETA["imagenet"]["resnet50"]
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet50", "densenet121", "resnet18"])
+def test_all_one_hard_gates_reproduce_original_logits_exactly(official_models, arch):
+    torch.manual_seed(1)
+    model = official_models.get(arch) or torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    locations = gp.gate_locations(model, (3, SIZE, SIZE))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        with gp.gated(model, locations) as hooks:
+            hooks.set(gp.ones_gates(locations))
+            assert torch.equal(model(x), expected)
+            hooks.set(None)
+            assert torch.equal(model(x), expected)
+            closed = gp.ones_gates(locations)
+            closed[0] = torch.zeros_like(closed[0])
+            hooks.set(closed)
+            assert not torch.equal(model(x), expected)
+            assert hooks.outputs[locations[0].name].abs().sum() == 0
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+class TinyPlain(nn.Module):
+    """A small VGG-style net (conv-BN-ReLU, pool, global pool) for search tests."""
+
+    def __init__(self, n_classes: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Linear(32, n_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def tiny_setup(sizes=(5, 9, 16, 3)):
+    torch.manual_seed(0)
+    model = TinyPlain(len(sizes))
+    with torch.no_grad():
+        model.features[1].running_mean.uniform_(-0.2, 0.2)
+        model.features[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    class_images = {c: torch.randn(n, 3, 8, 8, generator=gen) + 0.5 * c for c, n in enumerate(sizes)}
+    locations = gp.gate_locations(model, (3, 8, 8))
+    return model, locations, class_images
+
+
+def test_tiny_placement_and_locations():
+    _, locations, _ = tiny_setup()
+    assert [(loc.name, loc.channels, loc.height) for loc in locations] == [
+        ("features.2", 4, 8), ("features.5", 6, 4), ("features.7", 8, 4)]
+
+
+def test_last_plain_gate_equals_a_gate_after_the_average_pool():
+    model, locations, _ = tiny_setup()
+    after_pool = locations[:-1] + [gp.GateLocation("avgpool", 8, 2, 2)]
+    gates = [(torch.rand(3, loc.channels, generator=torch.Generator().manual_seed(i)) > 0.5).float()
+             for i, loc in enumerate(locations)]
+    rows = torch.tensor([0, 1, 2])
+    x = torch.randn(3, 3, 8, 8)
+    outputs = []
+    with torch.no_grad():
+        for placement in (locations, after_pool):
+            with gp.gated(model, placement) as hooks:
+                hooks.set(gates, rows)
+                outputs.append(model(x))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_class_path_loss_known_value():
+    config = gp.PathSearchConfig(beta=2.0)
+    logits = torch.zeros(2, 3)
+    labels = torch.tensor([1, 1])
+    correct = torch.tensor([True, False])
+    gated = {"a": torch.tensor([1.0, 3.0]).view(2, 1, 1, 1), "b": torch.ones(2, 1, 1, 1)}
+    original = {"a": torch.zeros(2, 1, 1, 1), "b": torch.ones(2, 1, 1, 1)}
+    gate_logits = [torch.zeros(5), torch.zeros(7)]  # sigmoid = 0.5 -> mean square 0.25 per layer
+    loss = gp.class_path_loss(logits, gated, original, labels, correct, gate_logits, config)
+    assert_close(loss, (math.log(3) + 1.0) / 2 + 2.0 * 0.25)
+    clean = gp.PathSearchConfig(beta=2.0, divide_ce_by_layers=False, mse_on_correct_only=False)
+    loss = gp.class_path_loss(logits, gated, original, labels, correct, gate_logits, clean)
+    assert_close(loss, math.log(3) + (1.0 + 9.0) / 2 / 2 + 2.0 * 0.25)
+
+
+def test_each_step_moves_every_layer_by_lr():
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=1.0, epochs=1, batch_size=16, skip_batches_without_correct=False)
+    start = gp._class_plans([2], [16], locations, config)[0].init
+    paths = gp.find_paths_sequential(model, locations, class_images, [2], config=config, device="cpu")
+    for before, after in zip(start, paths.logits):
+        assert_close((after[0] - before).norm(), 0.1, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(skip_batches_without_correct=False, mse_on_correct_only=False, divide_ce_by_layers=False),
+    dict(seeding="sequential", gate_function="straight_through"),
+])
+def test_batched_search_equals_sequential(options):
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=2, batch_size=4, **options)
+    sequential = gp.find_paths_sequential(model, locations, class_images, config=config, device="cpu")
+    batched = gp.search_paths(model, locations, class_images, config=config, device="cpu")
+    chunked = gp.search_paths(model, locations, class_images, config=config, device="cpu", class_chunk=3)
+    init = gp._class_plans(list(class_images), [len(v) for v in class_images.values()], locations, config)
+    moved = [float((seq - torch.stack([p.init[l] for p in init])).abs().max()) for l, seq in
+             enumerate(sequential.logits)]
+    assert min(moved) > 0.05, "the search must actually move the gates for this test to mean anything"
+    for seq, bat, chk in zip(sequential.logits, batched.logits, chunked.logits):
+        assert_close(bat, seq, atol=1e-5)
+        assert_close(chk, seq, atol=1e-5)
+    assert batched.classes == sequential.classes == [0, 1, 2, 3]
+
+
+def test_skipped_batches_leave_gates_untouched():
+    model, locations, class_images = tiny_setup()
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # everything predicted as class 0
+    config = gp.PathSearchConfig(beta=1.0, epochs=2, batch_size=4)
+    plans = gp._class_plans([0, 1], [5, 9], locations, config)
+    paths = gp.search_paths(model, locations, class_images, [0, 1], config=config, device="cpu")
+    for l, logits in enumerate(paths.logits):
+        assert not torch.equal(logits[0], plans[0].init[l])
+        assert torch.equal(logits[1], plans[1].init[l])
+
+
+def test_search_rejects_training_mode_and_missing_classes():
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=1.0, epochs=1)
+    with pytest.raises(ValueError, match="no training images for classes \\[7\\]"):
+        gp.search_paths(model, locations, class_images, [0, 7], config=config, device="cpu")
+    with pytest.raises(ValueError, match="eval mode"):
+        gp.search_paths(model.train(), locations, class_images, config=config, device="cpu")
+    with pytest.raises(ValueError, match="seeding must be one of"):
+        gp.PathSearchConfig(beta=1.0, seeding="global")
+
+
+def test_pathset_paths_units_and_roundtrip(tmp_path):
+    _, locations, _ = tiny_setup()
+    logits = [torch.tensor([[1.0, -1, 2, -3], [-1, -1, -1, -1]]), torch.ones(2, 6), -torch.ones(2, 8)]
+    paths = gp.PathSet([3, 5], locations, logits, {"beta": 1.0})
+    assert paths.paths()[0].tolist() == [[True, False, True, False], [False] * 4]
+    kept = paths.units_kept()
+    assert kept.query("class_id == 3 and layer == 0")["fraction"].item() == 0.5
+    assert kept.query("layer == 1")["fraction"].tolist() == [1.0, 1.0]
+    loaded = gp.PathSet.load(paths.save(tmp_path / "paths.pt"))
+    assert loaded.classes == [3, 5] and loaded.locations == locations
+    assert all(torch.equal(a, b) for a, b in zip(loaded.logits, logits))
+    with pytest.raises(KeyError, match="class 4 has no path"):
+        paths.row(4)
+
+
+def test_path_accuracy_with_open_gates_equals_original():
+    model, locations, class_images = tiny_setup()
+    open_paths = gp.PathSet([0, 1, 2, 3], locations, [torch.ones(4, loc.channels) for loc in locations], {})
+    table = gp.path_accuracy(model, open_paths, class_images, batch_size=4, device="cpu")
+    with torch.no_grad():
+        expected = [float((model(class_images[c]).argmax(1) == c).float().mean()) for c in range(4)]
+    assert table["original_accuracy"].tolist() == expected
+    assert table["path_accuracy"].tolist() == expected
+    assert table["units_kept"].tolist() == [1.0] * 4
+
+
+def test_path_iou_similarity_and_empty_layers():
+    layer0 = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    layer1 = torch.tensor([[1, 0], [1, 0], [0, 0]], dtype=torch.bool)
+    iou, empty = gp.path_iou([layer0, layer1])
+    assert_close(iou[0], [[1, 1 / 3, 0], [1 / 3, 1, 0], [0, 0, 1]])
+    assert_close(iou[1], [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert empty[:, 2, 2].all() and empty.sum() == 2
+    similarity = gp.path_similarity([layer0, layer1])
+    assert_close(similarity[0, 1], (1 / 3 + 1) / 2)
+    assert_close(gp.path_similarity([layer0, layer1], empty_value=0.0)[2, 2], 0.0)
+    assert_close(gp.path_diversity(similarity), 1 - (2 / 3 + 0 + 0) / 3)
+
+
+def test_group_similarity_and_misclassification_ranks():
+    similarity = torch.tensor([[1.0, 0.9, 0.2, 0.5], [0.9, 1, 0.3, 0.1], [0.2, 0.3, 1, 0.8], [0.5, 0.1, 0.8, 1]])
+    groups = gp.group_similarity(similarity, ["a", "a", "b", "b"])
+    assert_close(groups["within"], (0.9 + 0.8) / 2)
+    assert_close(groups["between"], (0.2 + 0.5 + 0.3 + 0.1) / 4)
+    classes = [10, 11, 12, 13]
+    ranks = gp.misclassification_ranks(similarity, classes, [10, 10, 10], [11, 13, 12])
+    assert_close(ranks, [1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="classified correctly"):
+        gp.misclassification_ranks(similarity, classes, [10], [10])
+
+
+def ramp_dataset():
+    """Class c's image: channel c holds distinct values 1..64 (an 8x8 ramp), other channels 0."""
+    ramp = torch.arange(1.0, 65.0).view(8, 8)
+    images = []
+    for c in range(4):
+        image = torch.zeros(4, 8, 8)
+        image[c] = ramp
+        images.append(image)
+    return images
+
+
+def identity_net():
+    model = nn.Module()
+    model.features = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False))
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.forward = lambda x: model.avgpool(model.features(x)).flatten(1)
+    with torch.no_grad():
+        for conv in (model.features[0], model.features[2]):
+            conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_hit_rate_on_constructed_mosaics(quantize):
+    model = identity_net()
+    location = gp.GateLocation("features.1", 4, 16, 16)
+    own_channel = [torch.where(torch.eye(4, dtype=torch.bool)[c], 1.0, -1.0) for c in range(4)]
+    paths = gp.PathSet([0, 1, 2, 3], [location], [torch.stack(own_channel)], {})
+    mosaics = [gp.Mosaic((0, 1, 2, 3), (0, 1, 2, 3)), gp.Mosaic((3, 1, 0, 2), (3, 1, 0, 2))]
+    kwargs = dict(mosaic_size=16, quantize_uint8=quantize, batch_size=1, device="cpu")
+    hits = gp.hit_rates(model, paths, ramp_dataset(), mosaics, **kwargs)
+    assert len(hits) == 8 and hits["hit"].tolist() == [1.0] * 8
+    control = gp.hit_rates(model, paths, ramp_dataset(), mosaics, path_shift=1, **kwargs)
+    assert control["hit"].tolist() == [0.0] * 8
+    summary = gp.summarize_hit_rates(hits)
+    assert summary[["hit_rate", "hit_std", "n_mosaics", "empty_maps"]].values.tolist() == [[1.0, 0.0, 2, 0]]
+
+
+def test_strict_threshold_on_flat_maps_selects_nothing():
+    flat = torch.zeros(1, 16, 16)
+    flat[0, :8, :8] = 5.0  # one uniform quadrant: 64 tied top values, k = 25
+    strict = gp.top_fraction_mask(flat, 16, quantize_uint8=True)
+    assert strict.sum() == 0 and torch.isnan(gp.quadrant_share(strict, 0)).all()
+    exact = gp.top_fraction_mask(flat, 16, quantize_uint8=False)
+    assert exact.sum() == 25 and gp.quadrant_share(exact, 0).item() == 1.0
+    upsampled = gp.top_fraction_mask(torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]), 16, quantize_uint8=False)
+    assert gp.quadrant_share(upsampled, 1).item() == 1.0
+
+
+def test_mosaic_tensor_and_sampling():
+    images = [torch.full((3, 4, 4), float(q)) for q in range(4)]
+    grid = gp.mosaic_tensor(images, 8)
+    for q in range(4):
+        r, c = divmod(q, 2)
+        assert (grid[:, 4 * r:4 * r + 4, 4 * c:4 * c + 4] == q).all()
+    small = gp.mosaic_tensor(images, 4)
+    assert small.shape == (3, 4, 4) and small[0, 0, 0] == 0 and small[0, 3, 3] == 3
+    labels = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    mosaics = gp.sample_mosaics(labels, [0, 1, 2, 3, 4], 20, seed=5)
+    assert mosaics == gp.sample_mosaics(labels, [0, 1, 2, 3, 4], 20, seed=5)
+    assert mosaics != gp.sample_mosaics(labels, [0, 1, 2, 3, 4], 20, seed=6)
+    for m in mosaics:
+        assert len(set(m.classes)) == 4 and [labels[i] for i in m.indices] == list(m.classes)
+    with pytest.raises(ValueError, match="at least 4 distinct classes"):
+        gp.sample_mosaics(labels, [0, 1, 2], 3, seed=0)
+
+
+def test_images_by_class_reads_dict_items():
+    dataset = [{"image": torch.full((3, 2, 2), float(i)), "class_id": i % 2} for i in range(5)]
+    loaded = gp.images_by_class(dataset, [d["class_id"] for d in dataset], [1, 0], batch_size=2)
+    assert loaded[0][:, 0, 0, 0].tolist() == [0.0, 2.0, 4.0] and loaded[1][:, 0, 0, 0].tolist() == [1.0, 3.0]
+    with pytest.raises(ValueError, match="class 9 has no images"):
+        gp.images_by_class(dataset, [d["class_id"] for d in dataset], [9])
+
+
+def test_path_concepts_known_answer():
+    locations = [gp.GateLocation("a", 3, 1, 1), gp.GateLocation("b", 2, 1, 1)]
+    units = {"a": pd.DataFrame({"unit": [0, 1, 2], "label": ["red", "car", "sky"], "detector": [True, True, False]}),
+             "b": pd.DataFrame({"unit": [1, 0], "label": ["street", "red"], "detector": [True, True]})}
+    logits = [torch.tensor([[1.0, 1, 1], [-1, -1, 1]]), torch.tensor([[1.0, 1], [-1, -1]])]
+    paths = gp.PathSet([0, 1], locations, logits, {})
+    table = gp.path_concepts(paths, units, {0: ["red", "car", "street", "body"], 1: ["sky"]}, n_random=5, seed=0)
+    first, second = table.iloc[0], table.iloc[1]
+    assert (first["path_units"], first["path_detectors"], first["distinct_concepts"]) == (5, 4, 3)
+    assert first["own_concepts_found"] == 0.75 == first["own_concepts_found_random"]  # whole network = path
+    assert (second["path_units"], second["path_detectors"], second["own_concepts_found"]) == (1, 0, 0.0)
+    assert second["own_concepts_found_all_units"] == 0.0  # 'sky' unit is no detector
+    only_b = gp.path_concepts(paths, {"b": units["b"]}, {0: ["red"]}, n_random=1)
+    assert only_b["path_units"].tolist() == [2, 0] and only_b["own_concepts_found"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="must be keyed by gate locations"):
+        gp.path_concepts(paths, {"c": units["a"]}, {})
+
+
+def test_largest_dip_and_curve_distance():
+    summary = pd.DataFrame({"hit_rate": [0.3, 0.6, 0.4, 0.7], "hit_std": [0.1] * 4, "n_mosaics": [100] * 4,
+                            "depth": [0, 1 / 3, 2 / 3, 1]})
+    dip = gp.largest_dip(summary)
+    assert dip["from_layer"] == 1 and dip["to_layer"] == 2 and dip["significant"]
+    assert_close(dip["drop"], 0.2)
+    flat = summary.assign(hit_rate=0.5, depth=[0, 0.5, 0.75, 1])
+    assert_close(gp.curve_distance(flat, flat), 0.0)
+    assert_close(gp.curve_distance(summary, summary.assign(hit_rate=summary["hit_rate"] + 0.1)), 0.1)
