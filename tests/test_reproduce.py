@@ -42,6 +42,7 @@ def test_runs_in_number_order_injects_profile_and_summarises(notebooks: Path, tm
     assert any("default" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     summary = (tmp_path / "results" / "README.md").read_text()
     assert "| 01 | X1 | c | p | default | confirmed | 0 |" in summary
+    assert "| [00_a](00_a/00_a.ipynb) | default |" in summary
 
 
 def test_failure_names_notebook_and_cell_and_stops(notebooks: Path, tmp_path: Path):
