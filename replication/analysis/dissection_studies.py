@@ -11,6 +11,7 @@ from torch import nn
 from replication.analysis.dissection import Dissection, dissect
 from replication.analysis.rotation import fractional_rotation, random_rotation
 from replication.models.hooks import capture_activations
+from replication.runtime import resolve_device
 
 
 def dissect_layers(model: nn.Module, layers: Sequence[str], dataset, **dissect_kwargs) -> dict[str, Dissection]:
@@ -41,12 +42,12 @@ def plot_layer_summary(summary: pd.DataFrame, *, title: str = "", ax=None):
 
 def layer_channels(model: nn.Module, layer: str, dataset, device: str | torch.device | None = None) -> int:
     """Channel count of `layer`'s output, from one forward pass on the dataset's first image."""
-    parameter = next(model.parameters())
-    image = dataset[0]["image"].unsqueeze(0).to(device or parameter.device)
+    device = resolve_device(device)
+    image = dataset[0]["image"].unsqueeze(0).to(device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), capture_activations(model, layer) as captured:
-        model.to(image.device)(image)
+        model.to(device)(image)
     model.train(was_training)
     return int(captured[layer].shape[1])
 
