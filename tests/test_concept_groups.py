@@ -1,0 +1,539 @@
+"""CGL regularisers: hand-computed values on tiny tensors, the group partition, where gradients go,
+determinism of the pair sampling, and a regularised training step on CPU (and CUDA when present).
+
+Exact 0/1 soft maps come from the batch-norm form of psi: with a BN gamma of 1e-3 and BN outputs of
++-1, psi = sigmoid(y / gamma) is exactly 1 or 0 in float32, so distances are plain set arithmetic.
+"""
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from replication.methods.concept_groups import (
+    BlockNorm,
+    CGLConfig,
+    GroupActivationLoss,
+    SoftReceptiveField,
+    SpatialLoss,
+    cgl_loss_terms,
+    conv_layer_names,
+    group_weight_norms,
+    partition_filters,
+    ratio_of_unique_detectors,
+    relevance_summary,
+    relevance_table,
+    soft_iou_distance,
+    spatial_spread,
+    within_group_distance,
+)
+from replication.models.hooks import capture_activations
+from replication.models.small_cnns import TwoLayerCNN
+from replication.training.loop import TrainConfig, train
+from tests.helpers import assert_close
+
+
+def indicator_bn(*channels: int) -> nn.Sequential:
+    """BN modules whose gamma = 1e-3 turns outputs of +-1 into exact 0/1 soft maps."""
+    model = nn.Sequential(*(nn.BatchNorm2d(c) for c in channels))
+    with torch.no_grad():
+        for bn in model:
+            bn.weight.fill_(1e-3)
+    return model
+
+
+def masks(*rows) -> torch.Tensor:
+    """Rows of 0/1 masks (one per channel, flattened 2x2) -> BN outputs of +-1, shape 1 x C x 2 x 2."""
+    return (torch.tensor(rows, dtype=torch.float32) * 2 - 1).reshape(1, len(rows), 2, 2)
+
+
+# -------------------------------------------------------------------------------------- partition
+def test_partition_code_default_leaves_remainder_free():
+    part = partition_filters(12, groups=5)
+    assert (part.group_size, part.grouped, part.free) == (2, 10, 2)
+    assert part.group_of().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, -1, -1]
+    split = part.split(torch.arange(12.0), dim=0)
+    assert split.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+def test_partition_explicit_free_filters_and_errors():
+    part = partition_filters(14, groups=4, free_filters=2)
+    assert (part.group_size, part.free) == (3, 2)
+    with pytest.raises(ValueError, match="cannot split 14 filters into 4 equal groups with 1 free"):
+        partition_filters(14, groups=4, free_filters=1)
+    assert partition_filters(8, groups=5).group_size == 1  # fine for the block norm
+    with pytest.raises(ValueError, match="1 filter\\(s\\) per group; at least 2 are needed for within-group pairs"):
+        partition_filters(8, groups=5, min_size=2)
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        GroupActivationLoss(["0"], weight=1.0)(nn.Sequential(nn.Conv2d(1, 8, 1)), {"0": torch.randn(2, 8, 3, 3)})
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        partition_filters(8, groups=0)
+
+
+def test_partition_split_on_channel_dim():
+    x = torch.arange(2 * 7 * 3.0).reshape(2, 7, 3)
+    split = partition_filters(7, groups=3).split(x, dim=1)
+    assert split.shape == (2, 3, 2, 3)
+    assert torch.equal(split[1, 2, 1], x[1, 5])
+
+
+# ------------------------------------------------------------------------------ psi and distances
+def test_soft_iou_distance_is_one_minus_iou_on_sets():
+    a = torch.tensor([1.0, 1, 0, 0])
+    assert_close(soft_iou_distance(a, torch.tensor([0.0, 1, 1, 0])), 2 / 3)  # IoU = 1/3
+    assert_close(soft_iou_distance(a, torch.tensor([0.0, 0, 1, 1])), 1.0)
+    assert_close(soft_iou_distance(a, a), 0.0)
+    assert_close(soft_iou_distance(torch.zeros(3), torch.zeros(3)), 0.0)
+    soft = soft_iou_distance(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))  # 2*1 / (1 + 1 + 1)
+    assert_close(soft, 2 / 3)
+
+
+def test_soft_receptive_field_std_form():
+    a = torch.tensor([1.0, -1.0, 3.0, -3.0]).reshape(1, 2, 1, 2)  # channel stds sqrt(2), sqrt(18)
+    psi = SoftReceptiveField()(a)
+    expected = torch.sigmoid(torch.tensor([1 / (2**0.5 + 5e-3), -1 / (2**0.5 + 5e-3), 3 / (18**0.5 + 5e-3), -3 / (18**0.5 + 5e-3)]))
+    assert_close(psi.flatten(), expected)
+    shifted = SoftReceptiveField(p1=2.0, p2=0.5, std_eps=0.0)(a)
+    assert_close(shifted.flatten()[0], torch.sigmoid(torch.tensor(2 / 2**0.5 + 0.5)))
+
+
+def test_soft_receptive_field_bn_form_undoes_affine():
+    bn = nn.BatchNorm2d(2)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, -0.5]))
+        bn.bias.copy_(torch.tensor([1.0, 3.0]))
+    y = torch.tensor([4.0, 1.0]).reshape(1, 2, 1, 1)  # tau = y / gamma = a_hat + beta / gamma
+    assert_close(SoftReceptiveField()(y, bn).flatten(), torch.sigmoid(torch.tensor([2.0, -2.0])))
+
+
+def test_activation_modified_in_place_after_capture_is_rejected():
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(inplace=True))
+    term = SpatialLoss(["0"], weight=1.0)
+    x = torch.randn(2, 1, 3, 3)
+    with capture_activations(model, term.layers, detach=False, clone=False) as acts:
+        model(x)
+        with pytest.raises(RuntimeError, match="modified in place.*clone=True"):
+            term(model, acts)
+    with capture_activations(model, term.layers, detach=False) as acts:  # clone=True: the pre-ReLU map
+        model(x)
+        assert acts["0"].min() < 0
+        assert torch.isfinite(term(model, acts))
+
+
+# --------------------------------------------------------------------------------------- L_g
+def two_group_batch() -> torch.Tensor:
+    """Sample 1: group 0 D = 2/3, group 1 D = 1. Sample 2: group 0 D = 0, group 1 D = 1/4."""
+    first = masks([1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1])
+    second = masks([1, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0])
+    return torch.cat([first, second])
+
+
+@pytest.mark.parametrize("sampling", ["shift", "uniform"])
+def test_group_activation_loss_per_sample_value(sampling):
+    model = indicator_bn(4)
+    term = GroupActivationLoss(["0"], weight=0.5, groups=2, pair_sampling=sampling)
+    # group 0: (2/3 + 0)/2, group 1: (1 + 1/4)/2; pairs are (0,1) or (1,0), D is symmetric
+    assert_close(term(model, {"0": two_group_batch()}), 0.5 * (1 / 3 + 5 / 8))
+    single = term(model, {"0": two_group_batch()[:1]})
+    assert_close(single, 0.5 * (2 / 3 + 1))
+
+
+@pytest.mark.parametrize("sampling", ["shift", "uniform"])
+def test_group_activation_loss_batch_level_value(sampling):
+    model = indicator_bn(4)
+    term = GroupActivationLoss(["0"], weight=1.0, groups=2, reduction="batch", pair_sampling=sampling)
+    # L1 over batch and space: group 0 |diff| 2, masses 3, 3 -> 1/2; group 1 |diff| 3, masses 5, 4 -> 1/2
+    assert_close(term(model, {"0": two_group_batch()}), 1.0)
+
+
+def test_group_activation_loss_identical_groups_is_zero_and_free_filters_ignored():
+    model = indicator_bn(5)
+    acts = masks([1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1])  # last one free
+    term = GroupActivationLoss(["0"], weight=1.0, groups=2)
+    assert_close(term(model, {"0": acts}), 0.0)
+
+
+def test_shift_pairs_of_three_filters_cover_all_pairs():
+    """With N_g = 3 every shift (1 or 2) pairs each filter with a different neighbour: all 3 pairs, exactly."""
+    torch.manual_seed(0)
+    acts = torch.randn(2, 7, 3, 3)
+    model = nn.Sequential(nn.Conv2d(1, 7, 1))
+    term = GroupActivationLoss(["0"], weight=1.0, groups=2)
+    expected = within_group_distance(SoftReceptiveField()(acts), partition_filters(7, 2)).sum()
+    assert_close(term(model, {"0": acts}), expected, atol=1e-6)
+
+
+def test_fused_functions_match_autograd_gradients():
+    from replication.methods.concept_groups import _GroupShiftL1, _SpatialSpread, _StdSoftMap
+
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.rand(2, 11, 6, dtype=torch.float64, generator=generator, requires_grad=True)  # 2 groups of 5, 1 free
+    assert torch.autograd.gradcheck(lambda m: _GroupShiftL1.apply(m, 2, 5, (1, 3, 3)), (flat,))
+    psi = torch.rand(2, 3, 4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    ys, xs = torch.arange(4.0, dtype=torch.float64), torch.arange(5.0, dtype=torch.float64) / 4
+    assert torch.autograd.gradcheck(lambda p: _SpatialSpread.apply(p, ys, xs, 1e-4), (psi,))
+    act = torch.randn(3, 2, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    p1 = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    p2 = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, u, v: _StdSoftMap.apply(a, u, v, 5e-3), (act, p1, p2))
+
+
+def test_fused_soft_map_matches_the_formula():
+    from replication.methods.concept_groups import _StdSoftMap
+
+    act = torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(1))
+    expected = torch.sigmoid(2.0 * act / (act.std(dim=(0, 2, 3), keepdim=True) + 5e-3) + 0.5)
+    assert_close(_StdSoftMap.apply(act, torch.tensor(2.0), torch.tensor(0.5), 5e-3), expected)
+
+
+def test_group_activation_layer_reduction_mean_vs_sum():
+    model = indicator_bn(4, 4)
+    acts = {"0": two_group_batch()[:1], "1": masks([1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0])}
+    mean = GroupActivationLoss(["0", "1"], weight=1.0, groups=2)(model, acts)
+    total = GroupActivationLoss(["0", "1"], weight=1.0, groups=2, layer_reduction="sum")(model, acts)
+    assert_close(mean, (5 / 3 + 0) / 2)
+    assert_close(total, 5 / 3)
+
+
+def test_cross_layer_term_resizes_upper_layer():
+    model = indicator_bn(4, 2)
+    lower = masks([1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0])  # within-layer D = 0
+    upper = torch.ones(1, 2, 1, 1)  # psi = 1 everywhere, resized to 2x2
+    acts = {"0": lower, "1": upper}
+    term = GroupActivationLoss(["0", "1"], weight=2.0, groups=1, cross_layer_weight=0.5)
+    # cross D([1,1,0,0], [1,1,1,1]) = 2*2 / (2 + 4 + 2) = 1/2; one layer pair; within terms 0
+    assert_close(term(model, acts), 2.0 * 0.5 * 0.5)
+    with pytest.raises(ValueError, match="at least two layers"):
+        GroupActivationLoss(["0"], weight=1.0, cross_layer_weight=0.5)
+
+
+def draw(term: GroupActivationLoss):
+    return term._pairs(3000, 5, 5, True, torch.device("cpu"))
+
+
+def test_pairs_are_distinct_seeded_and_redrawn():
+    torch.manual_seed(11)
+    term = GroupActivationLoss(["0"], weight=1.0, seed=3)
+    i, j = draw(term)
+    assert bool((i != j).all())
+    assert set(zip(i.tolist(), j.tolist())) == {(a, b) for a in range(5) for b in range(5) if a != b}
+    again = draw(GroupActivationLoss(["0"], weight=1.0, seed=3))
+    assert torch.equal(again[0], i) and torch.equal(again[1], j)
+    assert not torch.equal(draw(GroupActivationLoss(["0"], weight=1.0, seed=4))[0], i)
+    assert not torch.equal(draw(term)[0], i)  # redrawn every step
+
+
+def test_pairs_restart_when_the_global_seed_changes():
+    """The loop re-seeds torch every epoch: a fresh term (resumed run) then draws what a used one does."""
+    used = GroupActivationLoss(["0"], weight=1.0, seed=3)
+    torch.manual_seed(1)
+    draw(used)
+    torch.manual_seed(2)  # next epoch
+    continued = draw(used)
+    torch.manual_seed(2)
+    resumed = draw(GroupActivationLoss(["0"], weight=1.0, seed=3))
+    assert torch.equal(continued[0], resumed[0]) and torch.equal(continued[1], resumed[1])
+
+
+def test_random_pairs_loss_is_deterministic_per_seed():
+    torch.manual_seed(0)
+    acts = {"0": torch.randn(3, 10, 4, 4)}
+    model = nn.Sequential(nn.Conv2d(1, 10, 1))
+    torch.manual_seed(0)
+    values = [GroupActivationLoss(["0"], weight=1.0, groups=2, seed=s)(model, acts) for s in (0, 0, 1)]
+    assert torch.equal(values[0], values[1])
+    assert not torch.equal(values[0], values[2])
+
+
+# --------------------------------------------------------------------------------------- L_s
+def test_spatial_spread_hand_values():
+    line = torch.tensor([1.0, 0, 1]).reshape(1, 1, 1, 3)
+    assert_close(spatial_spread(line, eps=0.0), [[1.0]])  # centre x = 1, both masses at distance 1
+    assert_close(spatial_spread(line, eps=0.0, normalise_coordinates=True), [[0.5]])
+    diagonal = torch.tensor([[1.0, 0], [0, 1]]).reshape(1, 1, 2, 2)
+    assert_close(spatial_spread(diagonal, eps=0.0), [[math.sqrt(0.5)]])
+    point = torch.tensor([0.0, 1, 0]).reshape(1, 1, 1, 3)
+    assert_close(spatial_spread(point, eps=0.0), [[0.0]])
+
+
+def test_spatial_spread_eps_value():
+    # eps = 1: mass 3, cx = (0 + 2)/3 = 2/3; spread = (|0 - 2/3| + |2 - 2/3|) / 3 = 2/3
+    line = torch.tensor([1.0, 0, 1]).reshape(1, 1, 1, 3)
+    assert_close(spatial_spread(line, eps=1.0), [[2 / 3]])
+
+
+def test_spatial_gradient_finite_when_centre_on_a_pixel():
+    psi = torch.tensor([0.2, 1.0, 0.2]).reshape(1, 1, 1, 3).requires_grad_()
+    spatial_spread(psi).sum().backward()
+    assert bool(torch.isfinite(psi.grad).all())
+
+
+def test_spatial_loss_term_mean_over_maps_and_layers():
+    model = indicator_bn(2, 1)
+    acts = {"0": masks([1, 0, 0, 1], [1, 0, 0, 0]), "1": masks([1, 1, 0, 0])}
+    term = SpatialLoss(["0", "1"], weight=3.0, eps=0.0)
+    # layer 0: (sqrt(0.5) + 0) / 2; layer 1: 0.5; mean over layers
+    assert_close(term(model, acts), 3.0 * (math.sqrt(0.5) / 2 + 0.5) / 2, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- R_bn
+def block_model() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(1, 5, 1), nn.Flatten(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([3.0, 4, 1, 2, 7]).reshape(5, 1, 1, 1))
+    return model
+
+
+def test_block_norm_value_and_gradients():
+    model = block_model()
+    term = BlockNorm(["0"], weight=0.1, groups=2)  # groups {3,4}, {1,2}; filter 7 free
+    loss = term(model, {})
+    assert_close(loss, 0.1 * (5 + math.sqrt(5)))
+    loss.backward()
+    expected = 0.1 * torch.tensor([0.6, 0.8, 1 / math.sqrt(5), 2 / math.sqrt(5), 0.0])
+    assert_close(model[0].weight.grad.flatten(), expected)
+    assert model[0].bias.grad is None and model[2].weight.grad is None
+    assert term.decay_free_parameters(model) == [model[0].weight]
+    assert term.layers == ()
+    assert_close(BlockNorm(["0"], weight=1.0, groups=6)(model, {}), 0.0)  # 5 filters, 6 groups: all free [C]
+
+
+def test_block_norm_zero_group_has_zero_gradient_and_nan_guard():
+    model = block_model()
+    with torch.no_grad():
+        model[0].weight[:2] = 0
+    term = BlockNorm(["0"], weight=1.0, groups=2)
+    term(model, {}).backward()
+    assert bool(torch.isfinite(model[0].weight.grad).all())
+    with torch.no_grad():
+        model[0].weight[0] = float("nan")
+    assert_close(term(model, {}), 0.0)
+
+
+def test_relevance_table_and_summary():
+    model = block_model()
+    table = relevance_table(model, ["0"], groups=2)
+    assert_close(list(table["beta"]), [5.0, math.sqrt(5)])
+    assert_close(table["share"].sum(), 1.0)
+    with torch.no_grad():
+        model[0].weight[2:4] = 0.001
+    summary = relevance_summary(relevance_table(model, ["0"], groups=2))
+    assert summary.loc[0, "small_groups"] == 1
+    assert_close(summary.loc[0, "top_share"], 5 / (5 + math.sqrt(2e-6)))
+    assert_close(group_weight_norms(model[0].weight, partition_filters(5, 2)), [5.0, math.sqrt(2e-6)])
+
+
+# -------------------------------------------------------------------------------- analysis bits
+def test_within_group_distance_all_pairs():
+    psi = torch.sigmoid(torch.randn(2, 7, 3, 3, generator=torch.Generator().manual_seed(0)))
+    part = partition_filters(7, groups=2)  # groups {0,1,2}, {3,4,5}, filter 6 free
+    got = within_group_distance(psi, part)
+    expected = []
+    for g in range(2):
+        pairs = [(g * 3 + a, g * 3 + b) for a in range(3) for b in range(a + 1, 3)]
+        values = [soft_iou_distance(psi[n, i].flatten(), psi[n, j].flatten()) for n in range(2) for i, j in pairs]
+        expected.append(torch.stack(values).mean())
+    assert_close(got, torch.stack(expected), atol=1e-6)
+
+
+def test_ratio_of_unique_detectors():
+    assert_close(ratio_of_unique_detectors([3, 5], [16, 16]), 0.25)
+    with pytest.raises(ValueError, match="exactly the last two"):
+        ratio_of_unique_detectors([1, 2, 3], [4, 4, 4])
+
+
+# ------------------------------------------------------------------------------ model and recipe
+def test_two_layer_cnn_shapes_and_names():
+    model = TwoLayerCNN(num_classes=3, widths=(8, 16))
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    assert conv_layer_names(model) == ["conv1", "conv2"]
+    with pytest.raises(ValueError, match="two conv widths"):
+        TwoLayerCNN(widths=(8,))
+
+
+def test_cgl_loss_terms_recipe():
+    model = TwoLayerCNN(widths=(10, 20))
+    terms = cgl_loss_terms(model, CGLConfig())
+    assert [t.name for t in terms] == ["block_norm", "group_activation", "spatial"]
+    assert terms[1].layers == ("conv1", "conv2") and terms[0].weight_layers == ("conv1", "conv2")
+    assert terms[1].receptive_field is terms[2].receptive_field
+    only_bn = cgl_loss_terms(model, CGLConfig(lambda_g=0.0, lambda_s=0.0, block_norm_layers=("conv2",)))
+    assert [t.name for t in only_bn] == ["block_norm"] and only_bn[0].weight_layers == ("conv2",)
+    assert not any(n.startswith("cgl_") for n, _ in model.named_parameters())
+
+
+def _cgl_step(model, terms, images, labels):
+    layers = sorted({layer for term in terms for layer in term.layers})
+    with capture_activations(model, layers, detach=False) as acts:
+        task = nn.functional.cross_entropy(model(images), labels)
+        penalties = [term(model, acts) for term in terms]
+    (task + sum(penalties)).backward()
+    return task, penalties
+
+
+def activation_term_grads(**weights) -> TwoLayerCNN:
+    """A TwoLayerCNN (conv2: 2 groups of 3, filter 6 free) after backward of one activation term on conv2."""
+    torch.manual_seed(0)
+    model = TwoLayerCNN(widths=(4, 7))
+    (term,) = cgl_loss_terms(model, CGLConfig(groups=2, lambda_bn=0.0, activation_layers=("conv2",), **weights))
+    with capture_activations(model, term.layers, detach=False) as acts:
+        model(torch.randn(3, 3, 8, 8))
+        term(model, acts).backward()
+    return model
+
+
+def test_group_loss_gradients_skip_free_filters_and_classifier():
+    model = activation_term_grads(lambda_s=0.0)
+    grad = model.conv2.weight.grad
+    assert grad[:6].abs().sum(dim=(1, 2, 3)).min() > 0 and model.conv1.weight.grad.abs().sum() > 0
+    assert_close(grad[6], torch.zeros_like(grad[6]), atol=0.0)  # free filter: no L_g gradient
+    assert model.classifier.weight.grad is None
+
+
+def test_spatial_loss_gradients_reach_every_map_but_not_classifier():
+    model = activation_term_grads(lambda_g=0.0)
+    assert model.conv2.weight.grad.abs().sum(dim=(1, 2, 3)).min() > 0  # free filter included
+    assert model.classifier.weight.grad is None
+
+
+def test_learned_p_registers_parameters_that_get_gradients():
+    torch.manual_seed(0)
+    model = TwoLayerCNN(widths=(4, 6))
+    terms = cgl_loss_terms(model, CGLConfig(groups=2, lambda_bn=0.0, learn_p=True))
+    names = [n for n, _ in model.named_parameters()]
+    assert "cgl_receptive_field.p1" in names and "cgl_receptive_field.p2" in names
+    _cgl_step(model, terms, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    assert model.cgl_receptive_field.p1.grad is not None and model.cgl_receptive_field.p1.grad != 0
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_regularised_training_in_the_shared_loop(device):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 12, 12), torch.randint(0, 2, (16,)))
+    config = TrainConfig(epochs=4, batch_size=8, lr=0.05, weight_decay=1e-4, schedule="none")
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TwoLayerCNN(widths=(8, 10))
+        terms = cgl_loss_terms(model, CGLConfig(groups=2, lambda_bn=1e-2, lambda_g=1.0, lambda_s=1.0))
+        histories.append(train(model, data, config=config, loss_terms=terms, device=device).history)
+    history = histories[0]
+    penalties = history[["loss_block_norm", "loss_group_activation", "loss_spatial"]]
+    assert bool((penalties > 0).all().all())
+    objective = (history["train_loss"] + penalties.sum(axis=1)).tolist()
+    assert objective[-1] < objective[0]
+    if device == "cpu":  # bit-identical reruns on CPU
+        assert histories[0].drop(columns="seconds").equals(histories[1].drop(columns="seconds"))
+
+
+# ------------------------------------------------------------------------------ experiment helpers
+def test_select_lambda_rule():
+    from replication.methods.concept_groups import select_lambda
+
+    # within 1.5 points of the R_bn-only model: 0.01 and 0.001 -> the largest admissible, 0.01
+    assert select_lambda({0.001: 0.80, 0.01: 0.79, 0.1: 0.70}, 0.80, 1.5) == 0.01
+    assert select_lambda({0.001: 0.50, 0.01: 0.40}, 0.80, 1.5) == 0.001  # none admissible: the smallest
+    with pytest.raises(ValueError, match="at least one"):
+        select_lambda({}, 0.8, 1.5)
+
+
+def test_seeded_subsets_keep_attributes_and_split():
+    from replication.methods.concept_groups import InMemoryItems, seeded_indices, seeded_subset, split_indices
+
+    class Tagged(torch.utils.data.Dataset):
+        mask_size = (4, 4)
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"index": i}
+
+    assert seeded_indices(10, None) is None and seeded_indices(10, 10) is None
+    chosen = seeded_indices(10, 4, seed=1)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == seeded_indices(10, 4, seed=1)
+    subset = seeded_subset(Tagged(), 4, seed=1)
+    assert subset.mask_size == (4, 4) and [subset[i]["index"] for i in range(4)] == chosen
+    items = InMemoryItems(subset)
+    assert items.mask_size == (4, 4) and not hasattr(items, "__getitems__")  # the loader must use our items
+    assert [b["index"].tolist() for b in torch.utils.data.DataLoader(items, batch_size=4)] == [chosen]
+    kept, held = split_indices(10, 0.2, seed=0)
+    assert len(held) == 2 and sorted(kept + held) == list(range(10))
+
+
+def test_reference_numbers_are_consistent():
+    from replication.reporting.claims import load_reference
+
+    reference = load_reference("03_concept_group_learning")
+    for row in reference["table1_synthetic"]["rows"]:
+        assert row["color"] + row["shape"] + row["color_shape"] == row["total"]
+    for row in reference["table2_unique_detectors"]["rows"]:
+        assert sum(row["layers"]) == row["sum"]
+    assert {c["id"] for c in reference["claims"]} == {f"G{i}" for i in range(1, 9)}
+
+
+def test_dissect_layers_one_pass_matches_per_layer_dissection(tmp_path):
+    from replication.analysis.dissection import dissect
+    from replication.data.broden import BrodenDataset
+    from replication.methods.concept_groups import InMemoryItems, dissect_layers, seeded_subset
+    from tests.broden_fixture import write_tiny_broden
+
+    write_tiny_broden(tmp_path, n_images=12, image_size=32)
+    broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
+    torch.manual_seed(0)
+    model = TwoLayerCNN(widths=(6, 8))
+    table = dissect_layers(model, ["conv1", "conv2"], broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+    for layer in ("conv1", "conv2"):
+        expected = dissect(model, layer, broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu").summary
+        got = table[table.layer == layer].drop(columns=["layer", "units"]).reset_index(drop=True)
+        assert got.equals(expected), (layer, got, expected)
+    assert set(table.units) == {6, 8}
+
+
+def test_claim_rows_verdicts_on_clear_effects():
+    from replication.methods.concept_groups import claim_rows
+    from replication.reporting.claims import load_reference
+
+    seeds, archs = [0, 1, 2], ["alexnet", "vgg16"]
+    per_variant = {"weight_decay": (10, 50.0, 0.10, 0.5, 0.20, 0.40), "block_norm": (12, 50.0, 0.12, 0.5, 0.30, 0.40),
+                   "cgl": (14, 49.5, 0.15, 0.3, 0.30, 0.30)}
+    models, groups, synthetic = [], [], []
+    for arch in archs:
+        for seed in seeds:
+            for variant, (unique, top1, rud, distance, share, spread) in per_variant.items():
+                models.append({"arch": arch, "variant": variant, "seed": seed, "top1": top1 + seed / 10,
+                               "unique_sum": unique + seed, "rud": rud + seed / 100})
+                groups.append({"arch": arch, "variant": variant, "seed": seed, "within_group_distance": distance + seed / 100,
+                               "spatial_spread": spread + seed / 100, "top_group_share": share + seed / 100})
+    for seed in seeds:
+        for variant, total in (("weight_decay", 8), ("block_norm", 9), ("cgl", 11)):
+            synthetic.append({"variant": variant, "seed": seed, "layer": "conv2", "total": total + seed % 2})
+    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
+                      pd.DataFrame(groups), profile="ci", chance=10.0)
+    verdicts = {r["claim_id"]: r["verdict"] for r in rows}
+    assert verdicts == {"G1": "confirmed", "G2": "confirmed", "G3": "confirmed", "G4": "confirmed", "G5": "confirmed",
+                        "G6": "confirmed", "G7": "confirmed", "G8": "not measured"}
+    assert all(r["note"].startswith("REDUCED") for r in rows)
+    at_chance = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
+                           pd.DataFrame(groups), profile="ci", chance=30.0)
+    assert {r["claim_id"]: r["verdict"] for r in at_chance}["G3"] == "inconclusive"
+
+
+def test_paper_layer_names_match_the_torchvision_backbones():
+    from replication.methods.concept_groups import (
+        ACTIVATION_LAYERS, DISSECTED_LAYERS, VGG16_BN_CONVS, VGG16_CONVS, producing_conv)
+    from replication.models.backbones import build_backbone
+
+    plain = build_backbone("vgg16", 10, small_input=True, width=0.125)
+    assert all(isinstance(plain.get_submodule(n), nn.Conv2d) for n in (*VGG16_CONVS.values(), *ACTIVATION_LAYERS["vgg16"]))
+    assert [plain.get_submodule(n).out_channels for n in VGG16_CONVS.values()] == [32, 64, 64, 64, 64]
+    bn = build_backbone("vgg16_bn", 10, small_input=True, width=0.125)
+    assert all(isinstance(bn.get_submodule(n), nn.BatchNorm2d) for n in ACTIVATION_LAYERS["vgg16_bn"])
+    assert [producing_conv(bn, n) for n in ACTIVATION_LAYERS["vgg16_bn"]] == [VGG16_BN_CONVS[k] for k in ("conv4_3", "conv5_1", "conv5_2")]
+    assert DISSECTED_LAYERS["vgg16_bn"][-1] == "features.40"
+    assert producing_conv(bn, "features.40") == "features.40"
