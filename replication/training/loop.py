@@ -361,18 +361,25 @@ def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scale
 
 @contextlib.contextmanager
 def _deterministic(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels for the duration of training (CPU: torch's switch; CUDA: cuDNN flags)."""
+    """Deterministic kernels for the duration of training (CPU: torch's switch; CUDA: cuDNN flags).
+
+    torch's deterministic mode also fills every new uninitialised tensor with NaN (a debugging aid that
+    changes no result of correct code but costs an extra memory pass per allocation); it is switched off.
+    """
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
+        torch.utils.deterministic.fill_uninitialized_memory,
     )
     try:
         if device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.utils.deterministic.fill_uninitialized_memory = False
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+        torch.utils.deterministic.fill_uninitialized_memory = previous[4]
