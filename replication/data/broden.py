@@ -216,6 +216,8 @@ class BrodenDataset(Dataset):
         settings = dict(split=split, categories=self.categories, image_size=self.image_size, mean=self.mean,
                         std=self.std, primary_by=primary_by, drop_unlabelled=drop_unlabelled)
         digest.update(json.dumps(settings, sort_keys=True).encode())
+        if (root / "world.json").is_file():  # a ConceptWorld: its generator and config identify the pixels
+            digest.update((root / "world.json").read_bytes())
         self._fingerprint = digest.hexdigest()[:16]
 
     # ---------------------------------------------------------------- construction helpers

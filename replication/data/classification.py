@@ -91,6 +91,8 @@ class ClassificationDataset(Dataset):
                                 .encode())
         for path, target in zip(self.paths, self.targets):
             digest.update(f"{path.relative_to(self.root)}\0{target}\n".encode())
+        if (self.root / "world.json").is_file():  # a ConceptWorld: its generator and config identify the pixels
+            digest.update((self.root / "world.json").read_bytes())
         self.fingerprint = digest.hexdigest()[:16]
 
     def _read_conceptworld(self) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io as _io
 import multiprocessing
 import os
@@ -70,7 +71,7 @@ from replication.data.drawing import (
 )
 from replication.runtime import progress
 
-GENERATOR_VERSION = 1  # part of every cache key: bump when the drawing changes
+GENERATOR_VERSION = 1  # part of every cache key, with a hash of the generator's source (see generator_identity)
 PRESETS = ("classification", "cgl_shapes")
 CGL_TASKS = ("binary", "combination")
 LABEL_BLOCK = 100
@@ -802,7 +803,7 @@ def _write_tables(config: WorldConfig, out: Path, records: list[dict]) -> None:
     io.write_json(out / "classes.json", _classes_json(config, classes))
     io.write_json(out / "concept_tree.json", concept_tree(config.preset))
     io.write_json(out / "world.json", {
-        "generator_version": GENERATOR_VERSION,
+        "generator": generator_identity(),
         "config": cache.canonical(config),
         "n_images": len(records),
         "label_numbering": "blocks of 100 per category (color 1.., object 101.., part 201.., material 301.., "
@@ -905,7 +906,7 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
             for job in progress(jobs, desc="ConceptWorld", total=len(jobs)):
                 records.extend(_write_chunk(job))
         _write_tables(config, tmp, records)
-        cache.mark_done(tmp, {"generator_version": GENERATOR_VERSION, "config": config})
+        cache.mark_done(tmp, {"generator": generator_identity(), "config": config})
         if out_dir.exists():
             trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, trash)
@@ -918,10 +919,18 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
     return out_dir
 
 
+def generator_identity() -> dict:
+    """Version and source hash of the generator: any change to the drawing code gives new cache keys,
+    so a cached world (and every model trained on it) is never silently stale."""
+    digest = hashlib.sha256()
+    for module in (Path(__file__), Path(__file__).with_name("drawing.py")):
+        digest.update(module.read_bytes())
+    return {"version": GENERATOR_VERSION, "source_sha256": digest.hexdigest()[:16]}
+
+
 def world_dir(config: WorldConfig) -> Path:
-    """The cache folder of a config: `paths.data_dir()/concept_world/<hash of config and generator version>`."""
-    return paths.data_dir() / "concept_world" / cache.config_hash({"generator_version": GENERATOR_VERSION,
-                                                                   "config": config})
+    """The cache folder of a config: `paths.data_dir()/concept_world/<hash of config and generator identity>`."""
+    return paths.data_dir() / "concept_world" / cache.config_hash({"generator": generator_identity(), "config": config})
 
 
 def ensure_world(config: WorldConfig, *, workers: int | None = None) -> Path:
