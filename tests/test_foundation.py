@@ -96,6 +96,8 @@ def test_directional_verdicts():
     assert directional_verdict([1, 2, 3], [1.1, 1.9, 3.0]) == "inconclusive"
     assert directional_verdict([1, 2], [5, 6], direction="lower", min_seeds=2) == "confirmed"
     assert directional_verdict([9], [1]) == "inconclusive"  # one seed is never evidence
+    # consistent but negligible (+0.2%): beyond the noise, below the 5% relevance bar
+    assert directional_verdict([0.2032, 0.2031, 0.2027], [0.2028, 0.2025, 0.2024]) == "not confirmed"
 
 
 def test_claims_table_rejects_unknown_verdicts():

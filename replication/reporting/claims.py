@@ -59,14 +59,20 @@ def mean_std(values: Iterable[float], digits: int = 2) -> str:
 
 
 def directional_verdict(
-    treatment: Sequence[float], control: Sequence[float], *, direction: str = "higher", min_seeds: int = 3
+    treatment: Sequence[float],
+    control: Sequence[float],
+    *,
+    direction: str = "higher",
+    min_seeds: int = 3,
+    min_relative_effect: float = 0.05,
 ) -> str:
-    """Does `treatment` beat `control` in the stated direction, beyond seed-to-seed noise?
+    """Does `treatment` beat `control` in the stated direction, beyond seed-to-seed noise and by enough to matter?
 
-    Rule [I]: with at least `min_seeds` paired seeds, 'confirmed' when the mean per-seed difference is
-    in the claimed direction and larger than its standard error; 'refuted' when it is larger than its
-    standard error the other way; else 'inconclusive'. Fewer seeds give 'inconclusive' whatever the
-    means say.
+    Rule [I]: with at least `min_seeds` paired seeds, take the per-seed differences in the claimed
+    direction. 'refuted' when their mean is below minus its standard error; otherwise 'confirmed' when
+    it exceeds its standard error and is at least `min_relative_effect` of the control's mean magnitude;
+    'not confirmed' when it is beyond the noise but smaller than that (a consistent but negligible
+    effect); else 'inconclusive'. Fewer seeds give 'inconclusive' whatever the means say.
     """
     t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
     if t.shape != c.shape or t.size == 0:
@@ -77,10 +83,10 @@ def directional_verdict(
     if diff.size < min_seeds:
         return "inconclusive"
     stderr = diff.std(ddof=1) / math.sqrt(diff.size)
-    if diff.mean() > stderr:
-        return "confirmed"
     if diff.mean() < -stderr:
         return "refuted"
+    if diff.mean() > stderr:
+        return "confirmed" if diff.mean() >= min_relative_effect * abs(c.mean()) else "not confirmed"
     return "inconclusive"
 
 
