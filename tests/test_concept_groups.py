@@ -443,7 +443,7 @@ def test_select_lambda_rule():
 
 
 def test_seeded_subsets_keep_attributes_and_split():
-    from replication.methods.concept_groups import InMemoryItems, seeded_indices, seeded_subset, split_indices
+    from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
 
     class Tagged(torch.utils.data.Dataset):
         mask_size = (4, 4)
@@ -480,7 +480,8 @@ def test_reference_numbers_are_consistent():
 def test_dissect_layers_one_pass_matches_per_layer_dissection(tmp_path):
     from replication.analysis.dissection import dissect
     from replication.data.broden import BrodenDataset
-    from replication.methods.concept_groups import InMemoryItems, dissect_layers, seeded_subset
+    from replication.data.subsets import InMemoryItems, seeded_subset
+    from replication.methods.concept_groups import dissect_layers
     from tests.broden_fixture import write_tiny_broden
 
     write_tiny_broden(tmp_path, n_images=12, image_size=32)
