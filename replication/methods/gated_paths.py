@@ -48,6 +48,7 @@ from replication.runtime import progress, resolve_device
 FAMILIES = ("plain", "residual", "dense")
 GATE_FUNCTIONS = ("sigmoid", "straight_through")
 SEEDINGS = ("per_class", "sequential")
+ORIGINAL_CACHE_BYTES = 2 * 2**30  # search_paths keeps the original outputs of a class chunk up to this size
 
 # Sparsity weight beta from the comment table of the official `findpath.py` (spec section 3.3) [C].
 OFFICIAL_BETA = {
@@ -438,16 +439,41 @@ def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
     return total / count.clamp_min(1)
 
 
+def _original_bytes(locations: Sequence[GateLocation], n_images: int) -> int:
+    """Memory the original outputs at every gate location take for `n_images` images (float32)."""
+    return 4 * n_images * sum(loc.channels * loc.height * loc.width for loc in locations)
+
+
+@torch.no_grad()
+def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, label: int, batch_size: int,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The original net's outputs at every gate location, and whether it classifies each image as `label`."""
+    hooks.set(None)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    correct = []
+    for start in range(0, len(images), batch_size):
+        correct.append(model(images[start:start + batch_size].to(device)).argmax(1) == label)
+        for name, value in hooks.outputs.items():
+            outputs.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in outputs.items()}, torch.cat(correct)
+
+
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                   classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
-                  device: torch.device) -> list[torch.Tensor]:
-    """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample."""
+                  device: torch.device, cache_original: bool) -> list[torch.Tensor]:
+    """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
+
+    `cache_original`: run the original net once per image and keep its outputs (the images are fixed
+    tensors, so they are the same every epoch) instead of once per step as the official loop does.
+    """
     n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
     gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
                    for l in range(n_layers)]
     images = [class_images[c] for c in classes]
     class_ids = torch.tensor(classes, device=device)
     with frozen_parameters(model), gated(model, locations) as hooks:
+        cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
+                  ] if cache_original else None
         for epoch in range(config.epochs):
             orders = [plan.orders[epoch] for plan in plans]
             steps = max(math.ceil(len(order) / bs) for order in orders)
@@ -457,10 +483,15 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                 x = torch.cat([images[k][batch] for k, batch in batches]).to(device)
                 rows = torch.cat([torch.full((len(batch),), k, dtype=torch.long) for k, batch in batches]).to(device)
                 labels = class_ids[rows]
-                hooks.set(None)
-                with torch.no_grad():
-                    correct = model(x).argmax(1) == labels
-                original = dict(hooks.outputs)
+                if cached is None:
+                    hooks.set(None)
+                    with torch.no_grad():
+                        correct = model(x).argmax(1) == labels
+                    original = dict(hooks.outputs)
+                else:
+                    correct = torch.cat([cached[k][1][batch.to(device)] for k, batch in batches])
+                    original = {name: torch.cat([cached[k][0][name][batch.to(device)] for k, batch in batches])
+                                for name in cached[0][0]}
                 stepping = torch.zeros(n_classes, dtype=torch.bool, device=device)
                 stepping[rows] = True
                 if config.skip_batches_without_correct:
@@ -490,12 +521,16 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
 
 def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                  classes: Sequence[int] | None = None, *, config: PathSearchConfig,
-                 device: str | torch.device | None = None, class_chunk: int | None = None) -> PathSet:
+                 device: str | torch.device | None = None, class_chunk: int | None = None,
+                 original_cache_bytes: int = ORIGINAL_CACHE_BYTES) -> PathSet:
     """Paths of many classes at once; equal (within float tolerance) to `find_paths_sequential`.
 
     `class_images[c]` holds class c's (normalised) training images as an (n_c, 3, H, W) tensor
     (`images_by_class` builds it). `class_chunk` bounds how many classes share one computation
     (memory: a step's batch holds up to `class_chunk * batch_size` images); None = all at once.
+    The original net's outputs at the gate locations are computed once per image and kept when a
+    chunk's take at most `original_cache_bytes` (the official loop recomputes them every step:
+    one of its two forward passes); larger chunks recompute them per step.
     """
     classes = _check_inputs(model, class_images, classes)
     device = resolve_device(device)
@@ -503,8 +538,10 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
     chunk = class_chunk or len(classes)
     parts = []
     for start in progress(range(0, len(classes), chunk), desc="paths (batched)"):
-        parts.append(_search_chunk(model, locations, class_images, classes[start:start + chunk],
-                                   plans[start:start + chunk], config, device))
+        members = classes[start:start + chunk]
+        cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in members)) <= original_cache_bytes
+        parts.append(_search_chunk(model, locations, class_images, members, plans[start:start + chunk], config,
+                                   device, cache_original))
     logits = [torch.cat([part[l] for part in parts]) for l in range(len(locations))]
     return PathSet(classes, list(locations), logits, asdict(config))
 
