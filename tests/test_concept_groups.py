@@ -6,6 +6,7 @@ Exact 0/1 soft maps come from the batch-norm form of psi: with a BN gamma of 1e-
 """
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -488,12 +489,34 @@ def test_dissect_layers_one_pass_matches_per_layer_dissection(tmp_path):
     broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
     torch.manual_seed(0)
     model = TwoLayerCNN(widths=(6, 8))
-    table = dissect_layers(model, ["conv1", "conv2"], broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+    table, units = dissect_layers(model, ["conv1", "conv2"], broden, quantile=0.05, iou_threshold=0.04, batch_size=4,
+                                  device="cpu")
     for layer in ("conv1", "conv2"):
-        expected = dissect(model, layer, broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu").summary
+        expected = dissect(model, layer, broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
         got = table[table.layer == layer].drop(columns=["layer", "units"]).reset_index(drop=True)
-        assert got.equals(expected), (layer, got, expected)
+        assert got.equals(expected.summary), (layer, got, expected.summary)
+        got_units = units[units.layer == layer].drop(columns="layer").reset_index(drop=True)
+        assert got_units.equals(expected.units[["unit", "label", "category", "iou", "detector"]])
     assert set(table.units) == {6, 8}
+
+
+def test_group_purity_known_answer():
+    from replication.methods.concept_groups import group_purity, purity_pairs
+
+    model = TwoLayerCNN(widths=(10, 8))
+    with torch.no_grad():  # 5 groups of 2 filters; group 3 has the largest weight norm
+        model.conv1.weight.copy_(torch.arange(10).float().div(10).add(1).repeat_interleave(27).view(10, 3, 3, 3))
+        model.conv1.weight[6:8] *= 10
+    labels = ["red", "red", "red", "sky", "sky", "sky", "dog", "dog", "cat", "cat"]
+    detector = [True, True, True, True, False, True, True, True, True, False]
+    units = pd.DataFrame({"layer": "conv1", "unit": range(10), "label": labels, "category": "x", "iou": 0.1,
+                          "detector": detector})
+    table = group_purity(units, model, "conv1", groups=5)
+    assert table.detectors.tolist() == [2, 2, 1, 2, 1]
+    np.testing.assert_allclose(table.purity, [1.0, 0.5, np.nan, 1.0, np.nan])  # NaN: fewer than 2 detectors
+    assert int(table.beta.idxmax()) == 3
+    pairs = purity_pairs(table.assign(arch="a", variant="cgl", seed=0))
+    assert pairs[["top", "others", "layers"]].values.tolist() == [[1.0, 0.75, 1]]
 
 
 def test_claim_rows_verdicts_on_clear_effects():
@@ -514,14 +537,20 @@ def test_claim_rows_verdicts_on_clear_effects():
     for seed in seeds:
         for variant, total in (("weight_decay", 8), ("block_norm", 9), ("cgl", 11)):
             synthetic.append({"variant": variant, "seed": seed, "layer": "conv2", "total": total + seed % 2})
+    purity = pd.DataFrame([{"arch": arch, "variant": "cgl", "seed": seed, "layer": layer, "group": group,
+                            "beta": 1.0 + (group == 2), "purity": 1.0 if group == 2 else 0.5 + seed / 10}
+                           for arch in archs for seed in seeds for layer in ("c1", "c2") for group in range(5)])
     rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                      pd.DataFrame(groups), profile="ci", chance=10.0)
+                      pd.DataFrame(groups), purity, profile="ci", chance=10.0)
     verdicts = {r["claim_id"]: r["verdict"] for r in rows}
-    assert verdicts == {"G1": "confirmed", "G2": "confirmed", "G3": "confirmed", "G4": "confirmed", "G5": "confirmed",
-                        "G6": "confirmed", "G7": "confirmed", "G8": "not measured"}
+    assert verdicts == {f"G{i}": "confirmed" for i in range(1, 9)}
     assert all(r["note"].startswith("REDUCED") for r in rows)
+    reversed_purity = purity.assign(purity=1.5 - purity.purity)
+    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
+                      pd.DataFrame(groups), reversed_purity, profile="ci", chance=10.0)
+    assert {r["claim_id"]: r["verdict"] for r in rows}["G8"] == "refuted"
     at_chance = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                           pd.DataFrame(groups), profile="ci", chance=30.0)
+                           pd.DataFrame(groups), purity, profile="ci", chance=30.0)
     assert {r["claim_id"]: r["verdict"] for r in at_chance}["G3"] == "inconclusive"
 
 

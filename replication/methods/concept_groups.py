@@ -872,19 +872,44 @@ def layer_features(model: nn.Module, layers: Sequence[str], broden, *, batch_siz
 
 
 def dissect_layers(model: nn.Module, layers: Sequence[str], broden, *, quantile: float, iou_threshold: float,
-                   batch_size: int, device=None, categories: Sequence[str] | None = None) -> pd.DataFrame:
-    """Unique detectors (and detectors) per layer and category: one row per (layer, category).
+                   batch_size: int, device=None, categories: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Dissect several layers from one forward pass per image.
 
-    One forward pass collects every layer's maps; each layer is then dissected from them.
+    Returns (summary: unique detectors and detectors per layer and category, one row per pair;
+    units: one row per layer and unit with its best label, category, IoU and detector flag).
     """
     from replication.analysis.dissection import dissect_features
 
-    frames = []
+    summaries, units = [], []
     for layer, features in layer_features(model, layers, broden, batch_size=batch_size, device=device).items():
         result = dissect_features(features, broden, categories=categories, quantile=quantile, iou_threshold=iou_threshold,
                                   batch_size=batch_size, device=device, layer=layer)
-        frames.append(result.summary.assign(layer=layer, units=len(result.units)))
-    return pd.concat(frames, ignore_index=True)
+        summaries.append(result.summary.assign(layer=layer, units=len(result.units)))
+        units.append(result.units[["unit", "label", "category", "iou", "detector"]].assign(layer=layer))
+    return pd.concat(summaries, ignore_index=True), pd.concat(units, ignore_index=True)
+
+
+def group_purity(units: pd.DataFrame, model: nn.Module, layer: str, *, groups: int = GROUPS,
+                 free_filters: int | None = None, min_detectors: int = 2) -> pd.DataFrame:
+    """Claim G8 per group of one dissected layer: its relevance beta_gl and how far its detectors share one concept.
+
+    `units`: the layer's unit table (`dissect_layers`). A detector is a unit whose best IoU reaches
+    the dissection threshold: the paper's alignment threshold T is unknown [U], so the dissection
+    threshold stands in for it [I]. purity = the largest number of the group's detectors with one
+    label / its detectors; NaN below `min_detectors` detectors (one detector is trivially pure) [I].
+    """
+    weight = model.get_submodule(producing_conv(model, layer)).weight.detach().cpu()
+    partition = partition_filters(weight.shape[0], groups, free_filters, min_size=0)
+    beta = group_weight_norms(weight, partition).double()
+    group_of = partition.group_of().numpy()
+    rows = []
+    for group in range(partition.groups):
+        members = units[(units.layer == layer) & np.isin(units.unit, np.flatnonzero(group_of == group))]
+        labels = members.loc[members.detector.astype(bool), "label"]
+        purity = labels.value_counts().iloc[0] / len(labels) if len(labels) >= min_detectors else np.nan
+        rows.append({"layer": layer, "group": group, "beta": float(beta[group]), "detectors": len(labels),
+                     "purity": float(purity)})
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()
@@ -965,8 +990,8 @@ def run_synthetic(train_set, broden, *, settings: CGLSettings, seeds: Sequence[i
             trained = train_variant("two_layer_cnn", variant, train_set, num_classes=num_classes, settings=settings,
                                     seed=seed, lam=lam, device=device, epochs=settings.synthetic_epochs, lr=settings.synthetic_lr)
             models[(variant, seed)] = trained.model
-            table = dissect_layers(trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES),
-                                   quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size, device=device)
+            table, _ = dissect_layers(trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES),
+                                      quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size, device=device)
             for layer, summary in table.groupby("layer", sort=False):
                 counts = _unique_by_category(summary)
                 rows.append({"variant": variant, "seed": seed, "layer": layer,
@@ -1003,10 +1028,11 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
              quantile: float, iou_threshold: float, batch_size: int, device=None):
     """Tables 2-3: every arch x variant x seed trained, evaluated (top-1 on val) and dissected (all six
     categories) at the paper's layers. Returns (detectors: one row per model and layer with unique
-    detectors and filters, models: one row per model with top-1 and RUD, {(arch, variant, seed): model})."""
+    detectors and filters, models: one row per model with top-1 and RUD, purity: `group_purity` of
+    every dissected layer's groups per model (G8), {(arch, variant, seed): model})."""
     from replication.training.loop import evaluate
 
-    layer_rows, model_rows, models = [], [], {}
+    layer_rows, model_rows, purity, models = [], [], [], {}
     for arch in settings.archs:
         for seed in seeds:
             for variant in VARIANTS:
@@ -1014,8 +1040,10 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
                                         lam=lam, device=device)
                 models[(arch, variant, seed)] = trained.model
                 layers = dissected_layers(arch, trained.model)
-                table = dissect_layers(trained.model, layers, broden, quantile=quantile, iou_threshold=iou_threshold,
-                                       batch_size=batch_size, device=device)
+                table, units = dissect_layers(trained.model, layers, broden, quantile=quantile,
+                                              iou_threshold=iou_threshold, batch_size=batch_size, device=device)
+                purity.extend(group_purity(units, trained.model, layer, groups=settings.groups).assign(
+                    arch=arch, variant=variant, seed=seed) for layer in layers)
                 totals = table[table.category == "total"].set_index("layer").loc[list(layers)]
                 for position, (layer, row) in enumerate(totals.iterrows(), start=1):
                     layer_rows.append({"arch": arch, "variant": variant, "seed": seed, "layer": f"c{position}",
@@ -1024,7 +1052,7 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
                 rud = ratio_of_unique_detectors(totals.unique_detectors.iloc[-2:].tolist(), totals.units.iloc[-2:].tolist())
                 model_rows.append({"arch": arch, "variant": variant, "seed": seed, "top1": 100 * accuracy,
                                    "unique_sum": int(totals.unique_detectors.sum()), "rud": rud})
-    return pd.DataFrame(layer_rows), pd.DataFrame(model_rows), models
+    return pd.DataFrame(layer_rows), pd.DataFrame(model_rows), pd.concat(purity, ignore_index=True), models
 
 
 # ------------------------------------------------------------------------------------- claims
@@ -1058,8 +1086,41 @@ def _per_arch(frame: pd.DataFrame, value: str, treatment: str, control: str, dir
     return "; ".join(parts), _combine(verdicts)
 
 
-def claim_rows(reference: dict, synthetic: pd.DataFrame, models: pd.DataFrame, groups: pd.DataFrame, *,
-               profile: str, chance: float, tolerance: float = 1.5) -> list[dict]:
+def purity_pairs(purity: pd.DataFrame, variant: str = "cgl") -> pd.DataFrame:
+    """G8 per model of `variant`: purity of each layer's most relevant group vs the mean of its other
+    groups (layers where either is undefined are left out), averaged over layers [I].
+
+    One row per (arch, seed) with `top`, `others` and `layers` (how many layers took part).
+    """
+    rows = []
+    for (arch, seed), frame in purity[purity.variant == variant].groupby(["arch", "seed"], sort=False):
+        tops, others = [], []
+        for _, layer in frame.groupby("layer", sort=False):
+            top = layer.loc[layer.beta.idxmax()]
+            rest = layer.drop(index=top.name).purity.dropna()
+            if not np.isnan(top.purity) and len(rest):
+                tops.append(top.purity)
+                others.append(rest.mean())
+        rows.append({"arch": arch, "seed": seed, "top": np.mean(tops) if tops else np.nan,
+                     "others": np.mean(others) if others else np.nan, "layers": len(tops)})
+    return pd.DataFrame(rows)
+
+
+def _g8(purity: pd.DataFrame) -> tuple[str, str]:
+    from replication.reporting.claims import directional_verdict
+
+    parts, verdicts = [], []
+    for arch, frame in purity_pairs(purity).groupby("arch", sort=False):
+        frame = frame.dropna(subset=["top", "others"])
+        verdicts.append(directional_verdict(frame.top, frame.others, direction="higher") if len(frame) else "inconclusive")
+        parts.append(f"{arch}: {frame.top.mean():.2f} vs {frame.others.mean():.2f} "
+                     f"({len(frame)} seeds, {int(frame.layers.sum())} layers with >= 2 detectors in both)"
+                     if len(frame) else f"{arch}: no layer where the top group and another had >= 2 detectors")
+    return "; ".join(parts), _combine(verdicts)
+
+
+def claim_rows(reference: dict, synthetic: pd.DataFrame, models: pd.DataFrame, groups: pd.DataFrame,
+               purity: pd.DataFrame, *, profile: str, chance: float, tolerance: float = 1.5) -> list[dict]:
     """The claims table rows (G1-G8): paper | ours (with relative changes) | verdict, as ClaimResult fields.
 
     `chance`: top-1 (%) of guessing; a baseline below twice that has not learned the task, and the
@@ -1122,7 +1183,11 @@ def claim_rows(reference: dict, synthetic: pd.DataFrame, models: pd.DataFrame, g
     ours, verdict = _per_arch(groups, "spatial_spread", "cgl", "weight_decay", "lower", 3)
     rows.append(row("G7", ours, verdict, "proxy: mean L_s of psi with coordinates in [0, 1] (L_s is trained directly, "
                     "so this checks the regulariser acts, not semantics); see the group-map figures", f"{n_main} per network"))
-    rows.append(row("G8", "not measured", "not measured", "the paper's alignment threshold T is unknown [U]", ""))
+    ours, verdict = _g8(purity)
+    rows.append(row("G8", ours, verdict, "CGL models: detector purity (share of a group's detectors with its most common "
+                    "label) of each dissected layer's most relevant group (largest beta) vs its other groups; the "
+                    "alignment threshold T is unknown [U], the dissection IoU threshold stands in [I]",
+                    f"{n_main} per network"))
     return rows
 
 
