@@ -368,3 +368,36 @@ def test_largest_dip_and_curve_distance():
     flat = summary.assign(hit_rate=0.5, depth=[0, 0.5, 0.75, 1])
     assert_close(gp.curve_distance(flat, flat), 0.0)
     assert_close(gp.curve_distance(summary, summary.assign(hit_rate=summary["hit_rate"] + 0.1)), 0.1)
+
+
+@pytest.mark.parametrize("arch, folded_all", [("resnet18", True), ("vgg16_bn", True), ("densenet121", False)])
+def test_search_copy_folds_batchnorm_and_computes_the_same_function(arch, folded_all):
+    torch.manual_seed(0)
+    model = build_backbone(arch, 5, small_input=True, width=0.125).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong fold would show
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    locations = gp.gate_locations(model, (3, 32, 32))
+    copy_, memory_format = gp.search_copy(model, locations)
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
+    assert (left == 0) == folded_all
+    assert memory_format == (torch.channels_last if folded_all else torch.contiguous_format)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > left  # the original is untouched
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = copy_(x.contiguous(memory_format=memory_format))
+    assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_search_copy_keeps_a_batchnorm_at_a_gate_location():
+    model, locations, _ = tiny_setup()
+    at_bn = [gp.GateLocation("features.1", 4, 8, 8)] + locations[1:]
+    copy_, _ = gp.search_copy(model, at_bn)
+    assert isinstance(copy_.features[1], nn.BatchNorm2d)
+    folded, _ = gp.search_copy(model, locations)
+    assert isinstance(folded.features[1], nn.Identity)

@@ -27,6 +27,7 @@ independent of the rest of the batch, which is what makes the batched search equ
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -439,6 +441,43 @@ def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
     return total / count.clamp_min(1)
 
 
+def search_copy(model: nn.Module, locations: Sequence[GateLocation]) -> tuple[nn.Module, torch.memory_format]:
+    """A copy of the frozen eval-mode `model` that computes the same function faster for path search.
+
+    Every BatchNorm that directly follows a conv whose output nothing else reads is folded into that
+    conv (w * gamma / sqrt(var + eps), with the shifted bias) and replaced by an identity; modules at
+    gate locations are kept. Returns the copy and the memory format to feed it: channels-last on the
+    CPU when no BatchNorm is left (measured there: 1.2-1.4x faster gated steps; BatchNorm's backward
+    is slow in that layout), else contiguous. A model torch.fx cannot trace is copied unchanged.
+    """
+    copy_ = copy.deepcopy(model)
+    keep = {loc.name for loc in locations}
+    try:
+        graph = torch.fx.symbolic_trace(copy_).graph
+    except Exception:  # noqa: BLE001  (any untraceable forward: fold nothing)
+        graph = None
+    modules = dict(copy_.named_modules())
+    for node in graph.nodes if graph is not None else ():
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
+                and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)
+                and len(source.users) == 1 and not {source.target, node.target} & keep):
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        with torch.no_grad():
+            scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+        parent, _, name = node.target.rpartition(".")
+        setattr(copy_.get_submodule(parent), name, nn.Identity())
+    on_cpu = all(p.device.type == "cpu" for p in copy_.parameters())
+    if on_cpu and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copy_.modules()):
+        return copy_.to(memory_format=torch.channels_last), torch.channels_last
+    return copy_, torch.contiguous_format
+
+
 def _original_bytes(locations: Sequence[GateLocation], n_images: int) -> int:
     """Memory the original outputs at every gate location take for `n_images` images (float32)."""
     return 4 * n_images * sum(loc.channels * loc.height * loc.width for loc in locations)
@@ -460,7 +499,8 @@ def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                   classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
-                  device: torch.device, cache_original: bool) -> list[torch.Tensor]:
+                  device: torch.device, cache_original: bool,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.Tensor]:
     """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
 
     `cache_original`: run the original net once per image and keep its outputs (the images are fixed
@@ -469,7 +509,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
     n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
     gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
                    for l in range(n_layers)]
-    images = [class_images[c] for c in classes]
+    images = [class_images[c].contiguous(memory_format=memory_format) for c in classes]
     class_ids = torch.tensor(classes, device=device)
     with frozen_parameters(model), gated(model, locations) as hooks:
         cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
@@ -480,7 +520,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
             for step in range(steps):
                 batches = [(k, order[step * bs:(step + 1) * bs]) for k, order in enumerate(orders)
                            if step * bs < len(order)]
-                x = torch.cat([images[k][batch] for k, batch in batches]).to(device)
+                x = torch.cat([images[k][batch] for k, batch in batches]).to(device, memory_format=memory_format)
                 rows = torch.cat([torch.full((len(batch),), k, dtype=torch.long) for k, batch in batches]).to(device)
                 labels = class_ids[rows]
                 if cached is None:
@@ -507,7 +547,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                 ones = torch.ones_like(correct, dtype=logits.dtype)
                 ce = _segment_mean(F.cross_entropy(logits, labels, reduction="none"), rows, ones, n_classes)
                 weights = correct.to(logits.dtype) if config.mse_on_correct_only else ones
-                mse = sum(_segment_mean((hooks.outputs[name] - original[name]).pow(2).flatten(1).mean(1),
+                mse = sum(_segment_mean((hooks.outputs[name] - original[name]).square().mean(dim=(1, 2, 3)),
                                         rows, weights, n_classes) for name in original)
                 act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
                 sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in gate_logits) / n_layers
@@ -530,10 +570,12 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
     (memory: a step's batch holds up to `class_chunk * batch_size` images); None = all at once.
     The original net's outputs at the gate locations are computed once per image and kept when a
     chunk's take at most `original_cache_bytes` (the official loop recomputes them every step:
-    one of its two forward passes); larger chunks recompute them per step.
+    one of its two forward passes); larger chunks recompute them per step. The search runs on
+    `search_copy(model)` (BatchNorm folded into convs, channels-last on the CPU).
     """
     classes = _check_inputs(model, class_images, classes)
     device = resolve_device(device)
+    model, memory_format = search_copy(model, locations)
     plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
     chunk = class_chunk or len(classes)
     parts = []
@@ -541,7 +583,7 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
         members = classes[start:start + chunk]
         cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in members)) <= original_cache_bytes
         parts.append(_search_chunk(model, locations, class_images, members, plans[start:start + chunk], config,
-                                   device, cache_original))
+                                   device, cache_original, memory_format))
     logits = [torch.cat([part[l] for part in parts]) for l in range(len(locations))]
     return PathSet(classes, list(locations), logits, asdict(config))
 
