@@ -29,7 +29,7 @@ world: $(STAMP)
 	$(BIN)/python -m replication world --profile $(PROFILE) --out data/concept_world_$(PROFILE)
 
 benchmarks: $(STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@status=0; for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || status=1; done; exit $$status
 
 clean-venv:
 	rm -rf $(VENV)
