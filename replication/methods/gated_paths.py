@@ -499,12 +499,12 @@ def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                   classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
-                  device: torch.device, cache_original: bool,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.Tensor]:
+                  device: torch.device, cache_original: bool, memory_format: torch.memory_format) -> list[torch.Tensor]:
     """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
 
     `cache_original`: run the original net once per image and keep its outputs (the images are fixed
     tensors, so they are the same every epoch) instead of once per step as the official loop does.
+    `memory_format`: the layout `model` runs fastest in (`search_copy`).
     """
     n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
     gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
