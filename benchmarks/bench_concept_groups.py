@@ -7,8 +7,9 @@ the time is this process's CPU time with `--threads` threads (default 1), which 
 a shared machine disturb far less than wall time; on CUDA it is the loop's wall time per epoch. The plain
 run has no loss terms (hence no hooks) and weight decay; the CGL run has R_bn on every conv weight
 and L_g, L_s on the layers the notebook uses (`activation_layers`: every conv layer, VGG16's
-conv4_3, conv5_1, conv5_2 as in the official code). Budget (issue 4): ratio
-<= 1.3. Prints one line per model; exits non-zero when a ratio is over budget.
+conv4_3, conv5_1, conv5_2 as in the official code). `--kernel` picks how psi, L_g and L_s are computed
+(`CGLConfig.kernel`: auto = the fused numba kernels on the CPU; eager = PyTorch ops, the reference).
+Budget (issue 4): ratio <= 1.3. Prints one line per model; exits non-zero when a ratio is over budget.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import replication  # noqa: F401  (before torchvision)
 import torch
 from torch.utils.data import TensorDataset
 
-from replication.methods.concept_groups import CGLConfig, activation_layers, cgl_loss_terms
+from replication.methods.concept_groups import KERNELS, CGLConfig, activation_layers, cgl_loss_terms
 from replication.models.backbones import build_backbone
 from replication.models.small_cnns import TwoLayerCNN
 from replication.runtime import resolve_device
@@ -35,7 +36,7 @@ MODELS = {  # name: (architecture for the layer choice, builder)
 }
 
 
-def step_times(name: str, *, batch_size: int, steps: int, repeats: int, image_size: int, device) -> dict[bool, float]:
+def step_times(name: str, *, batch_size: int, steps: int, repeats: int, image_size: int, device, kernel: str) -> dict[bool, float]:
     """Median seconds per step of the plain (False) and the CGL (True) run of model `name`."""
     data = TensorDataset(torch.randn(batch_size * steps, 3, image_size, image_size), torch.randint(0, 2, (batch_size * steps,)))
     arch, build = MODELS[name]
@@ -43,7 +44,7 @@ def step_times(name: str, *, batch_size: int, steps: int, repeats: int, image_si
     for cgl in (False, True):
         torch.manual_seed(0)
         model = build()
-        config = CGLConfig(activation_layers=activation_layers(arch, model))
+        config = CGLConfig(activation_layers=activation_layers(arch, model), kernel=kernel)
         runs[cgl] = (model, cgl_loss_terms(model, config) if cgl else ())
     times: dict[bool, list[float]] = {False: [], True: []}
     for repeat in range(repeats + 1):
@@ -67,16 +68,17 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--kernel", default="auto", choices=KERNELS)
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     over = False
     for name in args.models:
-        times = step_times(name, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, image_size=args.image_size, device=device)
+        times = step_times(name, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, image_size=args.image_size, device=device, kernel=args.kernel)
         ratio = times[True] / times[False]
         over |= ratio > BUDGET
         print(
-            f"{name:14s} device={device.type} batch={args.batch_size} plain={times[False] * 1e3:7.1f} ms/step "
+            f"{name:14s} device={device.type} kernel={args.kernel} batch={args.batch_size} plain={times[False] * 1e3:7.1f} ms/step "
             f"cgl={times[True] * 1e3:7.1f} ms/step ratio={ratio:.2f} (budget {BUDGET})",
             flush=True,
         )

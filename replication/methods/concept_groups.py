@@ -34,6 +34,8 @@ from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 
+from .soft_map_kernels import SoftMapStatistics
+
 GROUPS = 5  # G, the same in every layer [C]
 PAIRS_PER_FILTER = 3  # r = 3 * N_g random pairs per group and step [P][C]
 STD_EPS = 5e-3  # added to the per-channel std in psi [C]
@@ -41,6 +43,7 @@ SPATIAL_EPS = 1e-4  # added to the mass in L_s [C]
 PAIR_SAMPLINGS = ("shift", "uniform")  # cyclic shifts, fused [I] | independent uniform pairs [C]
 LG_REDUCTIONS = ("sample", "batch")  # per-sample L1 over space [C] | L1 over batch and space [P]
 LAYER_REDUCTIONS = ("mean", "sum")  # average over layers [C] | sum over layers (eq. 5) [P]
+KERNELS = ("auto", "fused", "eager")  # auto: the fused numba kernels on the CPU, eager PyTorch elsewhere [I]
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -189,6 +192,25 @@ class _StdSoftMap(torch.autograd.Function):
         return grad_a, grad_p1, grad_p2, None
 
 
+@dataclass(frozen=True)
+class MapStatistics:
+    """What L_g and L_s need of one layer's psi maps in one step.
+
+    l1 (N, G, k, N_g): L1 distance between filter i and filter (i + s) mod N_g of its group for each
+    of the k `shifts`; mass (N, G, N_g): sum of psi of every grouped filter; spread (N, C): L_s of
+    every map, or None when no spatial loss asked for this layer.
+    """
+
+    l1: torch.Tensor
+    mass: torch.Tensor
+    spread: torch.Tensor | None
+    partition: GroupPartition | None
+    shifts: tuple[int, ...]
+
+    def serves(self, partition: GroupPartition | None, shifts: tuple[int, ...]) -> bool:
+        return not shifts or (self.partition == partition and self.shifts == shifts)
+
+
 class SoftReceptiveField(nn.Module):
     """psi = sigmoid(P1 * tau + P2), the soft receptive field of every map of a layer [P].
 
@@ -199,15 +221,24 @@ class SoftReceptiveField(nn.Module):
     P1, P2 are fixed at 1, 0 as in the code [C]; `learn=True` makes them parameters as the paper
     says [P] (they must then be registered in the model so the optimiser sees them).
 
-    `of_layer` keeps the latest psi of each layer, so L_g and L_s sharing this module compute it once
-    per step (the cache is hit only for the very same, unmodified activation tensor).
+    L_g and L_s share this module. `statistics` gives them what they need of a layer (`MapStatistics`)
+    from one computation per step: the first request computes the shift distances it asks for and the
+    spread of every layer a `SpatialLoss` registered (`register_spread`), and later requests for the
+    very same, unmodified activation tensor are served from it. `kernel`: "fused" computes them with
+    the numba kernels of `soft_map_kernels` (CPU only; psi is never stored, about 5x faster), "eager"
+    with PyTorch ops on a stored psi (any device; the reference), "auto" (default) fused on the CPU
+    and eager elsewhere [I]. `of_layer` gives psi itself (eager), for the other options of L_g.
     """
 
-    def __init__(self, p1: float = 1.0, p2: float = 0.0, *, learn: bool = False, std_eps: float = STD_EPS):
+    def __init__(self, p1: float = 1.0, p2: float = 0.0, *, learn: bool = False, std_eps: float = STD_EPS, kernel: str = "auto"):
         super().__init__()
+        _check_choice(kernel, KERNELS, "kernel")
         self.learn = learn
         self.std_eps = std_eps
+        self.kernel = kernel
+        self._spread_settings: dict[str, tuple[float, bool]] = {}
         self._latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._latest_statistics: dict[str, tuple[torch.Tensor, MapStatistics]] = {}
         for name, value in (("p1", p1), ("p2", p2)):
             tensor = torch.tensor(float(value))
             if learn:
@@ -216,29 +247,86 @@ class SoftReceptiveField(nn.Module):
                 self.register_buffer(name, tensor)
 
     def forward(self, activation: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm | None = None) -> torch.Tensor:
-        if activation.dim() != 4:
-            raise ValueError(f"psi needs N x C x H x W maps, got shape {tuple(activation.shape)}; hook a conv or BN module.")
-        activation = activation.float()
+        activation = self._float_maps(activation)
         p1, p2 = self.p1.to(activation.device), self.p2.to(activation.device)
         if bn is None:
             return _StdSoftMap.apply(activation, p1, p2, self.std_eps)
-        gamma = bn.weight if bn.weight is not None else torch.ones(activation.shape[1], device=activation.device)
-        return torch.sigmoid(torch.addcmul(p2, activation, p1 / gamma.float().view(1, -1, 1, 1)))
+        return torch.sigmoid(torch.addcmul(p2, activation, (p1 / _bn_gamma(bn, activation)).view(1, -1, 1, 1)))
 
-    def of_layer(self, model: nn.Module, layer: str, activation: torch.Tensor) -> torch.Tensor:
-        """psi of the captured output of module `layer`: the BN form when that module is a batch-norm."""
+    @staticmethod
+    def _float_maps(activation: torch.Tensor) -> torch.Tensor:
+        if activation.dim() != 4:
+            raise ValueError(f"psi needs N x C x H x W maps, got shape {tuple(activation.shape)}; hook a conv or BN module.")
+        return activation.float()
+
+    @staticmethod
+    def _check_unmodified(layer: str, activation: torch.Tensor) -> None:
         if activation._version:  # bumped by an in-place op after the hook captured the tensor
             raise RuntimeError(
                 f"the captured output of {layer!r} was modified in place after the forward hook (an in-place "
                 f"op such as ReLU(inplace=True) follows it); capture with clone=True or make that op non-inplace."
             )
+
+    @staticmethod
+    def _bn_of(model: nn.Module, layer: str) -> nn.modules.batchnorm._BatchNorm | None:
+        module = model.get_submodule(layer)
+        return module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+
+    def of_layer(self, model: nn.Module, layer: str, activation: torch.Tensor) -> torch.Tensor:
+        """psi of the captured output of module `layer`: the BN form when that module is a batch-norm."""
+        self._check_unmodified(layer, activation)
         latest = self._latest.get(layer)
         if latest is not None and latest[0] is activation:
             return latest[1]
-        module = model.get_submodule(layer)
-        psi = self(activation, module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None)
+        psi = self(activation, self._bn_of(model, layer))
         self._latest[layer] = (activation, psi)
         return psi
+
+    def register_spread(self, layers: Sequence[str], eps: float, normalise_coordinates: bool) -> None:
+        """Have `statistics` compute L_s of `layers` with these settings (a SpatialLoss calls this)."""
+        for layer in layers:
+            settings = self._spread_settings.setdefault(layer, (eps, normalise_coordinates))
+            if settings != (eps, normalise_coordinates):
+                raise ValueError(f"layer {layer!r} already has a spatial loss with (eps, normalise_coordinates) = {settings}; "
+                                 f"spatial losses sharing a receptive field must agree.")
+
+    def statistics(self, model: nn.Module, layer: str, activation: torch.Tensor, partition: GroupPartition | None = None,
+                   shifts: tuple[int, ...] = ()) -> MapStatistics:
+        """MapStatistics of module `layer`'s captured output: shift distances over `partition`'s groups
+        (when `shifts` are given) and the registered spread, computed once per activation tensor."""
+        self._check_unmodified(layer, activation)
+        latest = self._latest_statistics.get(layer)
+        if latest is not None and latest[0] is activation and latest[1].serves(partition, shifts):
+            return latest[1]
+        spread_settings = self._spread_settings.get(layer)
+        bn = self._bn_of(model, layer)
+        groups, size = (partition.groups, partition.group_size) if shifts else (0, 0)
+        if self._fused(activation):
+            maps = self._float_maps(activation)
+            n, c, h, w = maps.shape
+            p1, p2 = self.p1.to(maps.device), self.p2.to(maps.device)
+            scale = p1.expand(c) if bn is None else p1 / _bn_gamma(bn, maps)
+            coordinates = None if spread_settings is None else _coordinates(h, w, maps, spread_settings[1])
+            l1, mass, spread = SoftMapStatistics.apply(maps, scale, p2, bn is None, self.std_eps, groups, size, shifts,
+                                                       coordinates, spread_settings[0] if spread_settings else 0.0)
+            mass = mass[:, : groups * size].reshape(n, groups, size)
+            spread = spread if spread_settings else None
+        else:
+            psi = self.of_layer(model, layer, activation)
+            l1, mass = _GroupShiftL1.apply(psi.flatten(2).contiguous(), groups, size, shifts) if shifts else (None, None)
+            spread = None if spread_settings is None else spatial_spread(psi, eps=spread_settings[0], normalise_coordinates=spread_settings[1])
+        statistics = MapStatistics(l1, mass, spread, partition if shifts else None, tuple(shifts))
+        self._latest_statistics[layer] = (activation, statistics)
+        return statistics
+
+    def _fused(self, activation: torch.Tensor) -> bool:
+        if self.kernel == "fused" and activation.device.type != "cpu":
+            raise ValueError(f"kernel='fused' runs on the CPU only, the activation is on {activation.device}; use 'auto' or 'eager'.")
+        return self.kernel == "fused" or (self.kernel == "auto" and activation.device.type == "cpu")
+
+
+def _bn_gamma(bn: nn.modules.batchnorm._BatchNorm, activation: torch.Tensor) -> torch.Tensor:
+    return bn.weight.float() if bn.weight is not None else torch.ones(activation.shape[1], device=activation.device)
 
 
 # ------------------------------------------------------------------------------------- distances
@@ -324,10 +412,9 @@ def _pair_distance(
     return soft_iou_distance(a, b, dims).mean(dim=(0, -1) if reduction == "sample" else -1).sum()
 
 
-def _shifted_pair_distance(psi: torch.Tensor, partition: GroupPartition, shifts: tuple[int, ...], reduction: str) -> torch.Tensor:
+def _shifted_pair_distance(statistics: MapStatistics, reduction: str) -> torch.Tensor:
     """Mean D over the pairs (i, (i + s) mod N_g) for every grouped filter i and shift s, summed over groups."""
-    flat = psi.flatten(2)
-    l1, mass = _GroupShiftL1.apply(flat if flat.is_contiguous() else flat.contiguous(), partition.groups, partition.group_size, shifts)
+    l1, mass, shifts = statistics.l1, statistics.mass, statistics.shifts
     partner = torch.stack([mass.roll(-s, dims=-1) for s in shifts], dim=2)  # (N, G, k, N_g)
     mass = mass[:, :, None]
     if reduction == "batch":
@@ -379,6 +466,7 @@ class GroupActivationLoss:
     """
 
     name = "group_activation"
+    clone_captured = True  # the training loop's contract; cgl_loss_terms clears it where nothing is in place
 
     def __init__(
         self,
@@ -437,20 +525,25 @@ class GroupActivationLoss:
         return tuple(torch.randint(1, size, (self.pairs_per_filter,), generator=self._generator()).tolist())
 
     def __call__(self, model: nn.Module, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-        psis = [self.receptive_field.of_layer(model, layer, activations[layer]) for layer in self.layers]
-        partitions = [partition_filters(psi.shape[1], self.groups, self.free_filters, min_size=2) for psi in psis]
+        field = self.receptive_field
         within = []
-        for psi, partition in zip(psis, partitions):
+        for layer in self.layers:
+            activation = activations[layer]
+            partition = partition_filters(activation.shape[1], self.groups, self.free_filters, min_size=2)
             size = partition.group_size
             if self.pair_sampling == "shift":
-                within.append(_shifted_pair_distance(psi, partition, self._shifts(size), self.reduction))
+                statistics = field.statistics(model, layer, activation, partition, self._shifts(size))
+                within.append(_shifted_pair_distance(statistics, self.reduction))
             else:
-                i, j = self._pairs(self.pairs_per_filter * size, size, size, True, psi.device)
-                flat = partition.split(psi, dim=1).flatten(3)
+                i, j = self._pairs(self.pairs_per_filter * size, size, size, True, activation.device)
+                flat = partition.split(field.of_layer(model, layer, activation), dim=1).flatten(3)
                 within.append(_pair_distance(flat, flat, i, j, self.reduction))
         loss = _reduce_layers(within, self.layer_reduction)
         if self.cross_layer_weight:
-            grouped = [partition.split(psi, dim=1) for psi, partition in zip(psis, partitions)]  # (N, G, f, H, W)
+            grouped = []
+            for layer in self.layers:
+                psi = field.of_layer(model, layer, activations[layer])
+                grouped.append(partition_filters(psi.shape[1], self.groups, self.free_filters, min_size=2).split(psi, dim=1))  # (N, G, f, H, W)
             loss = loss + self.cross_layer_weight * self._cross_layer(grouped)
         return self.weight * loss
 
@@ -498,17 +591,20 @@ class _SpatialSpread(torch.autograd.Function):
         return grad_psi, None, None, None
 
 
+def _coordinates(height: int, width: int, like: torch.Tensor, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column coordinates of a map: raw indices [C] or scaled to [0, 1] [I]."""
+    ys = torch.arange(height, dtype=like.dtype, device=like.device)
+    xs = torch.arange(width, dtype=like.dtype, device=like.device)
+    return (ys / max(height - 1, 1), xs / max(width - 1, 1)) if normalise else (ys, xs)
+
+
 def spatial_spread(psi: torch.Tensor, *, eps: float = SPATIAL_EPS, normalise_coordinates: bool = False) -> torch.Tensor:
     """L_s per map: the psi-weighted mean distance of positions from psi's centre of mass [P eq. 6].
 
     `psi`: (N, C, H, W) -> (N, C). Coordinates are raw feature-map indices [C], or scaled to [0, 1]
     with `normalise_coordinates` [I]; `eps` is added to the mass in both denominators [C].
     """
-    _, _, h, w = psi.shape
-    ys = torch.arange(h, dtype=psi.dtype, device=psi.device)
-    xs = torch.arange(w, dtype=psi.dtype, device=psi.device)
-    if normalise_coordinates:
-        ys, xs = ys / max(h - 1, 1), xs / max(w - 1, 1)
+    ys, xs = _coordinates(psi.shape[2], psi.shape[3], psi, normalise_coordinates)
     return _SpatialSpread.apply(psi, ys, xs, eps)
 
 
@@ -519,6 +615,7 @@ class SpatialLoss:
     """
 
     name = "spatial"
+    clone_captured = True  # as GroupActivationLoss
 
     def __init__(
         self,
@@ -537,16 +634,10 @@ class SpatialLoss:
         self.normalise_coordinates = normalise_coordinates
         self.layer_reduction = layer_reduction
         self.receptive_field = receptive_field or SoftReceptiveField()
+        self.receptive_field.register_spread(self.layers, eps, normalise_coordinates)
 
     def __call__(self, model: nn.Module, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-        per_layer = [
-            spatial_spread(
-                self.receptive_field.of_layer(model, layer, activations[layer]),
-                eps=self.eps,
-                normalise_coordinates=self.normalise_coordinates,
-            ).mean()
-            for layer in self.layers
-        ]
+        per_layer = [self.receptive_field.statistics(model, layer, activations[layer]).spread.mean() for layer in self.layers]
         return self.weight * _reduce_layers(per_layer, self.layer_reduction)
 
 
@@ -598,7 +689,8 @@ class CGLConfig:
     lambda_bn 5e-3 is the code's AlexNet value (1e-3 for VGG16) [C]; lambda_g, lambda_s are not
     reported [U] (the notebook sweeps them); lambda_2 = 0 [P]. `activation_layers=None` puts L_g and
     L_s on every conv layer [I, spec section 9.2]; `block_norm_layers=None` puts R_bn on every conv
-    layer [C]. `seed` seeds the pair sampling.
+    layer [C]. `seed` seeds the pair sampling. `kernel` chooses how psi, L_g and L_s are computed
+    (`SoftReceptiveField`): fused CPU kernels or eager PyTorch, the same values up to float rounding [I].
     """
 
     groups: int = GROUPS
@@ -620,6 +712,7 @@ class CGLConfig:
     activation_layers: tuple[str, ...] | None = None
     block_norm_layers: tuple[str, ...] | None = None
     seed: int = 0
+    kernel: str = "auto"
 
 
 RECEPTIVE_FIELD_MODULE = "cgl_receptive_field"
@@ -629,12 +722,14 @@ def cgl_loss_terms(model: nn.Module, config: CGLConfig = CGLConfig()) -> list:
     """The loss terms of `config` with a non-zero weight: block norm, group activation, spatial.
 
     With `config.learn_p`, the shared soft-receptive-field module (P1, P2) is registered in `model`
-    as `cgl_receptive_field` so the optimiser trains it with the network.
+    as `cgl_receptive_field` so the optimiser trains it with the network. When `model` has no in-place
+    module (such as ReLU(inplace=True)), L_g and L_s read the captured outputs without copies; an
+    in-place op in a model's own forward code is still caught (the terms check tensor versions).
     """
     convs = conv_layer_names(model)
     activation_layers = tuple(config.activation_layers or convs)
     block_layers = tuple(config.block_norm_layers or convs)
-    receptive_field = SoftReceptiveField(config.p1, config.p2, learn=config.learn_p, std_eps=config.std_eps)
+    receptive_field = SoftReceptiveField(config.p1, config.p2, learn=config.learn_p, std_eps=config.std_eps, kernel=config.kernel)
     if config.learn_p:
         model.add_module(RECEPTIVE_FIELD_MODULE, receptive_field)
     terms: list = []
@@ -667,6 +762,10 @@ def cgl_loss_terms(model: nn.Module, config: CGLConfig = CGLConfig()) -> list:
                 receptive_field=receptive_field,
             )
         )
+    in_place = any(getattr(module, "inplace", False) for module in model.modules())
+    for term in terms:
+        if hasattr(term, "clone_captured"):
+            term.clone_captured = in_place
     return terms
 
 

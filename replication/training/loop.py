@@ -77,6 +77,9 @@ class LossTerm(Protocol):
     autograd graph. The returned scalar is already weighted. A term may also define
     `decay_free_parameters(model) -> list[Parameter]` for parameters that must get no weight decay
     (e.g. because the term replaces it). Parameters a term learns must belong to the model.
+    The captured outputs are copies, safe from later in-place ops of the forward pass, unless every
+    term sets `clone_captured = False` (it then checks `tensor._version` itself and raises when an
+    output was modified): on large maps the copies cost a noticeable share of a step.
     """
 
     name: str
@@ -255,11 +258,12 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device
         pin_memory=device.type == "cuda",
     )
     layers = list(dict.fromkeys(layer for term in loss_terms for layer in term.layers))
+    clone = any(getattr(term, "clone_captured", True) for term in loss_terms if term.layers)
     # per-epoch sums, kept on the device to avoid a sync per step: task loss, each term, correct, count
     totals = torch.zeros(len(loss_terms) + 3, dtype=torch.float64, device=device)
     model.train()
     bar = runtime.progress(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
-    with capture_activations(model, layers, detach=False) as activations:
+    with capture_activations(model, layers, detach=False, clone=clone) as activations:
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
