@@ -304,8 +304,8 @@ class SoftMapStatistics(torch.autograd.Function):
         shape, mean, std, k, p2, blocks, std_eps, groups, size, shifts, ys, xs, spatial_eps, with_spread, mass, centres, spread = ctx.state
         n, c, positions = flat.shape
 
-        def table(grad, like):  # autograd passes None for an output that got no gradient
-            return np.zeros(like.shape, np.float32) if grad is None else grad.float().contiguous().numpy()
+        def table(grad, shape):  # autograd passes None for an output that got no gradient
+            return np.zeros(shape, np.float32) if grad is None else grad.float().contiguous().numpy()
 
         out = flat.new_empty(shape)  # returned as is, not as a view: autograd can then add the network's gradient in place
         grad = out.view(n, c, positions).numpy()
@@ -314,7 +314,7 @@ class SoftMapStatistics(torch.autograd.Function):
         with _Threads():
             _backward(values, k, p2, blocks, groups, size, shifts, ys, xs,
                       np.float32(spatial_eps), with_spread, mass, centres, spread,
-                      table(grad_l1, np.empty((n, groups, len(shifts), size))), table(grad_mass, mass), table(grad_spread, spread),
+                      table(grad_l1, (n, groups, len(shifts), size)), table(grad_mass, mass.shape), table(grad_spread, spread.shape),
                       grad, dots, h_sums)
             dot = dots.astype(np.float64).sum(0)
             if std is not None:
