@@ -1,6 +1,7 @@
 """The fused CPU kernels of CGL against the eager PyTorch reference: values and every gradient, both
 forms of psi, free filters, L_s alone; the vectorised sigmoid; thread-count independence; and the
-loss terms computing the same losses and weight gradients with either kernel."""
+loss terms computing the same losses and weight gradients with either kernel; the reuse of gradient
+memory."""
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from replication.methods.concept_groups import (
     cgl_loss_terms,
     spatial_spread,
 )
-from replication.methods.soft_map_kernels import SoftMapStatistics, _sigmoid
+from replication.methods.soft_map_kernels import GradientBuffer, SoftMapStatistics, _sigmoid
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 from tests.helpers import assert_close
@@ -95,6 +96,34 @@ def test_fused_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(previous)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+def test_gradient_buffer_lends_its_memory_again_only_once_the_last_view_is_gone():
+    buffer = GradientBuffer()
+    first = buffer.take((3, 5))
+    memory = first.base  # the kept memory; holding it does not keep the view alive
+    second = buffer.take((3, 5))  # `first` is still alive: fresh memory
+    assert not np.shares_memory(first, second)
+    memory = second.base
+    del first, second
+    third = buffer.take((2, 7))
+    assert np.shares_memory(third, memory) and third.shape == (2, 7) and third.ctypes.data % 64 == 0
+
+
+def test_a_gradient_in_use_is_never_overwritten_by_the_next_backward():
+    activation = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    buffer = GradientBuffer()
+
+    def gradient(weight: float) -> torch.Tensor:
+        l1, mass, _ = SoftMapStatistics.apply(activation, torch.ones(6), torch.tensor(0.0), True, STD_EPS, 1, 4, SHIFTS, None, 0.0, buffer)
+        return torch.autograd.grad(weight * (l1.sum() + mass.sum()), activation)[0]
+
+    kept = gradient(1.0)
+    expected = kept.clone()
+    assert_close(gradient(2.0), 2 * expected)
+    assert torch.equal(kept, expected)
+    del kept
+    assert torch.equal(gradient(1.0), expected)
 
 
 def test_fused_kernel_refuses_a_non_cpu_tensor():

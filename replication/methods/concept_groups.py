@@ -34,7 +34,7 @@ from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 
-from .soft_map_kernels import SoftMapStatistics
+from .soft_map_kernels import GradientBuffer, SoftMapStatistics
 
 GROUPS = 5  # G, the same in every layer [C]
 PAIRS_PER_FILTER = 3  # r = 3 * N_g random pairs per group and step [P][C]
@@ -239,6 +239,7 @@ class SoftReceptiveField(nn.Module):
         self._spread_settings: dict[str, tuple[float, bool]] = {}
         self._latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._latest_statistics: dict[str, tuple[torch.Tensor, MapStatistics]] = {}
+        self._gradient_buffers: dict[str, GradientBuffer] = {}
         for name, value in (("p1", p1), ("p2", p2)):
             tensor = torch.tensor(float(value))
             if learn:
@@ -308,7 +309,8 @@ class SoftReceptiveField(nn.Module):
             scale = p1.expand(c) if bn is None else p1 / _bn_gamma(bn, maps)
             coordinates = None if spread_settings is None else _coordinates(h, w, maps, spread_settings[1])
             l1, mass, spread = SoftMapStatistics.apply(maps, scale, p2, bn is None, self.std_eps, groups, size, shifts,
-                                                       coordinates, spread_settings[0] if spread_settings else 0.0)
+                                                       coordinates, spread_settings[0] if spread_settings else 0.0,
+                                                       self._gradient_buffers.setdefault(layer, GradientBuffer()))
             mass = mass[:, : groups * size].reshape(n, groups, size)
             spread = spread if spread_settings else None
         else:

@@ -6,7 +6,8 @@ filter (i + s) mod N_g of its group for each shift s (L_g). In eager PyTorch tha
 over every activation value (forward and backward), which makes a CGL step on small networks cost
 more than twice a plain one. These kernels compute psi block by block (one group of one image at a
 time, which stays in cache), never store it, and recompute it in the backward: two passes over the
-activation forward, two or three backward, one output buffer.
+activation forward, two or three backward, and one gradient buffer whose memory is reused from step
+to step (`GradientBuffer`).
 
 `SoftMapStatistics.apply` is the autograd function; `concept_groups.SoftReceptiveField` chooses it
 (CPU) or the eager reference (CUDA, or `kernel="eager"`), and the tests check both agree. Every
@@ -15,7 +16,9 @@ number of threads.
 """
 from __future__ import annotations
 
+import math
 import os
+import weakref
 
 import llvmlite.ir
 import numba
@@ -39,24 +42,29 @@ _LOG2E = np.float32(1.4426950408889634)
 
 
 @intrinsic
-def _float_from_bits(typingctx, bits):
-    """Reinterpret an int32 as float32 (to build 2**n from its exponent bits)."""
+def _times_pow2(typingctx, value, exponent):
+    """value * 2**exponent for an integral float32 exponent in [-126, 127], 2**exponent built from its bits.
+
+    In LLVM IR so every step stays 32-bit and vectorises (numba widens int32 arithmetic to int64).
+    """
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvmlite.ir.FloatType())
-    return types.float32(types.int32), codegen
+        int32 = llvmlite.ir.IntType(32)
+        bits = builder.shl(builder.add(builder.fptosi(args[1], int32), int32(127)), int32(23))
+        return builder.fmul(args[0], builder.bitcast(bits, llvmlite.ir.FloatType()))
+    return types.float32(types.float32, types.float32), codegen
 
 
 @njit(**_INLINE)
 def _sigmoid(z):
     """1 / (1 + exp(-z)) in float32 that LLVM can vectorise (numba's exp is a scalar call).
 
-    exp(t) = 2**n exp(r), r = t - n ln 2 in [-ln2/2, ln2/2], exp(r) by its degree-7 Taylor polynomial
-    (error < 1e-8); t is clamped to [-87, 87], the float32 range. Within 3e-7 relative of float64.
+    exp(t) = 2**n exp(r), n = round(t / ln 2), r = t - n ln 2 in [-ln2/2, ln2/2], exp(r) by its degree-7
+    Taylor polynomial (error < 1e-8); t is clamped to [-87, 87], the float32 range. Within 3e-7
+    relative of float64.
     """
     t = min(max(-z, np.float32(-87.0)), np.float32(87.0))
-    n = np.int32(t * _LOG2E + np.float32(128.5)) - np.int32(128)  # round(t log2 e); the offset keeps truncation a floor
-    nf = np.float32(n)
-    r = t - nf * _LN2_HIGH - nf * _LN2_LOW
+    n = np.floor(t * _LOG2E + np.float32(0.5))
+    r = t - n * _LN2_HIGH - n * _LN2_LOW
     p = np.float32(1.0 / 5040.0)
     p = p * r + np.float32(1.0 / 720.0)
     p = p * r + np.float32(1.0 / 120.0)
@@ -65,7 +73,7 @@ def _sigmoid(z):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    return np.float32(1.0) / (np.float32(1.0) + p * _float_from_bits((n + np.int32(127)) << np.int32(23)))
+    return np.float32(1.0) / (np.float32(1.0) + _times_pow2(p, n))
 
 
 @njit(**_INLINE)
@@ -81,19 +89,15 @@ def _fill_maps(image, k, p2, start, stop, maps):
 
 @njit(**_INLINE)
 def _centre(row, ys, xs):
-    """(mass, sum of psi * y, sum of psi * x) of one flattened map."""
-    width = xs.shape[0]
+    """(mass, sum of psi * y, sum of psi * x) of one flattened map; ys, xs: every position's coordinates."""
     total = np.float32(0.0)
     moment_y = np.float32(0.0)
     moment_x = np.float32(0.0)
-    for y in range(ys.shape[0]):
-        row_sum = np.float32(0.0)
-        for x in range(width):
-            value = row[y * width + x]
-            row_sum += value
-            moment_x += value * xs[x]
-        total += row_sum
-        moment_y += row_sum * ys[y]
+    for j in range(row.shape[0]):
+        value = row[j]
+        total += value
+        moment_y += value * ys[j]
+        moment_x += value * xs[j]
     return total, moment_y, moment_x
 
 
@@ -104,20 +108,18 @@ def _distance_sums(row, ys, xs, cy, cx):
     The second is the direction in which moving the centre changes the spread (the backward needs it);
     a position with d_j = 0 contributes 0 (dy = dx = 0 there), the subgradient at the kink.
     """
-    width = xs.shape[0]
     total = np.float32(0.0)
     pull_y = np.float32(0.0)
     pull_x = np.float32(0.0)
-    for y in range(ys.shape[0]):
-        dy = ys[y] - cy
-        for x in range(width):
-            dx = xs[x] - cx
-            value = row[y * width + x]
-            distance = np.sqrt(dy * dy + dx * dx)
-            total += value * distance
-            q = value / max(distance, _TINY)
-            pull_y += q * dy
-            pull_x += q * dx
+    for j in range(row.shape[0]):
+        dy, dx = ys[j] - cy, xs[j] - cx
+        value = row[j]
+        square = dy * dy + dx * dx
+        inverse = np.float32(1.0) / np.sqrt(max(square, _TINY))  # one reciprocal square root, no division
+        total += value * square * inverse
+        q = value * inverse
+        pull_y += q * dy
+        pull_x += q * dx
     return total, pull_y, pull_x
 
 
@@ -183,7 +185,6 @@ def _backward(activation, k, p2, blocks, groups, size, shifts, ys, xs, spatial_e
               grad_l1, grad_mass, grad_spread, out, dots, h_sums):
     """out = h k with h = dL/dpsi psi (1 - psi); dots[n, c] = sum_j h a, h_sums[n, c] = sum_j h."""
     images, _, positions = activation.shape
-    width = xs.shape[0]
     for image in prange(images):
         maps = np.empty((max(size, _FREE_BLOCK), positions), np.float32)
         for block in range(blocks.shape[0]):
@@ -201,12 +202,11 @@ def _backward(activation, k, p2, blocks, groups, size, shifts, ys, xs, spatial_e
                     cy, cx = centres[image, channel, 0], centres[image, channel, 1]
                     grad_cy, grad_cx = -centres[image, channel, 2] / denominator, -centres[image, channel, 3] / denominator
                     base -= spread[image, channel] * weight
-                    for y in range(ys.shape[0]):
-                        dy = ys[y] - cy
-                        row_term = base + weight * grad_cy * dy
-                        for x in range(width):
-                            dx = xs[x] - cx
-                            target[y * width + x] = row_term + weight * (np.sqrt(dy * dy + dx * dx) + grad_cx * dx)
+                    for j in range(positions):
+                        dy, dx = ys[j] - cy, xs[j] - cx
+                        square = dy * dy + dx * dx
+                        distance = square / np.sqrt(max(square, _TINY))
+                        target[j] = base + weight * (distance + grad_cy * dy + grad_cx * dx)
                 else:
                     target[:] = base
                 if grouped:  # d|m_f - m_(f+s)| / dm_f and, as the partner of f - s, d|m_(f-s) - m_f| / dm_f
@@ -256,6 +256,32 @@ class _Threads:
         numba.set_num_threads(self.previous)
 
 
+class GradientBuffer:
+    """Memory for one layer's activation gradient, lent to a step's backward and reused by the next.
+
+    A fresh buffer over glibc's mmap threshold (32 MB; conv1 of the CGL benchmark's small CNN needs
+    67 MB) is mapped anew every step, and first touching its pages costs about a third of the fused
+    backward. `take` hands out a view of the kept memory when the previous view is gone (a weak
+    reference tells: torch keeps the view alive while any tensor uses it) and fresh memory otherwise,
+    so a gradient someone keeps is never overwritten.
+    """
+
+    _ALIGN = 16  # float32 values: 64-byte aligned views
+
+    def __init__(self):
+        self._memory = np.empty(0, np.float32)
+        self._lent = None
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        if self._memory.size < count + self._ALIGN or (self._lent is not None and self._lent() is not None):
+            self._memory = np.empty(count + self._ALIGN, np.float32)
+        offset = (-self._memory.ctypes.data % 64) // 4
+        view = self._memory[offset: offset + count].reshape(shape)
+        self._lent = weakref.ref(view)
+        return view
+
+
 class SoftMapStatistics(torch.autograd.Function):
     """(l1, mass, spread) of psi = sigmoid(k_c a + P2) for one layer, fused (CPU, float32).
 
@@ -263,12 +289,14 @@ class SoftMapStatistics(torch.autograd.Function):
     (std over batch and positions, the gradient flows through it) or k_c = scale_c; `p2` scalar tensor.
     The first `groups * size` channels form the groups; `shifts` (ints in 1..size-1) pair filter i with
     (i + s) mod size. `coordinates` (ys, xs) enable the spread with `spatial_eps` added to the mass;
-    None skips it. Returns l1 (N, G, len(shifts), size), mass (N, C) = sum of psi, spread (N, C) (or
+    None skips it. `gradient_buffer` (a GradientBuffer, optional) holds the activation gradient's memory
+    between steps. Returns l1 (N, G, len(shifts), size), mass (N, C) = sum of psi, spread (N, C) (or
     (N, 0) without coordinates). Equations: concept_groups._StdSoftMap, _GroupShiftL1, _SpatialSpread.
     """
 
     @staticmethod
-    def forward(ctx, activation, scale, p2, standardise, std_eps, groups, size, shifts, coordinates, spatial_eps):
+    def forward(ctx, activation, scale, p2, standardise, std_eps, groups, size, shifts, coordinates, spatial_eps,
+                gradient_buffer=None):
         n, c, h, w = activation.shape
         flat = activation.detach().reshape(n, c, h * w).contiguous()
         values = flat.numpy()
@@ -284,8 +312,8 @@ class SoftMapStatistics(torch.autograd.Function):
             else:
                 k = scale_values.astype(np.float32)
             with_spread = coordinates is not None
-            ys, xs = (coordinates if with_spread else (torch.zeros(h), torch.zeros(w)))
-            ys, xs = ys.float().numpy(), xs.float().numpy()
+            ys, xs = (coordinates if with_spread else (torch.zeros(h), torch.zeros(w)))  # every position's y and x:
+            ys, xs = ys.float().repeat_interleave(w).numpy(), xs.float().repeat(h).numpy()  # flat loops vectorise on small maps
             shift_array = np.asarray(shifts, dtype=np.int64)
             mass, centres = np.empty((n, c), np.float32), np.empty((n, c, 4), np.float32)
             spread = np.empty((n, c if with_spread else 0), np.float32)
@@ -295,20 +323,22 @@ class SoftMapStatistics(torch.autograd.Function):
                      mass, centres, spread, l1)
         ctx.save_for_backward(flat)
         ctx.state = (activation.shape, mean, std, k, np.float32(p2.item()), blocks, std_eps, groups, size, shift_array, ys, xs,
-                     spatial_eps, with_spread, mass, centres, spread)
+                     spatial_eps, with_spread, mass, centres, spread, gradient_buffer or GradientBuffer())
         return torch.from_numpy(l1), torch.from_numpy(mass), torch.from_numpy(spread)
 
     @staticmethod
     def backward(ctx, grad_l1, grad_mass, grad_spread):
         (flat,) = ctx.saved_tensors
-        shape, mean, std, k, p2, blocks, std_eps, groups, size, shifts, ys, xs, spatial_eps, with_spread, mass, centres, spread = ctx.state
+        (shape, mean, std, k, p2, blocks, std_eps, groups, size, shifts, ys, xs, spatial_eps, with_spread, mass, centres, spread,
+         gradient_buffer) = ctx.state
         n, c, positions = flat.shape
 
         def table(grad, shape):  # autograd passes None for an output that got no gradient
             return np.zeros(shape, np.float32) if grad is None else grad.float().contiguous().numpy()
 
-        out = flat.new_empty(shape)  # returned as is, not as a view: autograd can then add the network's gradient in place
-        grad = out.view(n, c, positions).numpy()
+        memory = gradient_buffer.take(tuple(shape))
+        out = torch.from_numpy(memory)  # not a torch view: autograd can then add the network's gradient in place
+        grad = memory.reshape(n, c, positions)
         dots, h_sums = np.empty((n, c), np.float32), np.empty((n, c), np.float32)
         values = flat.numpy()
         with _Threads():
@@ -324,4 +354,4 @@ class SoftMapStatistics(torch.autograd.Function):
                 _add_centred(grad, values, beta.astype(np.float32), mean.astype(np.float32))
         grad_scale = torch.from_numpy(dot / (std + std_eps) if std is not None else dot).float()
         grad_p2 = torch.tensor(float(h_sums.astype(np.float64).sum()))
-        return out, grad_scale, grad_p2, None, None, None, None, None, None, None
+        return out, grad_scale, grad_p2, None, None, None, None, None, None, None, None
