@@ -225,9 +225,10 @@ class SoftReceptiveField(nn.Module):
     from one computation per step: the first request computes the shift distances it asks for and the
     spread of every layer a `SpatialLoss` registered (`register_spread`), and later requests for the
     very same, unmodified activation tensor are served from it. `kernel`: "fused" computes them with
-    the numba kernels of `soft_map_kernels` (CPU only; psi is never stored; about 4x less time per step than eager), "eager"
-    with PyTorch ops on a stored psi (any device; the reference), "auto" (default) fused on the CPU
-    and eager elsewhere [I]. `of_layer` gives psi itself (eager), for the other options of L_g.
+    the numba kernels of `soft_map_kernels` (CPU only; psi is never stored; the regularisers take 4-6x
+    less time per step than eager), "eager" with PyTorch ops on a stored psi (any device; the
+    reference), "auto" (default) fused on the CPU and eager elsewhere [I]. `of_layer` gives psi
+    itself (eager), for the other options of L_g.
     """
 
     def __init__(self, p1: float = 1.0, p2: float = 0.0, *, learn: bool = False, std_eps: float = STD_EPS, kernel: str = "auto"):
