@@ -4,7 +4,11 @@ determinism of the pair sampling, and a regularised training step on CPU (and CU
 Exact 0/1 soft maps come from the batch-norm form of psi: with a BN gamma of 1e-3 and BN outputs of
 +-1, psi = sigmoid(y / gamma) is exactly 1 or 0 in float32, so distances are plain set arithmetic.
 """
+import copy
+import gc
 import math
+import pickle
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -407,6 +411,35 @@ def test_learned_p_registers_parameters_that_get_gradients():
     assert "cgl_receptive_field.p1" in names and "cgl_receptive_field.p2" in names
     _cgl_step(model, terms, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     assert model.cgl_receptive_field.p1.grad is not None and model.cgl_receptive_field.p1.grad != 0
+
+
+@pytest.mark.parametrize("kernel", ["fused", "eager"])
+def test_a_model_trained_with_learned_p_can_be_copied_and_pickled(kernel):
+    torch.manual_seed(0)
+    model = TwoLayerCNN(widths=(4, 6))
+    terms = cgl_loss_terms(model, CGLConfig(groups=2, learn_p=True, kernel=kernel))
+    data = TensorDataset(torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,)))
+    train(model, data, config=TrainConfig(epochs=1, batch_size=2, lr=0.01, schedule="none"), loss_terms=terms)
+    copied = copy.deepcopy(model)  # the field it owns keeps no step's graph once the step's tensors are gone
+    pickle.loads(pickle.dumps(model))
+    assert torch.equal(copied.cgl_receptive_field.p1, model.cgl_receptive_field.p1)
+
+
+def test_receptive_field_results_are_reused_for_the_same_tensor_and_freed_after_the_step():
+    torch.manual_seed(0)
+    model = TwoLayerCNN(widths=(4, 6))
+    field = SoftReceptiveField()
+    activation = model.conv1(torch.randn(2, 3, 5, 5))
+    partition = partition_filters(4, 2)
+    statistics = field.statistics(model, "conv1", activation, partition, (1,))
+    assert field.statistics(model, "conv1", activation, partition, (1,)) is statistics
+    psi = field.of_layer(model, "conv1", activation)
+    assert field.of_layer(model, "conv1", activation) is psi
+    (statistics.l1.sum() + psi.sum()).backward()
+    probes = weakref.ref(statistics), weakref.ref(psi)
+    del statistics, psi, activation
+    gc.collect()
+    assert all(probe() is None for probe in probes)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ loops run over the (few) layers. Tags in the docstrings refer to `03_concept_gro
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -211,6 +212,34 @@ class MapStatistics:
         return not shifts or (self.partition == partition and self.shifts == shifts)
 
 
+class _LatestPerTensor:
+    """Per key, the value last computed from a tensor, kept only while that tensor lives.
+
+    SoftReceptiveField's per-step results (psi, MapStatistics) hold autograd graphs; kept strongly,
+    the last step's would stay with a model that owns the field (learned P1, P2) after training and
+    make it impossible to deep-copy. Copies and pickles start empty: this is scratch, not state.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key: str, tensor: torch.Tensor):
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def put(self, key: str, tensor: torch.Tensor, value) -> None:
+        entries = self._entries
+
+        def forget(reference):
+            if key in entries and entries[key][0] is reference:
+                del entries[key]
+
+        entries[key] = (weakref.ref(tensor, forget), value)
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 class SoftReceptiveField(nn.Module):
     """psi = sigmoid(P1 * tau + P2), the soft receptive field of every map of a layer [P].
 
@@ -238,8 +267,8 @@ class SoftReceptiveField(nn.Module):
         self.std_eps = std_eps
         self.kernel = kernel
         self._spread_settings: dict[str, tuple[float, bool]] = {}
-        self._latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._latest_statistics: dict[str, tuple[torch.Tensor, MapStatistics]] = {}
+        self._latest_psi = _LatestPerTensor()
+        self._latest_statistics = _LatestPerTensor()
         self._gradient_buffers: dict[str, GradientBuffer] = {}
         for name, value in (("p1", p1), ("p2", p2)):
             tensor = torch.tensor(float(value))
@@ -277,11 +306,10 @@ class SoftReceptiveField(nn.Module):
     def of_layer(self, model: nn.Module, layer: str, activation: torch.Tensor) -> torch.Tensor:
         """psi of the captured output of module `layer`: the BN form when that module is a batch-norm."""
         self._check_unmodified(layer, activation)
-        latest = self._latest.get(layer)
-        if latest is not None and latest[0] is activation:
-            return latest[1]
-        psi = self(activation, self._bn_of(model, layer))
-        self._latest[layer] = (activation, psi)
+        psi = self._latest_psi.get(layer, activation)
+        if psi is None:
+            psi = self(activation, self._bn_of(model, layer))
+            self._latest_psi.put(layer, activation, psi)
         return psi
 
     def register_spread(self, layers: Sequence[str], eps: float, normalise_coordinates: bool) -> None:
@@ -297,9 +325,9 @@ class SoftReceptiveField(nn.Module):
         """MapStatistics of module `layer`'s captured output: shift distances over `partition`'s groups
         (when `shifts` are given) and the registered spread, computed once per activation tensor."""
         self._check_unmodified(layer, activation)
-        latest = self._latest_statistics.get(layer)
-        if latest is not None and latest[0] is activation and latest[1].serves(partition, shifts):
-            return latest[1]
+        latest = self._latest_statistics.get(layer, activation)
+        if latest is not None and latest.serves(partition, shifts):
+            return latest
         spread_settings = self._spread_settings.get(layer)
         bn = self._bn_of(model, layer)
         groups, size = (partition.groups, partition.group_size) if shifts else (0, 0)
@@ -319,7 +347,7 @@ class SoftReceptiveField(nn.Module):
             l1, mass = _GroupShiftL1.apply(psi.flatten(2).contiguous(), groups, size, shifts) if shifts else (None, None)
             spread = None if spread_settings is None else spatial_spread(psi, eps=spread_settings[0], normalise_coordinates=spread_settings[1])
         statistics = MapStatistics(l1, mass, spread, partition if shifts else None, tuple(shifts))
-        self._latest_statistics[layer] = (activation, statistics)
+        self._latest_statistics.put(layer, activation, statistics)
         return statistics
 
     def _fused(self, activation: torch.Tensor) -> bool:

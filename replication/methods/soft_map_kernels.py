@@ -281,6 +281,9 @@ class GradientBuffer:
         self._lent = weakref.ref(view)
         return view
 
+    def __reduce__(self):  # scratch memory, not state: copies and pickles start empty
+        return type(self), ()
+
 
 class SoftMapStatistics(torch.autograd.Function):
     """(l1, mass, spread) of psi = sigmoid(k_c a + P2) for one layer, fused (CPU, float32).
