@@ -101,10 +101,9 @@ def test_fused_results_do_not_depend_on_the_thread_count():
 def test_gradient_buffer_lends_its_memory_again_only_once_the_last_view_is_gone():
     buffer = GradientBuffer()
     first = buffer.take((3, 5))
-    memory = first.base  # the kept memory; holding it does not keep the view alive
     second = buffer.take((3, 5))  # `first` is still alive: fresh memory
     assert not np.shares_memory(first, second)
-    memory = second.base
+    memory = second.base  # the kept memory; holding it does not keep the view alive
     del first, second
     third = buffer.take((2, 7))
     assert np.shares_memory(third, memory) and third.shape == (2, 7) and third.ctypes.data % 64 == 0
