@@ -1,15 +1,17 @@
-"""Seeds, devices and progress bars shared by every long-running loop."""
+"""Seeds, devices, CPU threads and progress bars shared by every long-running loop."""
 from __future__ import annotations
 
 import os
 import random
 import sys
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 T = TypeVar("T")
+
+FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -30,17 +32,49 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def set_cpu_threads(threads: int) -> int:
+    """Pin torch's CPU thread count. CPU kernels split their sums by thread, so the count changes the
+    float rounding of every result: a profile fixes it rather than inheriting the machine's core count."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer (torch's CPU thread count); got {threads!r}.")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def compute_identity(device: str | torch.device | None) -> dict[str, str | int]:
+    """What besides the configuration decides a computation's float results, for cache keys: the device
+    type, and on the CPU the thread count (on CUDA it does not enter the kernels)."""
+    kind = resolve_device(device).type
+    return {"device_type": kind, "cpu_threads": torch.get_num_threads()} if kind == "cpu" else {"device_type": kind}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in FALSE_WORDS
+
+
 def progress_enabled() -> bool:
-    """Bars are off under CI (`CI` set), when `REPLICATION_QUIET` is set, or with no terminal/notebook."""
-    if os.environ.get("CI") or os.environ.get("REPLICATION_QUIET"):
-        return False
-    return True
+    """Bars are off under CI (`CI` set to anything but false/0) and when `REPLICATION_QUIET` is set."""
+    return not (_flag("CI") or _flag("REPLICATION_QUIET"))
 
 
 def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, leave: bool = False) -> Iterable[T]:
-    """A tqdm bar over `iterable`, silent under CI."""
+    """A text bar over `iterable`, silent under CI.
+
+    The bar is advanced by hand and never iterates `iterable` itself: tqdm's wrappers call `iter()`
+    on it in their constructor, and on a DataLoader that extra iterator draws from the shuffling
+    generator, so bars on or off would change the training data order.
+    """
     if not progress_enabled():
         return iterable
-    from tqdm.auto import tqdm
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    return _advance(iterable, desc, total, leave)
 
-    return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr)
+
+def _advance(iterable: Iterable[T], desc: str, total: int | None, leave: bool) -> Iterator[T]:
+    from tqdm.std import tqdm
+
+    with tqdm(total=total, desc=desc, leave=leave, file=sys.stderr) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)

@@ -115,13 +115,12 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     reference = run()
     real_save, saves = torch.save, []
 
-    def dies_on_second_save(obj, path, *args, **kwargs):
-        saves.append(path)
+    def dies_on_second_save(obj, handle, *args, **kwargs):
+        saves.append(handle)
         if len(saves) == 2:
-            with open(path, "wb") as handle:
-                handle.write(b"half a checkpoint")
+            handle.write(b"half a checkpoint")
             raise KeyboardInterrupt("killed")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
@@ -238,3 +237,40 @@ def test_amp_on_cuda_trains_and_evaluates():
     result = train(make_model(), make_data(), config=config, val_set=make_data(12, seed=1), loss_terms=[RandomChannelPenalty()], device="cuda")
     assert result.history[["train_loss", "loss_channel", "val_loss"]].notna().all().all()
     assert next(result.model.parameters()).device.type == "cuda"
+
+
+def test_progress_bars_do_not_change_training(monkeypatch):
+    """A bar must never iterate the loader: an extra iterator draws from the shuffling generators."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("REPLICATION_QUIET", raising=False)
+    with_bars = run()
+    monkeypatch.setenv("REPLICATION_QUIET", "1")
+    quiet = run()
+    assert_same_state(with_bars.model, quiet.model)
+
+
+def test_cpu_thread_count_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.1)
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            train_cached("tiny", make_model, make_data(), config=config, model_config={"arch": "tiny"}, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    recorded = sorted(io.read_json(folder / cache.DONE_MARKER)["config"]["cpu_threads"] for folder in (tmp_path / "tiny").iterdir())
+    assert recorded == [1, 2]
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 1.5), ("batch_size", 8.0), ("seed", "0"), ("epochs", True)])
+def test_train_config_refuses_non_integer_counts(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be an integer"):
+        TrainConfig(**{"epochs": 1, "batch_size": 8, "lr": 0.1, field: value})
+
+
+def test_a_label_outside_the_models_classes_is_named():
+    data = make_data()
+    data.tensors[1][5] = 7
+    with pytest.raises(ValueError, match=r"class id\(s\) \[7\] out of range for a model with 3 outputs"):
+        run(data=data)

@@ -41,7 +41,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from replication import cache, io
+from replication import cache, io, runtime
 from replication.data.classification import ClassificationDataset
 from replication.models.hooks import get_module
 from replication.training.classifiers import profile_configs, train_world_classifier
@@ -1028,7 +1028,8 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
                         device: str | torch.device | None = None, class_chunk: int | None = None) -> PathSet:
     """`search_paths` behind the configuration cache; `key` identifies the model and the images."""
     folder = cache.stage_dir("nad_paths", {"key": key, "config": config, "classes": list(classes),
-                                           "locations": [asdict(loc) for loc in locations]})
+                                           "locations": [asdict(loc) for loc in locations],
+                                           **runtime.compute_identity(device)})
     if cache.is_done(folder):
         return PathSet.load(folder / "paths.pt")
     paths = search_paths(model, locations, class_images, classes, config=config, device=device,

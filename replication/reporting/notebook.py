@@ -51,7 +51,8 @@ def _has_named_index(frame: pd.DataFrame) -> bool:
 
 
 def notebook_context(name: str, profile: str, seed: int = 0) -> NotebookContext:
-    """Seed everything, fix matplotlib's backend and figure size, and create `results/<name>/`."""
+    """Seed everything, pin torch's CPU threads to the profile's `[runtime] threads`, fix matplotlib's
+    backend and figure size, and create `results/<name>/` (`results-<profile>/<name>/` for a profile other than default)."""
     os.environ.setdefault("MPLBACKEND", "agg")
     import matplotlib
 
@@ -61,7 +62,9 @@ def notebook_context(name: str, profile: str, seed: int = 0) -> NotebookContext:
     pd.set_option("display.max_columns", 20)
     runtime.seed_everything(seed)
     loaded = load_profile(profile)
-    out_dir = paths.results_dir() / name
+    settings = loaded.section("runtime")
+    runtime.set_cpu_threads(settings["threads"])
+    out_dir = paths.results_dir(loaded.name) / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = tuple(loaded.section("runtime").get("seeds", [seed]))
+    seeds = tuple(settings.get("seeds", [seed]))
     return NotebookContext(name=name, profile=loaded, out_dir=out_dir, seeds=seeds)

@@ -62,6 +62,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}.")
+        for name in ("epochs", "batch_size", "step_size", "seed", "num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}.")
         for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
@@ -131,9 +135,9 @@ def train(
     with _deterministic(device):
         for epoch in range(len(history), config.epochs):
             started = time.perf_counter()
-            generator = _seed_epoch(config.seed, epoch)
+            generators = _seed_epoch(config.seed, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generator, epoch, amp_dtype)
+            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generators, epoch, amp_dtype)
             if schedule is not None:
                 schedule.step()
             val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
@@ -196,7 +200,8 @@ def train_cached(
     """`train` behind the configuration cache: a finished model is loaded from disk, not retrained.
 
     The folder `cache.stage_dir(kind, key)` is keyed by `model_config`, `config`, `loss_config` (or
-    the loss terms themselves when they are dataclasses) and the datasets' fingerprints. It holds
+    the loss terms themselves when they are dataclasses), the datasets' fingerprints and
+    `runtime.compute_identity` (the CPU thread count, which changes float results). It holds
     `model.pt` (state dict), `history.csv` and the DONE marker; an unfinished run resumes from its
     checkpoints. `build_model` is called after seeding with `config.seed`, so initial weights are
     reproducible.
@@ -211,6 +216,7 @@ def train_cached(
         "loss": loss_config,
         "train_data": dataset_fingerprint(train_set),
         "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
+        **runtime.compute_identity(device),
     }
     folder = cache.stage_dir(kind, key)
     runtime.seed_everything(config.seed)
@@ -248,13 +254,13 @@ def dataset_fingerprint(dataset: Dataset) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generator, epoch, amp_dtype) -> dict[str, float]:
+def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generators, epoch, amp_dtype) -> dict[str, float]:
     loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
-        sampler=RandomSampler(train_set, generator=generator),
+        sampler=RandomSampler(train_set, generator=generators.sampler),
         num_workers=config.num_workers,
-        generator=generator,
+        generator=generators.loader,
         pin_memory=device.type == "cuda",
     )
     layers = list(dict.fromkeys(layer for term in loss_terms for layer in term.layers))
@@ -268,7 +274,7 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 logits = model(images)
-                task_loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                task_loss = _task_loss(logits, labels, config.label_smoothing)
             acts = {name: a.float() for name, a in activations.items()} if config.amp else activations
             term_values = [_term_value(term, model, acts) for term in loss_terms]
             loss = task_loss + sum(term_values) if term_values else task_loss
@@ -286,11 +292,26 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device
     sums = totals.tolist()
     count = sums[-1]
     if not all(math.isfinite(s) for s in sums):
-        raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower TrainConfig.lr or check the loss terms' weights.")
+        raise FloatingPointError(
+            f"non-finite training loss in epoch {epoch + 1}; lower TrainConfig.lr, check the loss terms' weights, "
+            f"or check the training images for NaN/inf values."
+        )
     row = {"train_loss": sums[0] / count}
     row.update({f"loss_{term.name}": value / count for term, value in zip(loss_terms, sums[1:-2])})
     row["train_acc"] = sums[-2] / count
     return row
+
+
+def _task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy; a class id outside the model's outputs is named instead of torch's bare IndexError."""
+    try:
+        return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    except IndexError as error:
+        bad = labels[(labels < 0) | (labels >= logits.shape[1])].unique().tolist()
+        raise ValueError(
+            f"class id(s) {bad} out of range for a model with {logits.shape[1]} outputs; the dataset's labels "
+            f"must lie in 0..{logits.shape[1] - 1}: build the model with the dataset's number of classes."
+        ) from error
 
 
 def _term_value(term: LossTerm, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -342,10 +363,22 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.op
     return None
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed every RNG from (seed, epoch) and return the epoch's shuffling generator."""
-    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] % 2**63)
-    return runtime.seed_everything(epoch_seed)
+@dataclass(frozen=True)
+class EpochGenerators:
+    """An epoch's two torch generators: `sampler` draws the shuffle order, `loader` the DataLoader's
+    base seed (for worker seeding). Separate streams, so neither can shift the other's draws."""
+
+    sampler: torch.Generator
+    loader: torch.Generator
+
+
+def _seed_epoch(seed: int, epoch: int) -> EpochGenerators:
+    """Seed every global RNG from (seed, epoch) and return the epoch's own generators."""
+    global_seed, sampler_seed, loader_seed = (
+        int(s % 2**63) for s in np.random.SeedSequence([seed, epoch]).generate_state(3, dtype=np.uint64)
+    )
+    runtime.seed_everything(global_seed)
+    return EpochGenerators(torch.Generator().manual_seed(sampler_seed), torch.Generator().manual_seed(loader_seed))
 
 
 def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scaler) -> list[dict[str, Any]]:
