@@ -8,7 +8,7 @@ PROFILE ?= default
 ONLY ?=
 export MPLBACKEND := agg
 
-.PHONY: reproduce test unit world benchmarks clean-venv
+.PHONY: reproduce test unit notebooks world benchmarks clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 reproduce: $(STAMP)
 	$(BIN)/python -m replication reproduce --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
 
-# Notebooks under nbval write their tables and figures to .test-results/, never over results/.
+# Notebooks under nbval write their tables and figures to .test-results/, never over results/, and run
+# in this venv's own kernel (--nbval-current-env), whatever kernelspecs the user has installed.
 test: $(STAMP)
-	REPLICATION_RESULTS=$(CURDIR)/.test-results $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 -q
+	REPLICATION_RESULTS="$(CURDIR)/.test-results" $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 -q
+
+# Re-execute notebooks/ in place (their ci parameters): the stored outputs that nbval compares.
+notebooks: $(STAMP)
+	$(BIN)/python -m replication notebooks $(if $(ONLY),--only $(ONLY))
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q

@@ -51,6 +51,12 @@ def mark_done(folder: Path, config: Any, **extra: Any) -> None:
     io.write_json(Path(folder) / DONE_MARKER, {"config": canonical(config), **extra})
 
 
+def done_matches(folder: Path, config: Any) -> bool:
+    """Does the DONE marker in `folder` record exactly `config`?"""
+    recorded = io.read_json(Path(folder) / DONE_MARKER).get("config")
+    return recorded == json.loads(json.dumps(canonical(config), default=str))
+
+
 @contextlib.contextmanager
 def stage_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on a stage folder, so two processes never build the same stage at once.

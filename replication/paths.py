@@ -28,6 +28,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REPLICATION_CACHE", data_dir() / "cache"))
 
 
-def results_dir() -> Path:
-    """Executed notebooks, tables and figures; `REPLICATION_RESULTS` overrides."""
-    return Path(os.environ.get("REPLICATION_RESULTS", repo_root() / "results"))
+def results_dir(profile: str | None = None) -> Path:
+    """Executed notebooks, tables and figures; `REPLICATION_RESULTS` overrides.
+
+    The `default` profile's results are the committed `results/`; any other profile writes to
+    `results-<profile>/`, so a ci or gpu run never overwrites (or mixes into) the default results.
+    """
+    if "REPLICATION_RESULTS" in os.environ:
+        return Path(os.environ["REPLICATION_RESULTS"])
+    if profile is None or Path(profile).stem == "default":
+        return repo_root() / "results"
+    return repo_root() / f"results-{Path(profile).stem}"

@@ -1,30 +1,63 @@
 """Run the numbered notebooks with papermill into `results/`, then summarise every paper's claims.
 
-`results/NN_name/` receives the executed notebook (plus the tables and figures the notebook writes
-there itself). The run stops at the first failing notebook, naming it and the failing cell; that
-notebook is kept as `NN_name.failed.ipynb` for inspection, never under the normal name.
+`results/NN_name/` receives the executed notebook plus the tables and figures the notebook writes
+itself. A notebook runs into a hidden staging folder that replaces `results/NN_name/` only when the
+notebook succeeds, so a failed or killed run never leaves a mix of two runs: a failure keeps its
+partial outputs in `results/NN_name.failed/` for inspection, and a killed run's staging folder is
+removed by the next run. The run stops at the first failing notebook, naming it and the failing cell.
+Profiles other than `default` write to `results-<profile>/` (see `paths.results_dir`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import secrets
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import ipykernel.kernelspec
+import nbformat
 import pandas as pd
+import papermill
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_core.paths import jupyter_runtime_dir
+from nbclient import NotebookClient
 
 from replication import io, paths
+from replication.profiles import load_profile
 from replication.reporting.claims import CLAIMS_FILE
+from replication.runtime import progress_enabled
 
 
-RUN_RECORD = "run.json"  # per notebook: profile, minutes, commit; read back by `summarise`
+RUN_RECORD = "run.json"  # per notebook: profile, runtime settings, minutes, commit; read back by `summarise`
+STAGING = "staging"  # `.NN_name.staging-<pid>/`: where a notebook runs before it replaces `NN_name/`
+FAILED_SUFFIX = ".failed"
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook and the failing cell."""
+
+
+class CurrentPythonKernel(KernelManager):
+    """A kernel of this very interpreter (the venv's), whatever `python3` kernelspec a user installed,
+    talking over local sockets (IPC) rather than unencrypted TCP."""
+
+    def __init__(self, **kwargs) -> None:
+        # an absolute socket prefix: the default one is relative to whichever folder each side runs in
+        sockets = Path(jupyter_runtime_dir()) / f"replication-{os.getpid()}-{secrets.token_hex(4)}"
+        sockets.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(**{"transport": "ipc", "ip": str(sockets), **kwargs})
+
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        return KernelSpec(resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict())
 
 
 @dataclass(frozen=True)
@@ -37,8 +70,10 @@ def notebook_paths(only: list[str] | None = None, notebook_dir: Path | None = No
     """`notebooks/NN_*.ipynb` in number order, optionally only those whose number is in `only`."""
     folder = notebook_dir or paths.repo_root() / "notebooks"
     found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        wanted = {n.zfill(2) for n in only}
+    if only is not None:
+        wanted = {n.strip().zfill(2) for n in only if n.strip()}
+        if not wanted:
+            raise ValueError(f"--only names no notebook; give numbers such as 00,03 (available: {[p.name[:2] for p in found]}).")
         unknown = wanted - {p.name[:2] for p in found}
         if unknown:
             raise ValueError(
@@ -49,8 +84,6 @@ def notebook_paths(only: list[str] | None = None, notebook_dir: Path | None = No
 
 
 def _failing_cell(executed: Path) -> str:
-    import nbformat
-
     notebook = nbformat.read(executed, as_version=4)
     injected = {"injected-parameters", "papermill-error-cell-tag"}
     source_cells = [c for c in notebook.cells if not injected & set(c.metadata.get("tags", []))]
@@ -64,41 +97,104 @@ def _failing_cell(executed: Path) -> str:
 
 
 def run_notebook(notebook: Path, profile: str, results_root: Path) -> NotebookRun:
-    """Execute one notebook with papermill into `results_root/<name>/<name>.ipynb`."""
-    import papermill
-
+    """Execute one notebook with papermill into `results_root/<name>/<name>.ipynb`, swapped in whole."""
     name = notebook.stem
     out_dir = results_root / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}.ipynb"
-    failed = out_dir / f"{name}.failed.ipynb"
-    failed.unlink(missing_ok=True)
+    failed_dir = results_root / f"{name}{FAILED_SUFFIX}"
+    for tag in (STAGING, "old"):
+        io.remove_stale_scratch(out_dir, tag)
+    staging_root = io.scratch_path(out_dir, STAGING)
+    staged = staging_root / name
+    staged.mkdir(parents=True)
+    executed = staged / f"{name}.ipynb"
     start = time.perf_counter()
-    with io.atomic_path(target) as tmp:
-        executed = tmp.with_suffix(".ipynb")
-        try:
+    cell_bar = progress_enabled()  # papermill's per-cell bar, on the terminal; read before the kernel's quiet is set
+    try:
+        with _notebook_environment(results=staging_root):
             papermill.execute_notebook(
                 str(notebook),
                 str(executed),
                 parameters={"profile": profile},
                 cwd=str(notebook.parent),
-                kernel_name="python3",
-                progress_bar=not os.environ.get("CI"),
+                kernel_manager_class=CurrentPythonKernel,
+                progress_bar=cell_bar,
                 stdout_file=sys.stdout,
                 stderr_file=sys.stderr,
             )
-        except Exception as error:  # papermill raises PapermillExecutionError, kernels may die otherwise
-            if executed.exists():
-                os.replace(executed, failed)
-                where = _failing_cell(failed)
-            else:
-                where = f"{type(error).__name__}: {error}"
-            raise NotebookFailed(f"notebook {notebook.name} failed at {where} (executed copy: {failed})") from error
-        os.replace(executed, tmp)
-    run = NotebookRun(name=name, seconds=time.perf_counter() - start)
-    io.write_json(out_dir / RUN_RECORD, {"notebook": name, "profile": profile, "seconds": round(run.seconds, 1),
-                                         "commit": _git_commit(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _portable_metadata(executed, notebook)
+        run = NotebookRun(name=name, seconds=time.perf_counter() - start)
+        io.write_json(staged / RUN_RECORD, _run_record(name, profile, run.seconds))
+    except BaseException as error:
+        shutil.rmtree(failed_dir, ignore_errors=True)
+        os.replace(staged, failed_dir)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        if not isinstance(error, Exception):  # KeyboardInterrupt: keep the partial run, stop as asked
+            raise
+        failed = failed_dir / f"{name}.ipynb"
+        where = _failing_cell(failed) if failed.exists() else f"{type(error).__name__}: {error}"
+        raise NotebookFailed(
+            f"notebook {notebook.name} failed at {where}. Its partial outputs are in {failed_dir}; "
+            f"{out_dir} is unchanged."
+        ) from error
+    _swap_in(staged, out_dir)
+    staging_root.rmdir()
+    shutil.rmtree(failed_dir, ignore_errors=True)
     return run
+
+
+@contextlib.contextmanager
+def _notebook_environment(results: Path) -> Iterator[None]:
+    """What the kernel inherits: its results root (the staging folder) and quiet bars, which would
+    otherwise be captured into the executed notebook as thousands of stderr fragments."""
+    changes = {"REPLICATION_RESULTS": str(results), "REPLICATION_QUIET": "1"}
+    previous = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _portable_metadata(executed: Path, source: Path) -> None:
+    """Replace the build machine's absolute paths that papermill records with repository-relative ones."""
+    notebook = nbformat.read(executed, as_version=4)
+    record = notebook.metadata.get("papermill", {})
+    record["input_path"] = _relative(source)
+    record["output_path"] = f"{executed.parent.name}/{executed.name}"
+    record.pop("environment_variables", None)
+    with io.atomic_path(executed) as tmp:
+        nbformat.write(notebook, tmp)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(paths.repo_root().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _swap_in(staged: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with the finished `staged` folder (the old one is moved aside, then deleted)."""
+    if out_dir.exists():
+        old = io.scratch_path(out_dir, "old")
+        os.replace(out_dir, old)
+        os.replace(staged, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, out_dir)
+
+
+def _run_record(name: str, profile: str, seconds: float) -> dict:
+    """The run record: what ran, under which settings (seeds, device, threads), how long, from which commit."""
+    loaded = load_profile(profile)
+    settings = loaded.section("runtime")
+    return {"notebook": name, "profile": loaded.name, "seconds": round(seconds, 1),
+            "seeds": settings.get("seeds"), "device": settings.get("device"), "threads": settings.get("threads"),
+            "commit": _git_commit(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _git_commit() -> str:
@@ -143,18 +239,54 @@ def summarise(results_root: Path) -> Path:
 
 
 def reproduce(profile: str = "default", only: list[str] | None = None, results_root: Path | None = None) -> list[NotebookRun]:
-    """Run the notebooks in order; stop at the first failure (raising `NotebookFailed`)."""
-    from replication.profiles import load_profile
+    """Run the notebooks in order; stop at the first failure (raising `NotebookFailed`).
 
-    load_profile(profile)  # fail fast on an unknown profile
-    results_root = Path(results_root or paths.results_dir())
+    `results_root` defaults to `paths.results_dir(profile)`: `results/` for the default profile,
+    `results-<profile>/` for the others.
+    """
+    loaded = load_profile(profile)  # fail fast on an unknown profile
+    results_root = Path(results_root or paths.results_dir(loaded.name))
     notebooks = notebook_paths(only)
+    for folder, variable in ((results_root, "REPLICATION_RESULTS"), (paths.data_dir(), "REPLICATION_DATA"),
+                             (paths.cache_dir(), "REPLICATION_CACHE")):
+        check_writable(folder, variable)
     runs = []
     for position, notebook in enumerate(notebooks, start=1):
-        print(f"[{position}/{len(notebooks)}] {notebook.name} (profile {profile})", flush=True)
+        print(f"[{position}/{len(notebooks)}] {notebook.name} (profile {loaded.name}) -> {results_root}", flush=True)
         run = run_notebook(notebook, profile, results_root)
         print(f"[{position}/{len(notebooks)}] {notebook.name} done in {run.seconds / 60:.1f} min", flush=True)
         runs.append(run)
     summary = summarise(results_root)
     print(f"summary: {summary}")
     return runs
+
+
+def refresh_stored_outputs(only: list[str] | None = None, results_root: Path | None = None) -> list[NotebookRun]:
+    """Re-execute `notebooks/NN_*.ipynb` in place with their own parameters (the ci profile), storing the
+    outputs that nbval checks; their tables go to `.test-results/`, never to `results/`."""
+    results_root = Path(results_root or paths.repo_root() / ".test-results")
+    runs = []
+    for notebook in notebook_paths(only):
+        start = time.perf_counter()
+        executed = nbformat.read(notebook, as_version=4)
+        with _notebook_environment(results=results_root):
+            NotebookClient(executed, kernel_manager_class=CurrentPythonKernel, timeout=None,
+                           resources={"metadata": {"path": str(notebook.parent)}}).execute()
+        with io.atomic_path(notebook) as tmp:
+            nbformat.write(executed, tmp)
+        runs.append(NotebookRun(name=notebook.stem, seconds=time.perf_counter() - start))
+        print(f"{notebook.name}: stored outputs refreshed in {runs[-1].seconds / 60:.1f} min", flush=True)
+    return runs
+
+
+def check_writable(folder: Path, variable: str) -> None:
+    """Fail before any notebook runs when `folder` cannot be written, naming the variable that moves it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(folder / ".write-test") as probe:
+            probe.write_text("")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to {folder} ({error.strerror}); make it writable or point {variable} to a writable folder."
+        ) from error

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,25 @@ def test_same_seed_gives_byte_identical_files_whatever_the_workers(tmp_path):
     assert other["images/cw_000000.png"] != first["images/cw_000000.png"]
     assert other["index.csv"] != first["index.csv"]
     assert not list(tmp_path.glob(".*tmp*")), "the temporary folder was left behind"
+
+
+def test_ensure_world_refuses_a_foreign_world_in_its_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_DATA", str(tmp_path))
+    requested = cw.WorldConfig(n_images=20, seed=0)
+    folder = cw.world_dir(requested)
+    cw.generate_world(cw.WorldConfig(n_images=20, seed=5), folder, workers=1)
+    with pytest.raises(ValueError, match="records another configuration.*delete that folder"):
+        cw.ensure_world(requested, workers=1)
+    shutil.rmtree(folder)
+    assert cw.ensure_world(requested, workers=1) == folder
+    assert cw.ensure_world(requested, workers=1) == folder  # a matching world is served
+
+
+def test_a_killed_generations_temp_folder_is_cleaned(tmp_path):
+    leftover = tmp_path / ".world.tmp-999999999"
+    (leftover / "images").mkdir(parents=True)
+    cw.generate_world(cw.WorldConfig(n_images=10, seed=0), tmp_path / "world", workers=1)
+    assert not leftover.exists()
 
 
 def test_existing_folder_is_refused_unless_overwrite(tmp_path):

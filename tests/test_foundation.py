@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,31 @@ def test_torch_checkpoints_round_trip_with_weights_only(tmp_path: Path):
     io.save_torch(tmp_path / "c.pt", state)
     loaded = io.load_torch(tmp_path / "c.pt")
     assert torch.equal(loaded["w"], state["w"]) and loaded["epoch"] == 4
+
+
+def test_saved_tensors_are_byte_reproducible(tmp_path: Path):
+    """The archive's root folder must not take the random temp-file name."""
+    state = {"w": torch.arange(3.0)}
+    first = io.save_torch(tmp_path / "a.pt", state).read_bytes()
+    assert io.save_torch(tmp_path / "b.pt", state).read_bytes() == first
+
+
+def test_result_files_get_the_usual_permissions(tmp_path: Path):
+    previous = os.umask(0o022)
+    try:
+        written = [io.write_text(tmp_path / "t.txt", "x"), io.save_torch(tmp_path / "t.pt", {"x": torch.ones(1)})]
+    finally:
+        os.umask(previous)
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == ["0o644", "0o644"]
+
+
+def test_stale_scratch_of_dead_processes_is_removed(tmp_path: Path):
+    target = tmp_path / "world"
+    dead, mine = tmp_path / ".world.tmp-999999999", io.scratch_path(target, "tmp")
+    for folder in (dead, mine):
+        (folder / "images").mkdir(parents=True)
+    io.remove_stale_scratch(target, "tmp")
+    assert not dead.exists() and mine.exists()
 
 
 def test_config_hash_is_order_independent_and_sensitive_to_values():

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from replication import paths
 from replication.runtime import progress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,13 +53,34 @@ INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 LABEL_COLUMNS = ("number", "name", "category", "coverage")
 
 
+def cached_world(root: str | Path) -> Path | None:
+    """The cached ConceptWorld folder (`<data dir>/concept_world/<hash>/`) holding `root`, or None."""
+    cache, where = paths.data_dir().resolve() / "concept_world", Path(root).resolve()
+    return cache / where.relative_to(cache).parts[0] if where.is_relative_to(cache) and where != cache else None
+
+
+def world_fix(root: str | Path) -> str:
+    """How to rebuild the ConceptWorld at `root`: a cached one is deleted (the next run regenerates
+    it), an existing folder is regenerated with the profile that made it, a new one generated."""
+    root = Path(root)
+    cached = cached_world(root)
+    if cached is not None:
+        return f"delete {cached} (a cached ConceptWorld); the next run regenerates it"
+    if root.is_dir() and any(root.iterdir()):
+        return (f"regenerate it with the profile that made it: "
+                f"`python -m replication world --profile <that profile> --out {root} --overwrite`")
+    return f"generate ConceptWorld with `python -m replication world --profile default --out {root}`"
+
+
 def _where_from(root: Path) -> str:
     """The fix for a missing or incomplete dataset folder."""
+    if cached_world(root) is not None:
+        return world_fix(root)
     return (
-        f"generate ConceptWorld with `python -m replication world --profile default --out {root}`, "
-        f"or unpack broden1_224.zip / broden1_227.zip so that {root} holds index.csv, label.csv, "
-        "category.csv, c_*.csv and images/"
+        f"{world_fix(root)}, or unpack broden1_224.zip / broden1_227.zip so that {root} holds index.csv, "
+        "label.csv, category.csv, c_*.csv and images/"
     )
+
 
 _CATEGORY_COUNT = re.compile(r"^\s*(\w+)\((\d+)\)\s*$")
 

@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from replication.data.broden import IMAGENET_MEAN, IMAGENET_STD
+from replication.data.broden import IMAGENET_MEAN, IMAGENET_STD, world_fix
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -55,6 +55,10 @@ def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, t
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need three values each, std positive; got mean={mean}, std={std}.")
     return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+
+class ImageFileError(ValueError):
+    """A dataset image cannot be decoded; the message names the file, where it is listed, and the fix."""
 
 
 class ClassificationDataset(Dataset):
@@ -110,6 +114,7 @@ class ClassificationDataset(Dataset):
         rows = tasks[tasks["split"] == self.split]
         self.paths = [self.root / "images" / name for name in rows["image"]]
         self.targets = rows["class_id"].astype(int).tolist()
+        self._lines = (rows.index + 2).tolist()  # tasks.csv line of each sample (line 1 is the header)
 
     def _read_imagefolder(self) -> None:
         folder = self.root / self.split
@@ -140,10 +145,24 @@ class ClassificationDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[i], size=self.image_size, mean=self._mean, std=self._std)
+        try:
+            image = load_image(self.paths[i], size=self.image_size, mean=self._mean, std=self._std)
+        except OSError as error:
+            raise self._unreadable(i, error) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[i]
+
+    def _unreadable(self, i: int, error: OSError) -> Exception:
+        """The error for sample `i`'s image being missing or undecodable: the file, its tasks.csv line, the fix."""
+        if self.layout == "conceptworld":
+            image, fix = f"{self.paths[i]} (tasks.csv line {self._lines[i]})", f"replace the file, or {world_fix(self.root)}"
+        else:
+            image, fix = str(self.paths[i]), "replace or delete the file"
+        if isinstance(error, FileNotFoundError):
+            return FileNotFoundError(f"image {image} is missing; {fix}.")
+        reason = "not a readable image" if isinstance(error, UnidentifiedImageError) else error
+        return ImageFileError(f"image {image} cannot be read ({reason}); {fix}.")
 
 
 class ConceptImageDataset(Dataset):

@@ -882,7 +882,9 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (`--overwrite` on the command line).")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    for tag in ("tmp", "old"):
+        io.remove_stale_scratch(out_dir, tag)  # left by a killed run
+    tmp = io.scratch_path(out_dir, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     (tmp / "evidence").mkdir()
@@ -908,7 +910,7 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
         _write_tables(config, tmp, records)
         cache.mark_done(tmp, {"generator": generator_identity(), "config": config})
         if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            trash = io.scratch_path(out_dir, "old")
             os.replace(out_dir, trash)
             os.replace(tmp, out_dir)
             shutil.rmtree(trash, ignore_errors=True)
@@ -934,10 +936,20 @@ def world_dir(config: WorldConfig) -> Path:
 
 
 def ensure_world(config: WorldConfig, *, workers: int | None = None) -> Path:
-    """The cached world of `config`, generated first if absent or unfinished."""
+    """The cached world of `config`, generated first if absent or unfinished.
+
+    A finished folder must record this very configuration and generator: a world written there by
+    hand (another seed, another profile) is refused, never served in its place.
+    """
     folder = world_dir(config)
+    identity = {"generator": generator_identity(), "config": config}
     if not cache.is_done(folder):
         generate_world(config, folder, workers=workers, overwrite=True)
+    elif not cache.done_matches(folder, identity):
+        raise ValueError(
+            f"the cached world {folder} records another configuration than the one requested "
+            f"({config}); delete that folder and rerun: it is regenerated."
+        )
     return folder
 
 

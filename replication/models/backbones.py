@@ -33,7 +33,6 @@ VGG16 / AlexNet with BatchNorm after every convolution (CGL's AlexNet-B).
 """
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,15 +249,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     lists them; BatchNorm `num_batches_tracked` counters absent from pre-2018 files are tolerated.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"weights path {str(path)!r} is a directory; point to the checkpoint file itself.")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist; point to a local checkpoint (nothing is downloaded).")
-    try:
-        payload = io.load_torch(path)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} is not a plain state dict (loading with weights_only=True refused it: "
-            f"{str(error).splitlines()[0]}); save `model.state_dict()` instead of the whole model."
-        ) from None
+    payload = io.load_torch(path)  # unreadable or code-running files: one ValueError naming the fix
     state = _unwrap_state_dict(payload, path)
     state = _normalise_keys(state, model)
     expected = model.state_dict()

@@ -6,10 +6,13 @@ model is never left with stray hooks (which would keep tensors alive and slow ev
 from __future__ import annotations
 
 import contextlib
+import difflib
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+_LISTED = 10  # layer names shown in an unknown-layer error
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -18,12 +21,24 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called `name` (dotted, as in `named_modules()`); unknown names list the valid ones."""
+    """The submodule called `name` (dotted, as in `named_modules()`).
+
+    Every layer name is resolved here, so an unknown one always gets the same error: all valid names
+    for a small model, else the nearest few and the top-level modules (a DenseNet has hundreds).
+    """
     modules = dict(model.named_modules())
-    if not name or name not in modules:
-        valid = ", ".join(layer_names(model))
-        raise ValueError(f"unknown layer {name!r}; valid layers: {valid}")
-    return modules[name]
+    if name and name in modules:
+        return modules[name]
+    names = layer_names(model)
+    if len(names) <= _LISTED:
+        raise ValueError(f"unknown layer {name!r}; valid layers: {', '.join(names)}")
+    nearest = difflib.get_close_matches(str(name), names, n=_LISTED)
+    top_level = [child for child, _ in model.named_children()]
+    raise ValueError(
+        f"unknown layer {name!r} in {type(model).__name__} ({len(names)} layers); "
+        f"nearest: {', '.join(nearest) or 'none'}; top-level: {', '.join(top_level[:_LISTED])}"
+        f"{', ...' if len(top_level) > _LISTED else ''} (all: replication.models.hooks.layer_names(model))"
+    )
 
 
 @contextlib.contextmanager
