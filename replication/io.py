@@ -57,6 +57,20 @@ def remove_stale_scratch(path: str | os.PathLike, tag: str) -> None:
                 leftover.unlink(missing_ok=True)
 
 
+def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rename the finished folder onto `target`; an existing `target` is first moved aside (a scratch
+    name), then deleted, so `target` always holds one whole version."""
+    finished, target = Path(finished), Path(target)
+    if target.exists():
+        old = scratch_path(target, "old")
+        os.replace(target, old)
+        os.replace(finished, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(finished, target)
+    return target
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -136,7 +136,7 @@ def run_notebook(notebook: Path, profile: str, results_root: Path) -> NotebookRu
             f"notebook {notebook.name} failed at {where}. Its partial outputs are in {failed_dir}; "
             f"{out_dir} is unchanged."
         ) from error
-    _swap_in(staged, out_dir)
+    io.replace_folder(staged, out_dir)
     staging_root.rmdir()
     shutil.rmtree(failed_dir, ignore_errors=True)
     return run
@@ -175,17 +175,6 @@ def _relative(path: Path) -> str:
         return path.resolve().relative_to(paths.repo_root().resolve()).as_posix()
     except ValueError:
         return path.name
-
-
-def _swap_in(staged: Path, out_dir: Path) -> None:
-    """Replace `out_dir` with the finished `staged` folder (the old one is moved aside, then deleted)."""
-    if out_dir.exists():
-        old = io.scratch_path(out_dir, "old")
-        os.replace(out_dir, old)
-        os.replace(staged, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, out_dir)
 
 
 def _run_record(name: str, profile: str, seconds: float) -> dict:

@@ -154,3 +154,13 @@ def test_make_test_works_in_a_path_with_spaces(tmp_path: Path):
     done = subprocess.run(["make", "test"], cwd=clone, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (clone / ".venv" / "bin" / "seen").read_text() == f"{clone}/.test-results"
+
+
+def test_an_unwritable_data_folder_is_named_before_any_notebook_runs(notebooks: Path, tmp_path: Path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("REPLICATION_DATA", str(blocker / "data"))
+    _notebook(notebooks / "00_a.ipynb", "raise SystemExit('must not run')")
+    with pytest.raises(ValueError, match=r"cannot write to .*a-file/data .*point REPLICATION_DATA to a writable folder"):
+        reproduce.reproduce(profile="ci", results_root=tmp_path / "results")
+    assert not (tmp_path / "results" / "00_a").exists()

@@ -909,13 +909,7 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
                 records.extend(_write_chunk(job))
         _write_tables(config, tmp, records)
         cache.mark_done(tmp, {"generator": generator_identity(), "config": config})
-        if out_dir.exists():
-            trash = io.scratch_path(out_dir, "old")
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        io.replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
