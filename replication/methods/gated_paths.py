@@ -9,7 +9,7 @@ quirk is the default and has a switch.
 
 Contents, in pipeline order:
 - placement: `gate_locations` (official locations for VGG16 / ResNet-50 / DenseNet-121, and the same
-  rules for any torchvision plain / residual / dense network);
+  rules for any torchvision plain / residual / dense network, read from its `models.anatomy`);
 - gating: `gated` context manager (forward hooks, always removed) with per-sample gate rows, so one
   forward can carry (class, image) pairs of many classes;
 - search: `find_paths_sequential` (the official one-class-after-another loop, a reference) and
@@ -27,7 +27,6 @@ independent of the rest of the batch, which is what makes the batched search equ
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -37,17 +36,17 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from replication import cache, io, runtime
 from replication.data.classification import ClassificationDataset
+from replication.models.anatomy import FAMILY_OF_ARCH, Anatomy, anatomy_of, connection_family
 from replication.models.hooks import get_module
+from replication.models.surgery import eval_mode, fold_batchnorm, frozen
 from replication.training.classifiers import profile_configs, train_world_classifier
 from replication.runtime import progress, resolve_device
 
-FAMILIES = ("plain", "residual", "dense")
 GATE_FUNCTIONS = ("sigmoid", "straight_through")
 SEEDINGS = ("per_class", "sequential")
 ORIGINAL_CACHE_BYTES = 2 * 2**30  # search_paths keeps the original outputs of a class chunk up to this size
@@ -57,9 +56,6 @@ OFFICIAL_BETA = {
     "imagenet": {"vgg16": 4.5, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.45},
     "places365": {"vgg16": 5.0, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.20},
 }
-FAMILY_OF_ARCH = {"vgg16": "plain", "vgg16_bn": "plain", "alexnet": "plain", "alexnet_bn": "plain",
-                  "resnet18": "residual", "resnet50": "residual",
-                  "densenet121": "dense"}
 # The official architecture whose beta a project architecture inherits (same connection type) [I].
 BETA_ARCH_OF_FAMILY = {"plain": "vgg16", "residual": "resnet50", "dense": "densenet121"}
 
@@ -96,77 +92,49 @@ class GateLocation:
     relu_after: bool = False
 
 
-def connection_family(model: nn.Module) -> str:
-    """'plain', 'residual' or 'dense', read from the torchvision module structure."""
-    names = {name for name, _ in model.named_modules()}
-    if "features.denseblock1" in names:
-        return "dense"
-    if {"layer1", "layer4"} <= names:
-        return "residual"
-    if "features" in names and isinstance(get_module(model, "features"), nn.Sequential):
-        return "plain"
-    raise ValueError(f"cannot place NAD gates on {type(model).__name__}: expected a torchvision VGG/AlexNet "
-                     "(features Sequential), ResNet (layer1..layer4) or DenseNet (features.denseblockN)")
-
-
-def _plain_names(model: nn.Module) -> list[tuple[str, bool]]:
+def _plain_gates(model: nn.Module, body: Anatomy) -> list[tuple[str, bool]]:
     # Official VGG16: a gate after every ReLU or max-pool that feeds a conv (conv_k_1 .. of each block
     # and each pool; a pool that `build_backbone(small_input=True)` replaced by nn.Identity keeps its
     # gate), and the last one after pool5 + AdaptiveAvgPool(7). At 224 px that pool is an identity on
     # pool5's 7x7 output, and a channel gate commutes with average pooling, so we gate pool5 itself:
     # the same sub-network, and a true spatial map at any input size (a 1x1 or duplicated 7x7 copy
-    # after the adaptive pool would not localise anything in a mosaic) [I].
-    features = list(get_module(model, "features").named_children())
-    names = [(f"features.{name}", False) for (name, module), (_, nxt) in zip(features, features[1:])
-             if isinstance(nxt, nn.Conv2d) and isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Identity))]
-    return names + [(f"features.{features[-1][0]}", False)]
+    # after the adaptive pool would not localise anything in a mosaic) [I]. In a plain network the
+    # module registered just before a conv is the one feeding it.
+    order = [name for name, _ in model.named_modules()]
+    feeding = [order[order.index(conv) - 1] for conv in list(body.convs.values())[1:]]
+    return [(name, False) for name in feeding] + [(body.features, False)]
 
 
-def _residual_names(model: nn.Module) -> list[tuple[str, bool]]:
+def _residual_gates(model: nn.Module, body: Anatomy) -> list[tuple[str, bool]]:
     # Official ResNet-50: after the stem max-pool and after every block's final ReLU.
-    children = dict(model.named_children())
-    stem = "maxpool" if "maxpool" in children else "relu"
-    blocks = [f"{stage}.{index}" for stage in ("layer1", "layer2", "layer3", "layer4")
-              for index, _ in get_module(model, stage).named_children()]
-    return [(stem, False)] + [(name, False) for name in blocks]
+    return [(body.stem, False)] + [(name, False) for name in body.blocks]
 
 
-def _dense_names(model: nn.Module) -> list[tuple[str, bool]]:
+def _dense_gates(model: nn.Module, body: Anatomy) -> list[tuple[str, bool]]:
     # Official DenseNet-121: pool0, every dense block but the last, every transition, norm5 + ReLU.
-    children = [name for name, _ in get_module(model, "features").named_children()]
-    blocks = [c for c in children if c.startswith("denseblock")]
-    names = [("features.pool0", False)]
-    for child in children:
-        if (child.startswith("denseblock") and child != blocks[-1]) or child.startswith("transition"):
-            names.append((f"features.{child}", False))
-    final = [c for c in children if c.startswith("norm")][-1]
-    return names + [(f"features.{final}", True)]
+    blocks = [name for name in body.blocks if name != body.stages[-1]]
+    return [(body.stem, False)] + [(name, False) for name in blocks] + [(body.features, True)]
 
 
-_PLACEMENT = {"plain": _plain_names, "residual": _residual_names, "dense": _dense_names}
+_PLACEMENT = {"plain": _plain_gates, "residual": _residual_gates, "dense": _dense_gates}
 
 
-def gate_locations(model: nn.Module, image_shape: Sequence[int] = (3, 224, 224), *, family: str | None = None,
+def gate_locations(model: nn.Module, image_shape: Sequence[int] = (3, 224, 224), *,
                    device: str | torch.device | None = "cpu") -> list[GateLocation]:
     """The official gate locations of `model`, with channels and spatial sizes from one dummy forward."""
-    family = family or connection_family(model)
-    if family not in _PLACEMENT:
-        raise ValueError(f"unknown connection family {family!r}; choose one of {FAMILIES}")
-    placed = _PLACEMENT[family](model)
+    body = anatomy_of(model)
+    placed = _PLACEMENT[body.family](model, body)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [get_module(model, name).register_forward_hook(
         lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))) for name, _ in placed]
-    was_training = model.training
     try:
-        model.eval()
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else resolve_device(device)
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *image_shape, device=device))
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return [GateLocation(name, shapes[name][1], shapes[name][2], shapes[name][3], relu_after)
             for name, relu_after in placed]
 
@@ -357,19 +325,6 @@ def _check_inputs(model: nn.Module, class_images: Mapping[int, torch.Tensor], cl
     return classes
 
 
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
-    """Backbone parameters stop requiring gradients inside the block (NAD never updates them)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
 def _normalised_step(logits: torch.Tensor, grad: torch.Tensor, config: PathSearchConfig,
                      active: torch.Tensor | None = None) -> None:
     """m <- m - lr * g / max(||g||, eps), the norm over each row's whole gate vector (in place).
@@ -409,7 +364,7 @@ def find_paths_sequential(model: nn.Module, locations: Sequence[GateLocation],
     device = resolve_device(device)
     plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
     learned = []
-    with frozen_parameters(model), gated(model, locations) as hooks:
+    with frozen(model), gated(model, locations) as hooks:
         for class_id, plan in progress(list(zip(classes, plans)), desc="paths (sequential)"):
             gate_logits = [m.to(device).requires_grad_(True) for m in plan.init]
             images = class_images[class_id]
@@ -444,34 +399,12 @@ def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
 def search_copy(model: nn.Module, locations: Sequence[GateLocation]) -> tuple[nn.Module, torch.memory_format]:
     """A copy of the frozen eval-mode `model` that computes the same function faster for path search.
 
-    Every BatchNorm that directly follows a conv whose output nothing else reads is folded into that
-    conv (w * gamma / sqrt(var + eps), with the shifted bias) and replaced by an identity; modules at
-    gate locations are kept. Returns the copy and the memory format to feed it: channels-last on the
-    CPU when no BatchNorm is left (measured there: 1.2-1.4x faster gated steps; BatchNorm's backward
-    is slow in that layout), else contiguous. A model torch.fx cannot trace is copied unchanged.
+    BatchNorm is folded into the convs before it (`surgery.fold_batchnorm`), except at gate locations.
+    Returns the copy and the memory format to feed it: channels-last on the CPU when no BatchNorm is
+    left (measured there: 1.2-1.4x faster gated steps; BatchNorm's backward is slow in that layout),
+    else contiguous.
     """
-    copy_ = copy.deepcopy(model)
-    keep = {loc.name for loc in locations}
-    try:
-        graph = torch.fx.symbolic_trace(copy_).graph
-    except Exception:  # noqa: BLE001  (any untraceable forward: fold nothing)
-        graph = None
-    modules = dict(copy_.named_modules())
-    for node in graph.nodes if graph is not None else ():
-        source = node.args[0] if node.op == "call_module" and node.args else None
-        if not (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
-                and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)
-                and len(source.users) == 1 and not {source.target, node.target} & keep):
-            continue
-        conv, bn = modules[source.target], modules[node.target]
-        with torch.no_grad():
-            scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
-        parent, _, name = node.target.rpartition(".")
-        setattr(copy_.get_submodule(parent), name, nn.Identity())
+    copy_ = fold_batchnorm(model, keep={loc.name for loc in locations})
     on_cpu = all(p.device.type == "cpu" for p in copy_.parameters())
     if on_cpu and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copy_.modules()):
         return copy_.to(memory_format=torch.channels_last), torch.channels_last
@@ -511,7 +444,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                    for l in range(n_layers)]
     images = [class_images[c].contiguous(memory_format=memory_format) for c in classes]
     class_ids = torch.tensor(classes, device=device)
-    with frozen_parameters(model), gated(model, locations) as hooks:
+    with frozen(model), gated(model, locations) as hooks:
         cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
                   ] if cache_original else None
         for epoch in range(config.epochs):
@@ -1086,7 +1019,7 @@ def analyse_architecture(model: nn.Module, arch: str, paths: PathSet, val_images
         if wrong and len(paths.classes) >= 3 else np.zeros(0)
     misclassified = pd.DataFrame({"true": [t for t, _ in wrong], "predicted": [p for _, p in wrong], "rank": ranks})
     off_diagonal = ~torch.eye(len(paths.classes), dtype=torch.bool)
-    return ArchitectureResult(arch, FAMILY_OF_ARCH.get(arch, "?"), paths, accuracy.drop(columns="predicted"), hits,
+    return ArchitectureResult(arch, connection_family(model), paths, accuracy.drop(columns="predicted"), hits,
                               summarize_hit_rates(hits), summarize_hit_rates(control), similarity,
                               int(empty[:, off_diagonal].sum()) // 2, misclassified)
 
