@@ -23,8 +23,9 @@ from replication.methods.concept_groups import (
     GroupActivationLoss,
     SoftReceptiveField,
     SpatialLoss,
+    activation_layers,
     cgl_loss_terms,
-    conv_layer_names,
+    dissected_layers,
     group_weight_norms,
     partition_filters,
     ratio_of_unique_detectors,
@@ -34,6 +35,8 @@ from replication.methods.concept_groups import (
     spatial_spread,
     within_group_distance,
 )
+from replication.models.anatomy import conv_layers
+from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 from replication.training.loop import TrainConfig, train
@@ -353,7 +356,7 @@ def test_ratio_of_unique_detectors():
 def test_two_layer_cnn_shapes_and_names():
     model = TwoLayerCNN(num_classes=3, widths=(8, 16))
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
-    assert conv_layer_names(model) == ["conv1", "conv2"]
+    assert conv_layers(model) == ["conv1", "conv2"]
     with pytest.raises(ValueError, match="two conv widths"):
         TwoLayerCNN(widths=(8,))
 
@@ -587,16 +590,15 @@ def test_claim_rows_verdicts_on_clear_effects():
     assert {r["claim_id"]: r["verdict"] for r in at_chance}["G3"] == "inconclusive"
 
 
-def test_paper_layer_names_match_the_torchvision_backbones():
-    from replication.methods.concept_groups import (
-        ACTIVATION_LAYERS, DISSECTED_LAYERS, VGG16_BN_CONVS, VGG16_CONVS, producing_conv)
-    from replication.models.backbones import build_backbone
-
+def test_paper_layers_of_the_torchvision_backbones():
     plain = build_backbone("vgg16", 10, small_input=True, width=0.125)
-    assert all(isinstance(plain.get_submodule(n), nn.Conv2d) for n in (*VGG16_CONVS.values(), *ACTIVATION_LAYERS["vgg16"]))
-    assert [plain.get_submodule(n).out_channels for n in VGG16_CONVS.values()] == [32, 64, 64, 64, 64]
+    assert activation_layers("vgg16", plain) == ("features.21", "features.24", "features.26")  # conv4_3, conv5_1, conv5_2
+    assert dissected_layers("vgg16", plain) == ("features.14", "features.21", "features.24", "features.26", "features.28")
+    assert [plain.get_submodule(n).out_channels for n in dissected_layers("vgg16", plain)] == [32, 64, 64, 64, 64]
     bn = build_backbone("vgg16_bn", 10, small_input=True, width=0.125)
-    assert all(isinstance(bn.get_submodule(n), nn.BatchNorm2d) for n in ACTIVATION_LAYERS["vgg16_bn"])
-    assert [producing_conv(bn, n) for n in ACTIVATION_LAYERS["vgg16_bn"]] == [VGG16_BN_CONVS[k] for k in ("conv4_3", "conv5_1", "conv5_2")]
-    assert DISSECTED_LAYERS["vgg16_bn"][-1] == "features.40"
-    assert producing_conv(bn, "features.40") == "features.40"
+    assert activation_layers("vgg16_bn", bn) == ("features.31", "features.35", "features.38")  # the BN after each conv
+    assert all(isinstance(bn.get_submodule(n), nn.BatchNorm2d) for n in activation_layers("vgg16_bn", bn))
+    assert dissected_layers("vgg16_bn", bn) == ("features.20", "features.30", "features.34", "features.37", "features.40")
+    alexnet = build_backbone("alexnet", 10, small_input=True, width=0.125)  # every conv, as for any other model
+    assert activation_layers("alexnet", alexnet) == dissected_layers("alexnet", alexnet) == tuple(
+        f"features.{i}" for i in (0, 3, 6, 8, 10))

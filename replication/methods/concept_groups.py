@@ -31,6 +31,7 @@ from torch import nn
 
 from replication import cache, runtime
 from replication.data.subsets import split_indices
+from replication.models.anatomy import anatomy_of, conv_layers, producing_conv
 from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
@@ -106,52 +107,28 @@ def partition_filters(num_filters: int, groups: int = GROUPS, free_filters: int 
     return GroupPartition(num_filters=num_filters, groups=groups, group_size=group_size)
 
 
-def conv_layer_names(model: nn.Module) -> list[str]:
-    """Dotted names of the model's Conv2d modules in registration order (the layers CGL acts on)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-
-
-# Layers of torchvision's VGG16 and VGG16-BN by the paper's names (small_input keeps the indices);
-# with BN, psi is computed from the BN module that follows each conv (the paper's BN form).
-VGG16_CONVS = {"conv3_3": "features.14", "conv4_3": "features.21", "conv5_1": "features.24",
-               "conv5_2": "features.26", "conv5_3": "features.28"}
-VGG16_BN_CONVS = {"conv3_3": "features.20", "conv4_3": "features.30", "conv5_1": "features.34",
-                  "conv5_2": "features.37", "conv5_3": "features.40"}
-_CGL_VGG_LAYERS = ("conv4_3", "conv5_1", "conv5_2")
 # Where L_g and L_s act by default: VGG16 exposes only conv4_3, conv5_1, conv5_2 to them in the code
-# [C]; every other model gets every conv layer (spec section 9.2 [I]).
-ACTIVATION_LAYERS = {
-    "vgg16": tuple(VGG16_CONVS[n] for n in _CGL_VGG_LAYERS),
-    "vgg16_bn": tuple(f"features.{int(VGG16_BN_CONVS[n].split('.')[1]) + 1}" for n in _CGL_VGG_LAYERS),
-}
-# The layers the paper dissects (Table 2): VGG16 conv3_3, conv4_3, conv5_1..3 [P]; AlexNet conv1-5.
-DISSECTED_LAYERS = {"vgg16": tuple(VGG16_CONVS.values()), "vgg16_bn": tuple(VGG16_BN_CONVS.values())}
-
-
-def producing_conv(model: nn.Module, layer: str) -> str:
-    """`layer` itself for a conv; for a batch-norm, the conv registered just before it (whose
-    output it normalises), so group weights and relevance factors can be read for BN layers too."""
-    if isinstance(model.get_submodule(layer), nn.Conv2d):
-        return layer
-    previous = None
-    for name, module in model.named_modules():
-        if name == layer:
-            if previous is None:
-                raise ValueError(f"no conv layer precedes {layer!r}; pass a conv or a BN that follows one.")
-            return previous
-        if isinstance(module, nn.Conv2d):
-            previous = name
-    raise ValueError(f"unknown layer {layer!r}")
+# [C], with BN the BatchNorm after each (psi's BN form [P]); every other model gets every conv layer
+# (spec section 9.2 [I]). The layers the paper dissects (Table 2): VGG16 conv3_3, conv4_3, conv5_1..3
+# [P]; AlexNet conv1-5, i.e. every conv. Convs by the paper's names (`models.anatomy`).
+ACTIVATION_CONVS = {arch: ("conv4_3", "conv5_1", "conv5_2") for arch in ("vgg16", "vgg16_bn")}
+DISSECTED_CONVS = {arch: ("conv3_3", "conv4_3", "conv5_1", "conv5_2", "conv5_3") for arch in ("vgg16", "vgg16_bn")}
 
 
 def activation_layers(arch: str, model: nn.Module) -> tuple[str, ...]:
-    """The layers that receive L_g and L_s for `arch` (see `ACTIVATION_LAYERS`)."""
-    return ACTIVATION_LAYERS.get(arch) or tuple(conv_layer_names(model))
+    """The layers that receive L_g and L_s for `arch` (see `ACTIVATION_CONVS`)."""
+    if arch not in ACTIVATION_CONVS:
+        return tuple(conv_layers(model))
+    body = anatomy_of(model)
+    convs = (body.conv(name) for name in ACTIVATION_CONVS[arch])
+    return tuple(body.batchnorms.get(conv, conv) for conv in convs)
 
 
 def dissected_layers(arch: str, model: nn.Module) -> tuple[str, ...]:
     """The layers dissected for `arch`, in the order of the paper's Table 2 columns."""
-    return DISSECTED_LAYERS.get(arch) or tuple(conv_layer_names(model))
+    if arch not in DISSECTED_CONVS:
+        return tuple(conv_layers(model))
+    return tuple(anatomy_of(model).conv(name) for name in DISSECTED_CONVS[arch])
 
 
 # ----------------------------------------------------------------------------- soft receptive field
@@ -467,7 +444,7 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 def _check_layers(layers: Sequence[str], term: str) -> tuple[str, ...]:
     layers = tuple(layers)
     if not layers:
-        raise ValueError(f"{term} needs at least one layer; pass conv (or BN) module names, e.g. conv_layer_names(model).")
+        raise ValueError(f"{term} needs at least one layer; pass conv (or BN) module names, e.g. anatomy.conv_layers(model).")
     return layers
 
 
@@ -757,7 +734,7 @@ def cgl_loss_terms(model: nn.Module, config: CGLConfig = CGLConfig()) -> list:
     module (such as ReLU(inplace=True)), L_g and L_s read the captured outputs without copies; an
     in-place op in a model's own forward code is still caught (the terms check tensor versions).
     """
-    convs = conv_layer_names(model)
+    convs = conv_layers(model)
     activation_layers = tuple(config.activation_layers or convs)
     block_layers = tuple(config.block_norm_layers or convs)
     receptive_field = SoftReceptiveField(config.p1, config.p2, learn=config.learn_p, std_eps=config.std_eps, kernel=config.kernel)
