@@ -55,6 +55,7 @@ from torch import nn
 from replication import io
 from replication.data.broden import broden_loader
 from replication.models.hooks import capture_activations, get_module
+from replication.models.surgery import eval_mode
 from replication.runtime import progress, resolve_device
 
 QUANTILE_RULES = ("exact", "lite")
@@ -298,22 +299,17 @@ class _ModelSource:
 
     def passes(self, loader, basis) -> Iterator[tuple[torch.Tensor, dict]]:
         """(features, batch) per batch; the forward stops at `layer` (later layers are not needed)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with capture_activations(self.model, self.layer) as captured:
-                stopper = get_module(self.model, self.layer).register_forward_hook(_stop_forward)  # after capture's
-                try:
-                    for batch in loader:
-                        try:
-                            self.model(batch["image"].to(self.device, non_blocking=True))
-                        except _LayerReached:
-                            pass
-                        yield project_basis(captured[self.layer], basis), batch
-                finally:
-                    stopper.remove()
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), capture_activations(self.model, self.layer) as captured:
+            stopper = get_module(self.model, self.layer).register_forward_hook(_stop_forward)  # after capture's
+            try:
+                for batch in loader:
+                    try:
+                        self.model(batch["image"].to(self.device, non_blocking=True))
+                    except _LayerReached:
+                        pass
+                    yield project_basis(captured[self.layer], basis), batch
+            finally:
+                stopper.remove()
 
 
 @dataclass

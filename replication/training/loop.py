@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from replication import cache, io, runtime
 from replication.models.backbones import load_weights
 from replication.models.hooks import capture_activations
+from replication.models.surgery import eval_mode
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
@@ -164,21 +165,16 @@ def evaluate(
     """Mean cross-entropy and top-1 accuracy of `model` (in eval mode) over `(image, class_id)` samples."""
     device = runtime.resolve_device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    try:
-        with torch.no_grad():
-            for images, labels in runtime.progress(loader, desc="evaluate", total=len(loader)):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                logits = model(images).float()
-                totals += torch.stack([
-                    nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-                    (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                ])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for images, labels in runtime.progress(loader, desc="evaluate", total=len(loader)):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(images).float()
+            totals += torch.stack([
+                nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                (logits.argmax(1) == labels).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ])
     loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise ValueError("evaluate() got an empty dataset; pass at least one (image, class_id) sample.")
