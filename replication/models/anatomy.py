@@ -32,7 +32,6 @@ from torchvision.models.vgg import VGG
 
 from replication.models.hooks import get_module
 
-FAMILIES = ("plain", "residual", "dense")
 # The connection family of each `backbones.ARCHS` entry, for questions asked before a model is built.
 FAMILY_OF_ARCH = {"vgg16": "plain", "vgg16_bn": "plain", "alexnet": "plain", "alexnet_bn": "plain",
                   "resnet18": "residual", "resnet50": "residual", "densenet121": "dense"}
