@@ -514,26 +514,27 @@ def test_reference_numbers_are_consistent():
     assert {c["id"] for c in reference["claims"]} == {f"G{i}" for i in range(1, 9)}
 
 
-def test_dissect_layers_one_pass_matches_per_layer_dissection(tmp_path):
+def test_dissection_tables_stack_the_layers_tables(tmp_path):
     from replication.analysis.dissection import dissect
+    from replication.analysis.features import dissect_layers
     from replication.data.broden import BrodenDataset
     from replication.data.subsets import InMemoryItems, seeded_subset
-    from replication.methods.concept_groups import dissect_layers
+    from replication.methods.concept_groups import dissection_tables
     from tests.broden_fixture import write_tiny_broden
 
     write_tiny_broden(tmp_path, n_images=12, image_size=32)
     broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
     torch.manual_seed(0)
     model = TwoLayerCNN(widths=(6, 8))
-    table, units = dissect_layers(model, ["conv1", "conv2"], broden, quantile=0.05, iou_threshold=0.04, batch_size=4,
-                                  device="cpu")
+    settings = dict(quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+    table, units = dissection_tables(dissect_layers(model, ["conv1", "conv2"], broden, **settings))
     for layer in ("conv1", "conv2"):
-        expected = dissect(model, layer, broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+        expected = dissect(model, layer, broden, **settings)
         got = table[table.layer == layer].drop(columns=["layer", "units"]).reset_index(drop=True)
         assert got.equals(expected.summary), (layer, got, expected.summary)
         got_units = units[units.layer == layer].drop(columns="layer").reset_index(drop=True)
         assert got_units.equals(expected.units[["unit", "label", "category", "iou", "detector"]])
-    assert set(table.units) == {6, 8}
+    assert list(table.layer.unique()) == ["conv1", "conv2"] and set(table.units) == {6, 8}
 
 
 def test_group_purity_known_answer():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from replication import cache, runtime
+from replication.analysis.dissection import Dissection
+from replication.analysis.features import dissect_layers
 from replication.data.subsets import split_indices
 from replication.models.anatomy import anatomy_of, conv_layers, producing_conv
 from replication.models.backbones import build_backbone
@@ -958,41 +960,15 @@ def select_lambda(tuning_accuracy: dict[float, float], reference_accuracy: float
     return max(admissible) if admissible else min(tuning_accuracy)
 
 
-@torch.no_grad()
-def layer_features(model: nn.Module, layers: Sequence[str], broden, *, batch_size: int, device=None) -> dict[str, torch.Tensor]:
-    """The outputs of `layers` (N x K x h x w, on the CPU) for every image of `broden`, from one forward pass each."""
-    from replication.data.broden import broden_loader
+def dissection_tables(dissections: Mapping[str, Dissection]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long tables of several layers' dissections (`analysis.features.dissect_layers`).
 
-    device = runtime.resolve_device(device)
-    was_training = model.training
-    model = model.to(device).eval()
-    features: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    try:
-        with capture_activations(model, layers) as acts:
-            for batch in broden_loader(broden, batch_size=batch_size):
-                model(batch["image"].to(device))
-                for layer in layers:
-                    features[layer].append(acts[layer].float().cpu())
-    finally:
-        model.train(was_training)
-    return {layer: torch.cat(chunks) for layer, chunks in features.items()}
-
-
-def dissect_layers(model: nn.Module, layers: Sequence[str], broden, *, quantile: float, iou_threshold: float,
-                   batch_size: int, device=None, categories: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Dissect several layers from one forward pass per image.
-
-    Returns (summary: unique detectors and detectors per layer and category, one row per pair;
-    units: one row per layer and unit with its best label, category, IoU and detector flag).
+    Returns (summary: unique detectors and detectors per layer and category, one row per pair, with the
+    layer's unit count; units: one row per layer and unit with its best label, category, IoU and detector flag).
     """
-    from replication.analysis.dissection import dissect_features
-
-    summaries, units = [], []
-    for layer, features in layer_features(model, layers, broden, batch_size=batch_size, device=device).items():
-        result = dissect_features(features, broden, categories=categories, quantile=quantile, iou_threshold=iou_threshold,
-                                  batch_size=batch_size, device=device, layer=layer)
-        summaries.append(result.summary.assign(layer=layer, units=len(result.units)))
-        units.append(result.units[["unit", "label", "category", "iou", "detector"]].assign(layer=layer))
+    summaries = [result.summary.assign(layer=layer, units=len(result.units)) for layer, result in dissections.items()]
+    units = [result.units[["unit", "label", "category", "iou", "detector"]].assign(layer=layer)
+             for layer, result in dissections.items()]
     return pd.concat(summaries, ignore_index=True), pd.concat(units, ignore_index=True)
 
 
@@ -1000,7 +976,7 @@ def group_purity(units: pd.DataFrame, model: nn.Module, layer: str, *, groups: i
                  free_filters: int | None = None, min_detectors: int = 2) -> pd.DataFrame:
     """Claim G8 per group of one dissected layer: its relevance beta_gl and how far its detectors share one concept.
 
-    `units`: the layer's unit table (`dissect_layers`). A detector is a unit whose best IoU reaches
+    `units`: the layer's unit table (`dissection_tables`). A detector is a unit whose best IoU reaches
     the dissection threshold: the paper's alignment threshold T is unknown [U], so the dissection
     threshold stands in for it [I]. purity = the largest number of the group's detectors with one
     label / its detectors; NaN below `min_detectors` detectors (one detector is trivially pure) [I].
@@ -1097,8 +1073,9 @@ def run_synthetic(train_set, broden, *, settings: CGLSettings, seeds: Sequence[i
             trained = train_variant("two_layer_cnn", variant, train_set, num_classes=num_classes, settings=settings,
                                     seed=seed, lam=lam, device=device, epochs=settings.synthetic_epochs, lr=settings.synthetic_lr)
             models[(variant, seed)] = trained.model
-            table, _ = dissect_layers(trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES),
-                                      quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size, device=device)
+            table, _ = dissection_tables(dissect_layers(
+                trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES), quantile=quantile,
+                iou_threshold=iou_threshold, batch_size=batch_size, device=device))
             for layer, summary in table.groupby("layer", sort=False):
                 counts = _unique_by_category(summary)
                 rows.append({"variant": variant, "seed": seed, "layer": layer,
@@ -1147,8 +1124,9 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
                                         lam=lam, device=device)
                 models[(arch, variant, seed)] = trained.model
                 layers = dissected_layers(arch, trained.model)
-                table, units = dissect_layers(trained.model, layers, broden, quantile=quantile,
-                                              iou_threshold=iou_threshold, batch_size=batch_size, device=device)
+                table, units = dissection_tables(dissect_layers(trained.model, layers, broden, quantile=quantile,
+                                                                iou_threshold=iou_threshold, batch_size=batch_size,
+                                                                device=device))
                 purity.extend(group_purity(units, trained.model, layer, groups=settings.groups).assign(
                     arch=arch, variant=variant, seed=seed) for layer in layers)
                 totals = table[table.category == "total"].set_index("layer").loc[list(layers)]

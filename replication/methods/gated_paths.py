@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replication import cache, io, runtime
+from replication.analysis.features import dissect_layers
 from replication.data.classification import ClassificationDataset
 from replication.models.anatomy import FAMILY_OF_ARCH, Anatomy, anatomy_of, connection_family
 from replication.models.hooks import get_module
@@ -1112,43 +1113,15 @@ def claim_rows(results: Mapping[str, ArchitectureResult], concepts: Mapping[str,
 def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, quantile: float = 0.005,
                       iou_threshold: float = 0.04, batch_size: int = 64, device: str | torch.device | None = None,
                       feature_budget_bytes: int = 1 << 29) -> dict[str, pd.DataFrame]:
-    """Network Dissection unit tables (label, iou, detector per channel) at every gate location.
+    """Network Dissection unit tables (label, iou, detector per channel) at every gate location, keyed by name.
 
-    Locations are dissected in groups whose features (N x C x h x w float32) fit
-    `feature_budget_bytes`; one forward pass over `dataset` serves a whole group.
+    `analysis.features.dissect_layers` with locations for layers: one forward pass per group of
+    locations whose features fit `feature_budget_bytes`.
     """
-    from replication.analysis.dissection import dissect_features
-    from replication.data.broden import broden_loader
-    from replication.models.hooks import capture_activations
-
-    device = resolve_device(device)
-    groups, current, used = [], [], 0
-    for loc in locations:
-        size = len(dataset) * loc.channels * loc.height * loc.width * 4
-        if current and used + size > feature_budget_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(loc)
-        used += size
-    groups.append(current)
-    units = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for group in groups:
-            features = {loc.name: [] for loc in group}
-            with torch.no_grad(), capture_activations(model, [loc.name for loc in group]) as captured:
-                for batch in broden_loader(dataset, batch_size=batch_size):
-                    model(batch["image"].to(device))
-                    for name in features:
-                        features[name].append(captured[name].float().cpu())
-            for loc in group:
-                units[loc.name] = dissect_features(torch.cat(features.pop(loc.name)), dataset, quantile=quantile,
-                                                   iou_threshold=iou_threshold, batch_size=batch_size, device=device,
-                                                   layer=loc.name).units
-    finally:
-        model.train(was_training)
-    return units
+    dissections = dissect_layers(model, [loc.name for loc in locations], dataset, quantile=quantile,
+                                 iou_threshold=iou_threshold, batch_size=batch_size, device=device,
+                                 max_bytes=feature_budget_bytes)
+    return {name: result.units for name, result in dissections.items()}
 
 
 # ----------------------------------------------------------------------------------------------
