@@ -131,7 +131,7 @@ def test_claims_table_rejects_unknown_verdicts():
         ClaimResult("C1", "claim", "1", "2", "probably")
     table = claims_table([ClaimResult("C1", "claim", "1", "2", "confirmed")])
     assert list(table.columns)[:5] == ["claim_id", "claim", "paper", "ours", "verdict"]
-    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 (n=2)"
+    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 SD (n=2)"
 
 
 def test_stage_lock_serialises_two_processes(tmp_path: Path):
