@@ -5,6 +5,7 @@ Exact 0/1 soft maps come from the batch-norm form of psi: with a BN gamma of 1e-
 +-1, psi = sigmoid(y / gamma) is exactly 1 or 0 in float32, so distances are plain set arithmetic.
 """
 import copy
+import dataclasses
 import gc
 import math
 import pickle
@@ -17,28 +18,36 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from replication import runtime
 from replication.methods.concept_groups import (
     BlockNorm,
     CGLConfig,
+    CGLSettings,
     GroupActivationLoss,
     SoftReceptiveField,
     SpatialLoss,
+    VariantRecipe,
     activation_layers,
+    build_model,
     cgl_loss_terms,
     dissected_layers,
+    group_statistics,
     group_weight_norms,
     partition_filters,
     ratio_of_unique_detectors,
     relevance_summary,
     relevance_table,
+    run_group_statistics,
     soft_iou_distance,
     spatial_spread,
+    train_variant,
     within_group_distance,
 )
 from replication.models.anatomy import conv_layers
 from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
+from replication.training import loop
 from replication.training.loop import TrainConfig, train
 from tests.helpers import assert_close
 
@@ -603,3 +612,54 @@ def test_paper_layers_of_the_torchvision_backbones():
     alexnet = build_backbone("alexnet", 10, small_input=True, width=0.125)  # every conv, as for any other model
     assert activation_layers("alexnet", alexnet) == dissected_layers("alexnet", alexnet) == tuple(
         f"features.{i}" for i in (0, 3, 6, 8, 10))
+
+
+# ------------------------------------------------------------------------------ training recipe
+SMALL = CGLSettings(synthetic_widths=(10, 20))
+
+
+def test_variant_recipe_key_is_the_cgl_cache_key():
+    recipe = VariantRecipe("two_layer_cnn", "block_norm", 2, SMALL, lam=0.1, seed=3)
+    model_key = {"arch": "two_layer_cnn", "num_classes": 2, "width": 1.0, "small_input": True,
+                 "synthetic_widths": (10, 20), "global_pool": "max"}
+    assert recipe.key(recipe.build()) == {"model": model_key, "loss": {"variant": "block_norm", "cgl": CGLConfig(
+        lambda_bn=5e-3, lambda_g=0.0, lambda_s=0.0, activation_layers=("conv1", "conv2"), seed=3)}}
+    baseline = VariantRecipe("two_layer_cnn", "weight_decay", 2, SMALL, lam=0.1, seed=3)
+    assert baseline.key(baseline.build()) == {"model": model_key, "loss": {"variant": "weight_decay", "cgl": None}}
+    assert baseline.loss_terms(baseline.build()) == []
+
+
+def test_train_variant_builds_its_model_right_after_seeding(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    seen = {}
+
+    def stop(model, train_set, *, loss_terms, **kwargs):
+        seen.update(state=copy.deepcopy(model.state_dict()), terms=[type(t).__name__ for t in loss_terms])
+        raise KeyboardInterrupt("stopped before training")
+
+    monkeypatch.setattr(loop, "train", stop)
+    data = TensorDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    torch.manual_seed(99)  # the state before the call must not matter
+    with pytest.raises(KeyboardInterrupt):
+        train_variant("two_layer_cnn", "cgl", data, num_classes=2, settings=SMALL, seed=5, lam=0.01, device="cpu")
+    runtime.seed_everything(5)  # what train_variant did before train_cached owned the seeding
+    expected = build_model("two_layer_cnn", 2, SMALL).state_dict()
+    assert seen["state"].keys() == expected.keys() and all(torch.equal(seen["state"][k], expected[k]) for k in expected)
+    assert seen["terms"] == ["BlockNorm", "GroupActivationLoss", "SpatialLoss"]
+
+
+def test_run_group_statistics_one_row_per_model():
+    uniform, one_group = TwoLayerCNN(2, widths=(10, 20)), TwoLayerCNN(2, widths=(10, 20))
+    with torch.no_grad():
+        for model in (uniform, one_group):
+            model.conv1.weight.fill_(0.1)
+            model.conv2.weight.fill_(0.1)
+        one_group.conv1.weight[2:] = 0  # conv1: only group 0 (filters 0, 1) has weight
+    data = TensorDataset(torch.rand(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
+    models = {("two_layer_cnn", "weight_decay", 0): uniform, ("two_layer_cnn", "cgl", 1): one_group}
+    table = run_group_statistics(models, data, settings=dataclasses.replace(SMALL, analysis_images=4), batch_size=3, device="cpu")
+    assert table[["arch", "variant", "seed"]].values.tolist() == [["two_layer_cnn", "weight_decay", 0], ["two_layer_cnn", "cgl", 1]]
+    assert_close(table["top_group_share"].tolist(), [0.2, (1.0 + 0.2) / 2], atol=1e-9)  # equal groups: 1/5
+    stats = group_statistics(uniform, ["conv1", "conv2"], data, images=4, batch_size=3, device="cpu")
+    assert table["within_group_distance"][0] == stats.within_group_distance.mean()
+    assert table["spatial_spread"][0] == stats.spatial_spread.mean()

@@ -1,17 +1,23 @@
 """NAD gated paths: placement per the spec's table, exact identity gates, the official objective and
 step, batched == sequential search, path IoU, mosaics and the hit rate on constructed mosaics."""
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import replication  # noqa: F401  (before torchvision)
 import torchvision
 
+from replication.data import concept_world as cw
+from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
-from replication.models.backbones import build_backbone
+from replication.models.backbones import BackboneConfig, build_backbone
+from replication.reporting.claims import ClaimResult
+from replication.training.loop import TrainConfig
 from tests.helpers import assert_close
 
 # Spec section 3.1 table, at a 224-px input: (channels, spatial size) per gate location.
@@ -391,3 +397,97 @@ def test_search_copy_keeps_a_batchnorm_at_a_gate_location_and_then_stays_contigu
     assert isinstance(copy_.features[1], nn.BatchNorm2d) and memory_format == torch.contiguous_format
     folded, memory_format = gp.search_copy(model, locations)
     assert isinstance(folded.features[1], nn.Identity) and memory_format == torch.channels_last
+
+
+# ---------------------------------------------------------------------------- notebook 05's steps
+def test_class_groups_of_a_concept_world_follow_its_rules(tiny_world):
+    dataset = ClassificationDataset(tiny_world, "train")
+    classes = list(range(len(dataset.classes)))[1:5]
+    groups = gp.class_groups(dataset, classes)
+    rules = {rule.name: rule for rule in cw.CLASS_RULES}  # the catalogue the world was written from
+    assert groups.classes == classes and groups.names == [dataset.classes[c] for c in classes]
+    assert groups.scene == [rules[name].scene for name in groups.names]
+    assert groups.superclass == [dataset.superclasses.index(rules[name].superclass) for name in groups.names]
+    assert {c: sorted(v) for c, v in groups.concepts.items()} == {
+        c: sorted(rules[dataset.classes[c]].as_dict().values()) for c in classes}
+
+
+def test_class_groups_of_an_image_folder_are_the_classes_themselves(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / name / "a.png")
+    groups = gp.class_groups(ClassificationDataset(tmp_path, "train"), [1, 0])
+    assert groups == gp.ClassGroups(classes=[1, 0], names=["dog", "cat"], superclass=[1, 0], scene=["dog", "cat"],
+                                    concepts={1: [], 0: []})
+
+
+def test_class_order_is_superclass_then_scene_then_class_id():
+    groups = gp.ClassGroups(classes=[5, 6, 7, 8], names=list("efgh"), superclass=[1, 0, 1, 0], scene=["b", "z", "a", "a"],
+                            concepts={})
+    assert groups.order() == [3, 1, 2, 0]  # (0, a, 8), (0, z, 6), (1, a, 7), (1, b, 5)
+
+
+FOUR_CLASS_GROUPS = gp.ClassGroups(classes=[0, 1, 2, 3], names=list("abcd"), superclass=[0, 0, 1, 1],
+                                   scene=["a", "b", "c", "c"], concepts={})
+
+
+def test_similarity_by_group_hand_values():
+    similarity = torch.tensor([[1.0, 0.8, 0.2, 0.1], [0.8, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.6], [0.1, 0.2, 0.6, 1.0]])
+    table = gp.similarity_by_group({"net": SimpleNamespace(similarity=similarity)}, FOUR_CLASS_GROUPS)
+    assert table[["arch", "grouping", "n_within_pairs", "n_between_pairs"]].values.tolist() == [
+        ["net", "superclass", 2, 4], ["net", "scene", 1, 5]]
+    assert_close(table["within"].tolist(), [0.7, 0.6], atol=1e-6)  # (0.8 + 0.6) / 2; 0.6
+    assert_close(table["between"].tolist(), [0.2, 0.32], atol=1e-6)  # (.2 + .1 + .3 + .2) / 4; (.8 + .2 + .1 + .3 + .2) / 5
+
+
+def test_misclassification_table_hand_values():
+    wrong = pd.DataFrame({"true": [0, 0, 2], "predicted": [1, 2, 3], "rank": [0.5, 1.0, 0.0]})
+    none = pd.DataFrame({"true": [], "predicted": [], "rank": []})
+    table = gp.misclassification_table({"a": SimpleNamespace(misclassification=wrong),
+                                        "b": SimpleNamespace(misclassification=none)}, FOUR_CLASS_GROUPS)
+    first, second = table.to_dict("records")
+    assert first["arch"] == "a" and first["misclassified"] == 3 and first["mean_rank"] == 0.5
+    assert_close(first["se"], 0.5 / math.sqrt(3), atol=1e-12)  # std(0.5, 1, 0) = 0.5
+    assert first["same_superclass"] == pytest.approx(2 / 3)  # (0, 1) and (2, 3) share one, (0, 2) does not
+    assert second["misclassified"] == 0 and all(math.isnan(second[k]) for k in ("mean_rank", "se", "same_superclass"))
+
+
+def test_claim_results_add_the_reference_the_reduced_note_and_the_seed(monkeypatch):
+    monkeypatch.setattr(gp, "claim_rows", lambda results, concepts: [
+        {"claim_id": "N1", "ours": "drop 0.01", "verdict": "confirmed", "note": "rule: drop <= 0.05"}])
+    reference = {"claims": [{"id": "N1", "claim": "paths keep accuracy", "paper": "unknown"}, {"id": "N2"}]}
+    reduced = gp.claim_results({}, None, reference, profile="ci", seed=3)
+    assert reduced == [ClaimResult(claim_id="N1", claim="paths keep accuracy", paper="unknown", ours="drop 0.01",
+                                   verdict="confirmed", note="REDUCED RUN (ci); rule: drop <= 0.05",
+                                   seeds="seed 3, one network per arch")]
+    assert gp.claim_results({}, None, reference, profile="paper", seed=3)[0].note == "rule: drop <= 0.05"
+
+
+def test_dissected_locations_are_the_last_ones():
+    locations = [gp.GateLocation(name=f"l{i}", channels=1, height=1, width=1) for i in range(3)]
+    assert gp.NADSettings(dissect_layers=2).dissected_locations(locations) == locations[1:]
+    assert gp.NADSettings(dissect_layers=5).dissected_locations(locations) == locations
+    assert gp.NADSettings().dissected_locations(locations) == locations
+    with pytest.raises(ValueError, match="dissect_layers = 0: give at least 1"):
+        gp.NADSettings(dissect_layers=0)
+
+
+def test_search_needs_beta():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1)).eval()
+    with pytest.raises(ValueError, match="PathSearchConfig.beta is not set"):
+        gp.search_paths(model, [], {0: torch.zeros(1, 3, 4, 4)}, config=gp.PathSearchConfig())
+
+
+def test_prepare_network_applies_the_arch_overrides_and_the_seed(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    settings = gp.NADSettings(archs=("alexnet",), model_overrides={"alexnet": {"width": 0.125}},
+                              train_overrides={"alexnet": {"epochs": 2}})
+    base_model = BackboneConfig(arch="resnet18", small_input=True, width=0.5)
+    base_train = TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    model, key, history = gp.prepare_network(settings, "alexnet", tiny_world, model_config=base_model,
+                                             train_config=base_train, seed=4, device="cpu")
+    assert key == {"model": BackboneConfig(arch="alexnet", small_input=True, width=0.125),
+                   "data": ClassificationDataset(tiny_world, "train").fingerprint,
+                   "train": TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=4)}
+    assert len(history) == 2 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())

@@ -362,6 +362,18 @@ def activation_masks(features: torch.Tensor, dissection: Dissection) -> torch.Te
 
 
 @dataclass(frozen=True)
+class DissectionConfig:
+    """A profile's [dissection] section: the Broden `split` dissected (None = all images), the batch
+    size of the dissection passes, and the method's `quantile` and `iou_threshold` (the original
+    Network Dissection's values by default)."""
+
+    batch_size: int
+    split: str | None = "val"
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+
+
+@dataclass(frozen=True)
 class DissectionOptions:
     """The method's choices besides quantile and IoU threshold (spec section 10), defaults as the spec.
 

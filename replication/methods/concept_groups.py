@@ -19,9 +19,10 @@ loops run over the (few) layers. Tags in the docstrings refer to `03_concept_gro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from replication.models.anatomy import anatomy_of, conv_layers, producing_conv
 from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
+from replication.training.loop import Recipe, TrainConfig, evaluate, train_cached
 
 from .soft_map_kernels import GradientBuffer, SoftMapStatistics
 
@@ -842,10 +844,12 @@ class CGLSettings:
     """The notebook's settings: the `[cgl]` section of a profile. Tags as in the spec.
 
     Synthetic task: the paper's two-layer CNN (`synthetic_widths` 128, 256 [P]) on the `cgl_world`
-    preset; epochs [U]. Main experiment: `archs` trained from scratch [P] at `widths` on 64-px ConceptWorld,
-    `small_inputs` (one value per arch) removing early downsampling; the code's recipe (SGD, momentum 0.9, lr 0.01, batch 256, step
-    schedule x0.1 every 30 of 90 epochs [C]), weight decay 1e-4 for the baseline and 0 with the
-    block norm [C], lambda_bn 5e-3 for AlexNet and 1e-3 for VGG16 [C]. lambda_g = lambda_s are not
+    preset; epochs [U]. Main experiment: `archs` trained from scratch [P] at `widths` on 64-px
+    ConceptWorld, `small_inputs` (one value per arch) removing early downsampling. `train` (the table
+    [cgl.train]) is the code's recipe (SGD, momentum 0.9, lr 0.01, batch 256, step schedule x0.1 every
+    30 of 90 epochs [C]), its weight decay 1e-4 for the baseline and 0 with the block norm [C]
+    (`train_config`); the synthetic task uses it for `synthetic_epochs` at `synthetic_lr`. lambda_bn
+    5e-3 for AlexNet and 1e-3 for VGG16 [C]. lambda_g = lambda_s are not
     reported [U]: they are chosen from `lambda_grid` (spec 9.1) on `sweep_arch` by `select_lambda`,
     using a `tuning_fraction` of the training split held out (never the reported val split).
     `train_images` / `synthetic_train_images` cap the training splits and `dissection_images` the
@@ -863,13 +867,8 @@ class CGLSettings:
     archs: tuple[str, ...] = ("alexnet", "vgg16")
     widths: tuple[float, ...] = (1.0, 1.0)
     small_inputs: tuple[bool, ...] = (True, True)
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    schedule: str = "step"
-    step_size: int = 30
-    weight_decay: float = 1e-4
+    train: TrainConfig = TrainConfig(epochs=90, batch_size=256, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                     schedule="step", step_size=30)
     lambda_bn_alexnet: float = 5e-3
     lambda_bn_vgg16: float = 1e-3  # also for vgg16_bn
     lambda_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
@@ -896,14 +895,11 @@ class CGLSettings:
     def lambda_bn(self, arch: str) -> float:
         return self.synthetic_lambda_bn if arch == "two_layer_cnn" else getattr(self, f"lambda_bn_{arch.removesuffix('_bn')}")
 
-    def train_config(self, *, seed: int, variant: str, epochs: int | None = None, lr: float | None = None) -> "TrainConfig":
-        from replication.training.loop import TrainConfig
-
-        return TrainConfig(
-            epochs=epochs or self.epochs, batch_size=self.batch_size, lr=lr or self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay if variant == "weight_decay" else 0.0, schedule=self.schedule,
-            step_size=self.step_size, seed=seed,
-        )
+    def train_config(self, *, seed: int, variant: str, epochs: int | None = None, lr: float | None = None) -> TrainConfig:
+        """`train` for one run: its seed, `epochs`/`lr` when given, and its weight decay only for the
+        weight-decay baseline (the block norm replaces it in the other variants [C])."""
+        return dataclasses.replace(self.train, epochs=epochs or self.train.epochs, lr=lr or self.train.lr, seed=seed,
+                                   weight_decay=self.train.weight_decay if variant == "weight_decay" else 0.0)
 
     def cgl_config(self, arch: str, model: nn.Module, variant: str, lam: float, seed: int) -> CGLConfig | None:
         """The regularisers of `variant` (None for the weight-decay baseline)."""
@@ -922,8 +918,40 @@ def build_model(arch: str, num_classes: int, settings: CGLSettings) -> nn.Module
     return build_backbone(arch, num_classes, small_input=settings.small_input(arch), width=settings.width(arch))
 
 
+@dataclass(frozen=True)
+class VariantRecipe(Recipe):
+    """One CGL run for `train_cached`: `arch` sized by `settings`, with the regularisers of `variant`
+    (lambda_g = lambda_s = `lam` for full CGL; `seed` seeds their pair sampling)."""
+
+    arch: str
+    variant: str
+    num_classes: int
+    settings: CGLSettings
+    lam: float
+    seed: int
+
+    def build(self) -> nn.Module:
+        return build_model(self.arch, self.num_classes, self.settings)
+
+    def cgl_config(self, model: nn.Module) -> CGLConfig | None:
+        return self.settings.cgl_config(self.arch, model, self.variant, self.lam, self.seed)
+
+    def loss_terms(self, model: nn.Module) -> list:
+        config = self.cgl_config(model)
+        return cgl_loss_terms(model, config) if config is not None else []
+
+    def key(self, model: nn.Module) -> dict[str, Any]:
+        settings = self.settings
+        return {"model": {"arch": self.arch, "num_classes": self.num_classes, "width": settings.width(self.arch),
+                          "small_input": settings.small_input(self.arch), "synthetic_widths": settings.synthetic_widths,
+                          "global_pool": settings.synthetic_global_pool},
+                "loss": {"variant": self.variant, "cgl": self.cgl_config(model)}}
+
+
 @dataclass
 class TrainedModel:
+    """A trained (or cached) CGL model with its run's identity, training history and regularisers."""
+
     arch: str
     variant: str
     seed: int
@@ -935,20 +963,10 @@ class TrainedModel:
 def train_variant(arch: str, variant: str, train_set, *, num_classes: int, settings: CGLSettings, seed: int,
                   lam: float, device=None, val_set=None, epochs: int | None = None, lr: float | None = None) -> TrainedModel:
     """Train (or load from the cache) `arch` with the regularisers of `variant`, seeded."""
-    from replication.training.loop import train_cached
-
-    runtime.seed_everything(seed)
-    model = build_model(arch, num_classes, settings)
-    config = settings.cgl_config(arch, model, variant, lam, seed)
-    terms = cgl_loss_terms(model, config) if config is not None else ()
-    model_config = {"arch": arch, "num_classes": num_classes, "width": settings.width(arch), "small_input": settings.small_input(arch),
-                    "synthetic_widths": settings.synthetic_widths, "global_pool": settings.synthetic_global_pool}
-    result = train_cached(
-        "cgl", lambda: model, train_set, config=settings.train_config(seed=seed, variant=variant, epochs=epochs, lr=lr),
-        model_config=model_config, val_set=val_set, loss_terms=terms, loss_config={"variant": variant, "cgl": config},
-        device=device,
-    )
-    return TrainedModel(arch, variant, seed, result.model, result.history, config)
+    recipe = VariantRecipe(arch, variant, num_classes, settings, lam, seed)
+    config = settings.train_config(seed=seed, variant=variant, epochs=epochs, lr=lr)
+    result = train_cached("cgl", recipe, train_set, config=config, val_set=val_set, device=device)
+    return TrainedModel(arch, variant, seed, result.model, result.history, recipe.cgl_config(result.model))
 
 
 def select_lambda(tuning_accuracy: dict[float, float], reference_accuracy: float, tolerance: float) -> float:
@@ -1088,8 +1106,6 @@ def run_sweep(train_set, *, settings: CGLSettings, num_classes: int, seed: int, 
     """The lambda_g = lambda_s sweep on `settings.sweep_arch`: train on the training split minus a held-out
     tuning part, compare held-out accuracy with the block-norm-only model, pick by `select_lambda`.
     A single-value grid is taken as given (no training). Returns (table, chosen lambda)."""
-    from replication.training.loop import evaluate
-
     grid = tuple(settings.lambda_grid)
     if len(grid) == 1:
         return pd.DataFrame({"lambda": list(grid), "tuning_accuracy": [np.nan]}), grid[0]
@@ -1114,8 +1130,6 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
     categories) at the paper's layers. Returns (detectors: one row per model and layer with unique
     detectors and filters, models: one row per model with top-1 and RUD, purity: `group_purity` of
     every dissected layer's groups per model (G8), {(arch, variant, seed): model})."""
-    from replication.training.loop import evaluate
-
     layer_rows, model_rows, purity, models = [], [], [], {}
     for arch in settings.archs:
         for seed in seeds:
@@ -1138,6 +1152,24 @@ def run_main(train_set, val_set, broden, *, settings: CGLSettings, seeds: Sequen
                 model_rows.append({"arch": arch, "variant": variant, "seed": seed, "top1": 100 * accuracy,
                                    "unique_sum": int(totals.unique_detectors.sum()), "rud": rud})
     return pd.DataFrame(layer_rows), pd.DataFrame(model_rows), pd.concat(purity, ignore_index=True), models
+
+
+def run_group_statistics(models: Mapping[tuple[str, str, int], nn.Module], dataset, *, settings: CGLSettings,
+                         batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
+    """G5-G7 per model of `run_main` ({(arch, variant, seed): model}), averaged over its L_g layers: the
+    within-group distance and spatial spread of psi on the first `settings.analysis_images` images of
+    `dataset` (`group_statistics`) and the top group's share of beta (`relevance_summary`)."""
+    rows = []
+    for (arch, variant, seed), model in models.items():
+        layers = activation_layers(arch, model)
+        stats = group_statistics(model, layers, dataset, groups=settings.groups, images=settings.analysis_images,
+                                 batch_size=batch_size, device=device)
+        relevance = relevance_summary(relevance_table(model, [producing_conv(model, layer) for layer in layers],
+                                                      groups=settings.groups))
+        rows.append({"arch": arch, "variant": variant, "seed": seed,
+                     "within_group_distance": stats.within_group_distance.mean(),
+                     "spatial_spread": stats.spatial_spread.mean(), "top_group_share": relevance.top_share.mean()})
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------- claims

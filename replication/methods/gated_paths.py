@@ -18,8 +18,9 @@ Contents, in pipeline order:
 - analysis: path IoU similarity, 2x2 mosaics and the per-layer hit rate, path accuracy,
   misclassification ranks, class-group similarity and the v1 diversity reconstruction;
 - notebook 05: `NADSettings` (profile [nad]), `prepare_network`, `search_paths_cached`,
-  `analyse_architecture`, `dissect_locations` + `path_concepts` (concepts on paths), `claim_rows`
-  (verdict rules) and the figures.
+  `analyse_architecture`, `class_groups` + `similarity_by_group` (class hierarchy),
+  `misclassification_table`, `dissect_locations` + `path_concepts` (concepts on paths), `claim_rows`
+  (verdict rules) + `claim_results` (the claims table) and the figures.
 
 The backbone must be in eval mode (frozen BatchNorm statistics): only then is every sample's output
 independent of the rest of the batch, which is what makes the batched search equal the sequential one.
@@ -43,9 +44,12 @@ from replication import cache, io, runtime
 from replication.analysis.features import dissect_layers
 from replication.data.classification import ClassificationDataset
 from replication.models.anatomy import FAMILY_OF_ARCH, Anatomy, anatomy_of, connection_family
+from replication.models.backbones import BackboneConfig
 from replication.models.hooks import get_module
 from replication.models.surgery import eval_mode, fold_batchnorm, frozen
-from replication.training.classifiers import profile_configs, train_world_classifier
+from replication.reporting.claims import ClaimResult
+from replication.training.classifiers import train_world_classifier
+from replication.training.loop import TrainConfig
 from replication.runtime import progress, resolve_device
 
 GATE_FUNCTIONS = ("sigmoid", "straight_through")
@@ -218,7 +222,8 @@ def ones_gates(locations: Sequence[GateLocation], device: str | torch.device = "
 class PathSearchConfig:
     """Hyper-parameters of the per-class path search; defaults are the official code's [C].
 
-    `beta` has no default: it depends on the architecture (`official_beta`). `epochs=20` gives the
+    `beta` depends on the architecture (`official_beta`): None until it is set for one (the profile's
+    [nad.search] table leaves it to `NADSettings.search_config`); a search needs it. `epochs=20` gives the
     gates the official evaluation reads (`net_iter020`; the 21st trained epoch is never used).
     Switches for the official quirks (spec section 4 item 10): `divide_ce_by_layers` (CE / L as
     well as the MSE), `mse_on_correct_only` (MSE over the images the original net gets right),
@@ -228,7 +233,7 @@ class PathSearchConfig:
     `gate_function="straight_through"` is the possible v1 variant (spec open point 13) [I].
     """
 
-    beta: float
+    beta: float | None = None
     lr: float = 0.1
     epochs: int = 20
     batch_size: int = 16
@@ -316,7 +321,10 @@ def _class_plans(classes: Sequence[int], sizes: Sequence[int], locations: Sequen
     return plans
 
 
-def _check_inputs(model: nn.Module, class_images: Mapping[int, torch.Tensor], classes: Sequence[int] | None):
+def _check_inputs(model: nn.Module, class_images: Mapping[int, torch.Tensor], classes: Sequence[int] | None,
+                  config: PathSearchConfig):
+    if config.beta is None:
+        raise ValueError("PathSearchConfig.beta is not set; give it (official_beta(arch) is the official value for an arch)")
     if model.training:
         raise ValueError("the backbone must be in eval mode for path search (frozen BatchNorm); call model.eval()")
     classes = list(class_images) if classes is None else list(classes)
@@ -361,7 +369,7 @@ def find_paths_sequential(model: nn.Module, locations: Sequence[GateLocation],
 
     Kept as the reference `search_paths` is checked against, and as the benchmark's baseline.
     """
-    classes = _check_inputs(model, class_images, classes)
+    classes = _check_inputs(model, class_images, classes, config)
     device = resolve_device(device)
     plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
     learned = []
@@ -507,7 +515,7 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
     one of its two forward passes); larger chunks recompute them per step. The search runs on
     `search_copy(model)` (BatchNorm folded into convs, channels-last on the CPU).
     """
-    classes = _check_inputs(model, class_images, classes)
+    classes = _check_inputs(model, class_images, classes, config)
     device = resolve_device(device)
     model, memory_format = search_copy(model, locations)
     plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
@@ -839,12 +847,6 @@ def curve_distance(a: pd.DataFrame, b: pd.DataFrame, *, grid: int = 21) -> float
     return float(np.mean(np.abs(ya - yb)))
 
 
-def class_concepts(root: str | Path) -> dict[int, list[str]]:
-    """ConceptWorld: the concept names in each class's rule (scene, object, part, colour or material)."""
-    table = io.read_json(Path(root) / "classes.json")["classes"]
-    return {int(entry["id"]): [str(v) for v in entry["rule"].values()] for entry in table}
-
-
 def path_concepts(paths: PathSet, units: Mapping[str, pd.DataFrame], concepts: Mapping[int, Sequence[str]], *,
                   n_random: int = 100, seed: int = 0) -> pd.DataFrame:
     """v1's 'diversity of human concepts along paths', measured with dissection labels [I].
@@ -893,13 +895,14 @@ class NADSettings:
 
     `archs`: one per connection type; `data_root`: an ImageFolder dataset instead of the profile's
     ConceptWorld (then the models need pretrained `weights` overrides); `max_classes`: the first
-    classes only (spec open point 3: 100 for ImageNet; None = every class); `model_overrides[arch]` / `train_overrides[arch]` change the
-    profile's [model] / [train] fields for that arch (an arch without overrides is the shared
-    baseline of notebook 00). Search settings map to `PathSearchConfig` (beta from
-    `official_beta(arch, beta_dataset)` unless `beta[arch]` is given). `*_images_per_class` cap the
-    images used (None = all). `dissect_layers`: dissect only the last gate locations (None = all).
-    `mosaic_scale`: mosaic side / image side (official 1: the 2x2 mosaic is
-    resized to the input size; 2 keeps every quadrant at the training resolution) [I].
+    classes only (spec open point 3: 100 for ImageNet; None = every class); `model_overrides[arch]` /
+    `train_overrides[arch]` change the profile's [model] / [train] fields for that arch (an arch
+    without overrides is the shared baseline of notebook 00). `search` (the table [nad.search]) is the
+    `PathSearchConfig` of every arch, with beta from `official_beta(arch, beta_dataset)` unless
+    `beta[arch]` is given (`search_config`). `*_images_per_class` cap the images used (None = all).
+    `dissect_layers`: dissect only the last gate locations (None = all). `mosaic_scale`: mosaic side /
+    image side (official 1: the 2x2 mosaic is resized to the input size; 2 keeps every quadrant at
+    the training resolution) [I].
     """
 
     archs: tuple[str, ...] = ("vgg16_bn", "resnet18", "densenet121")
@@ -909,11 +912,7 @@ class NADSettings:
     train_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     beta: Mapping[str, float] = field(default_factory=dict)
     beta_dataset: str = "imagenet"
-    search_epochs: int = 20
-    search_batch_size: int = 16
-    search_lr: float = 0.1
-    search_seed: int = 233
-    seeding: str = "per_class"
+    search: PathSearchConfig = PathSearchConfig()
     train_images_per_class: int | None = None
     val_images_per_class: int | None = None
     class_chunk: int | None = None
@@ -926,23 +925,83 @@ class NADSettings:
     n_random_paths: int = 100
     dissect_layers: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.dissect_layers is not None and self.dissect_layers < 1:
+            raise ValueError(f"[nad] dissect_layers = {self.dissect_layers}: give at least 1 "
+                             "(or leave it out to dissect every gate location).")
+
     def search_config(self, arch: str) -> PathSearchConfig:
-        beta = self.beta.get(arch, None) if self.beta else None
-        return PathSearchConfig(beta=official_beta(arch, self.beta_dataset) if beta is None else float(beta),
-                                lr=self.search_lr, epochs=self.search_epochs, batch_size=self.search_batch_size,
-                                seed=self.search_seed, seeding=self.seeding)
+        """`search` with the beta of `arch`: `beta[arch]` when given, else `official_beta(arch, beta_dataset)`."""
+        beta = self.beta.get(arch)
+        return dataclasses.replace(self.search, beta=official_beta(arch, self.beta_dataset) if beta is None else float(beta))
+
+    def dissected_locations(self, locations: Sequence[GateLocation]) -> list[GateLocation]:
+        """The gate locations whose units are dissected: the last `dissect_layers` of them (None = all)."""
+        if self.dissect_layers is None:
+            return list(locations)
+        return list(locations[max(len(locations) - self.dissect_layers, 0):])
 
 
-def prepare_network(profile, settings: NADSettings, arch: str, root: str | Path, *, seed: int,
+@dataclass(frozen=True)
+class ClassGroups:
+    """What groups the searched `classes` (lists in their order): `names`, `superclass` (index into the
+    dataset's superclasses) and `scene`, plus each class's rule concepts (`concepts[class_id]`). An
+    ImageFolder dataset has no rules: its concepts are empty and each class is its own scene."""
+
+    classes: list[int]
+    names: list[str]
+    superclass: list[int]
+    scene: list[str]
+    concepts: dict[int, list[str]]
+
+    def order(self) -> list[int]:
+        """Positions in `classes` sorted by superclass, scene and class id (related classes side by side)."""
+        return sorted(range(len(self.classes)), key=lambda i: (self.superclass[i], self.scene[i], self.classes[i]))
+
+
+def class_groups(dataset: ClassificationDataset, classes: Sequence[int]) -> ClassGroups:
+    """The `ClassGroups` of `classes` of `dataset` (scene and concepts from its class rules)."""
+    names = [dataset.classes[c] for c in classes]
+    return ClassGroups(classes=list(classes), names=names, superclass=[dataset.superclass_of[c] for c in classes],
+                       scene=[dataset.rules[c].get("scene", name) for c, name in zip(classes, names)],
+                       concepts={c: list(dataset.rules[c].values()) for c in classes})
+
+
+def similarity_by_group(results: Mapping[str, ArchitectureResult], groups: ClassGroups) -> pd.DataFrame:
+    """Per network and grouping (superclass, scene): mean path similarity of class pairs within vs
+    between groups (`group_similarity`); the paths' classes must be `groups.classes`, in that order."""
+    return pd.DataFrame([{"arch": arch, "grouping": name, **group_similarity(result.similarity, labels)}
+                         for arch, result in results.items()
+                         for name, labels in (("superclass", groups.superclass), ("scene", groups.scene))])
+
+
+def misclassification_table(results: Mapping[str, ArchitectureResult], groups: ClassGroups) -> pd.DataFrame:
+    """N7 per network: how many val images were misclassified, the mean normalised rank of their
+    (true, predicted) path similarity with its standard error, and the share of them whose predicted
+    class has the true class's superclass (NaN without misclassifications)."""
+    superclass = dict(zip(groups.classes, groups.superclass))
+    rows = []
+    for arch, result in results.items():
+        wrong = result.misclassification
+        same = [superclass[t] == superclass[p] for t, p in zip(wrong["true"], wrong["predicted"])]
+        rows.append({"arch": arch, "misclassified": len(wrong), "mean_rank": wrong["rank"].mean(),
+                     "se": wrong["rank"].std(ddof=1) / np.sqrt(max(len(wrong), 1)),
+                     "same_superclass": np.mean(same) if same else np.nan})
+    return pd.DataFrame(rows)
+
+
+def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model_config: BackboneConfig,
+                    train_config: TrainConfig, seed: int,
                     device: str | torch.device | None = None) -> tuple[nn.Module, dict[str, Any], pd.DataFrame | None]:
     """The network NAD disentangles for `arch`: pretrained from `weights`, or trained on `root` through
     the shared cache (`train_world_classifier`, so the [model] baseline is notebook 00's).
 
-    Returns the frozen model in eval mode, a key identifying it (for `search_paths_cached`) and the
-    training history (None for pretrained weights).
+    `model_config` / `train_config` are the profile's [model] / [train]; `arch`, `seed` and the
+    settings' overrides for `arch` are applied to them. Returns the frozen model in eval mode, a key
+    identifying it (for `search_paths_cached`) and the training history (None for pretrained weights).
     """
-    model_config, train_config = profile_configs(profile, seed=seed, arch=arch, **settings.model_overrides.get(arch, {}))
-    train_config = dataclasses.replace(train_config, **settings.train_overrides.get(arch, {}))
+    model_config = dataclasses.replace(model_config, arch=arch, **settings.model_overrides.get(arch, {}))
+    train_config = dataclasses.replace(dataclasses.replace(train_config, seed=seed), **settings.train_overrides.get(arch, {}))
     train_set = ClassificationDataset(root, "train")
     key = {"model": model_config, "data": train_set.fingerprint}
     if model_config.weights:
@@ -1108,6 +1167,19 @@ def claim_rows(results: Mapping[str, ArchitectureResult], concepts: Mapping[str,
     row("N7", "; ".join(f"{a}: rank {m:.2f}±{s:.2f} (n={n})" for a, (m, s, n, _) in n7.items()), verdict,
         "rank of s(true, predicted) among s(true, .), 0.5 = chance; rule: |mean - 0.5| > 2 SE per network")
     return rows
+
+
+def claim_results(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None,
+                  reference: Mapping[str, Any], *, profile: str, seed: int) -> list[ClaimResult]:
+    """The claims table of notebook 05: `claim_rows` with each claim's text and paper value from
+    `reference` (`reporting.claims.load_reference`), a reduced-run note under every profile but
+    `paper`, and the seed of the networks."""
+    claims = {c["id"]: c for c in reference["claims"]}
+    reduced = "" if profile == "paper" else f"REDUCED RUN ({profile}); "
+    return [ClaimResult(claim_id=row["claim_id"], claim=claims[row["claim_id"]]["claim"], paper=claims[row["claim_id"]]["paper"],
+                        ours=row["ours"], verdict=row["verdict"], note=reduced + row["note"],
+                        seeds=f"seed {seed}, one network per arch")
+            for row in claim_rows(results, concepts)]
 
 
 def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, quantile: float = 0.005,
