@@ -15,6 +15,7 @@ import torchvision
 from replication.data import concept_world as cw
 from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
+from replication.methods.gated_paths import claims as nad_claims, search as nad_search
 from replication.models.backbones import BackboneConfig, build_backbone
 from replication.reporting.claims import ClaimResult
 from replication.training.loop import TrainConfig
@@ -170,7 +171,7 @@ def test_class_path_loss_known_value():
 def test_each_step_moves_every_layer_by_lr():
     model, locations, class_images = tiny_setup()
     config = gp.PathSearchConfig(beta=1.0, epochs=1, batch_size=16, skip_batches_without_correct=False)
-    start = gp._class_plans([2], [16], locations, config)[0].init
+    start = nad_search._class_plans([2], [16], locations, config)[0].init
     paths = gp.find_paths_sequential(model, locations, class_images, [2], config=config, device="cpu")
     for before, after in zip(start, paths.logits):
         assert_close((after[0] - before).norm(), 0.1, atol=1e-6)
@@ -188,7 +189,7 @@ def test_batched_search_equals_sequential(options):
     batched = gp.search_paths(model, locations, class_images, config=config, device="cpu")
     chunked = gp.search_paths(model, locations, class_images, config=config, device="cpu", class_chunk=3,
                               original_cache_bytes=0)  # the original net's outputs recomputed every step
-    init = gp._class_plans(list(class_images), [len(v) for v in class_images.values()], locations, config)
+    init = nad_search._class_plans(list(class_images), [len(v) for v in class_images.values()], locations, config)
     moved = [float((seq - torch.stack([p.init[l] for p in init])).abs().max()) for l, seq in
              enumerate(sequential.logits)]
     assert min(moved) > 0.05, "the search must actually move the gates for this test to mean anything"
@@ -203,7 +204,7 @@ def test_skipped_batches_leave_gates_untouched():
     with torch.no_grad():
         model.classifier.bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # everything predicted as class 0
     config = gp.PathSearchConfig(beta=1.0, epochs=2, batch_size=4)
-    plans = gp._class_plans([0, 1], [5, 9], locations, config)
+    plans = nad_search._class_plans([0, 1], [5, 9], locations, config)
     paths = gp.search_paths(model, locations, class_images, [0, 1], config=config, device="cpu")
     for l, logits in enumerate(paths.logits):
         assert not torch.equal(logits[0], plans[0].init[l])
@@ -453,7 +454,7 @@ def test_misclassification_table_hand_values():
 
 
 def test_claim_results_add_the_reference_the_reduced_note_and_the_seed(monkeypatch):
-    monkeypatch.setattr(gp, "claim_rows", lambda results, concepts: [
+    monkeypatch.setattr(nad_claims, "claim_rows", lambda results, concepts: [
         {"claim_id": "N1", "ours": "drop 0.01", "verdict": "confirmed", "note": "rule: drop <= 0.05"}])
     reference = {"claims": [{"id": "N1", "claim": "paths keep accuracy", "paper": "unknown"}, {"id": "N2"}]}
     reduced = gp.claim_results({}, None, reference, profile="ci", seed=3)
