@@ -19,6 +19,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from replication import runtime
+from replication.analysis.dissection import dissect
+from replication.analysis.features import dissect_layers
+from replication.data.broden import BrodenDataset
+from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
 from replication.methods.concept_groups import (
     BlockNorm,
     CGLConfig,
@@ -31,24 +35,31 @@ from replication.methods.concept_groups import (
     build_model,
     cgl_loss_terms,
     dissected_layers,
+    dissection_tables,
+    group_purity,
     group_statistics,
     group_weight_norms,
     partition_filters,
+    purity_pairs,
     ratio_of_unique_detectors,
     relevance_summary,
     relevance_table,
     run_group_statistics,
+    select_lambda,
     soft_iou_distance,
     spatial_spread,
     train_variant,
     within_group_distance,
 )
+from replication.methods.concept_groups.eager_kernels import GroupShiftL1, SpatialSpread, StdSoftMap
 from replication.models.anatomy import conv_layers
 from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 from replication.training import loop
+from replication.reporting.claims import load_reference
 from replication.training.loop import TrainConfig, train
+from tests.broden_fixture import write_tiny_broden
 from tests.helpers import assert_close
 
 
@@ -183,26 +194,22 @@ def test_shift_pairs_of_three_filters_cover_all_pairs():
 
 
 def test_fused_functions_match_autograd_gradients():
-    from replication.methods.concept_groups import _GroupShiftL1, _SpatialSpread, _StdSoftMap
-
     generator = torch.Generator().manual_seed(0)
     flat = torch.rand(2, 11, 6, dtype=torch.float64, generator=generator, requires_grad=True)  # 2 groups of 5, 1 free
-    assert torch.autograd.gradcheck(lambda m: _GroupShiftL1.apply(m, 2, 5, (1, 3, 3)), (flat,))
+    assert torch.autograd.gradcheck(lambda m: GroupShiftL1.apply(m, 2, 5, (1, 3, 3)), (flat,))
     psi = torch.rand(2, 3, 4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
     ys, xs = torch.arange(4.0, dtype=torch.float64), torch.arange(5.0, dtype=torch.float64) / 4
-    assert torch.autograd.gradcheck(lambda p: _SpatialSpread.apply(p, ys, xs, 1e-4), (psi,))
+    assert torch.autograd.gradcheck(lambda p: SpatialSpread.apply(p, ys, xs, 1e-4), (psi,))
     act = torch.randn(3, 2, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     p1 = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     p2 = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, u, v: _StdSoftMap.apply(a, u, v, 5e-3), (act, p1, p2))
+    assert torch.autograd.gradcheck(lambda a, u, v: StdSoftMap.apply(a, u, v, 5e-3), (act, p1, p2))
 
 
 def test_fused_soft_map_matches_the_formula():
-    from replication.methods.concept_groups import _StdSoftMap
-
     act = torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(1))
     expected = torch.sigmoid(2.0 * act / (act.std(dim=(0, 2, 3), keepdim=True) + 5e-3) + 0.5)
-    assert_close(_StdSoftMap.apply(act, torch.tensor(2.0), torch.tensor(0.5), 5e-3), expected)
+    assert_close(StdSoftMap.apply(act, torch.tensor(2.0), torch.tensor(0.5), 5e-3), expected)
 
 
 def test_group_activation_layer_reduction_mean_vs_sum():
@@ -479,8 +486,6 @@ def test_regularised_training_in_the_shared_loop(device):
 
 # ------------------------------------------------------------------------------ experiment helpers
 def test_select_lambda_rule():
-    from replication.methods.concept_groups import select_lambda
-
     # within 1.5 points of the R_bn-only model: 0.01 and 0.001 -> the largest admissible, 0.01
     assert select_lambda({0.001: 0.80, 0.01: 0.79, 0.1: 0.70}, 0.80, 1.5) == 0.01
     assert select_lambda({0.001: 0.50, 0.01: 0.40}, 0.80, 1.5) == 0.001  # none admissible: the smallest
@@ -489,8 +494,6 @@ def test_select_lambda_rule():
 
 
 def test_seeded_subsets_keep_attributes_and_split():
-    from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
-
     class Tagged(torch.utils.data.Dataset):
         mask_size = (4, 4)
 
@@ -513,8 +516,6 @@ def test_seeded_subsets_keep_attributes_and_split():
 
 
 def test_reference_numbers_are_consistent():
-    from replication.reporting.claims import load_reference
-
     reference = load_reference("03_concept_group_learning")
     for row in reference["table1_synthetic"]["rows"]:
         assert row["color"] + row["shape"] + row["color_shape"] == row["total"]
@@ -524,13 +525,6 @@ def test_reference_numbers_are_consistent():
 
 
 def test_dissection_tables_stack_the_layers_tables(tmp_path):
-    from replication.analysis.dissection import dissect
-    from replication.analysis.features import dissect_layers
-    from replication.data.broden import BrodenDataset
-    from replication.data.subsets import InMemoryItems, seeded_subset
-    from replication.methods.concept_groups import dissection_tables
-    from tests.broden_fixture import write_tiny_broden
-
     write_tiny_broden(tmp_path, n_images=12, image_size=32)
     broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
     torch.manual_seed(0)
@@ -547,8 +541,6 @@ def test_dissection_tables_stack_the_layers_tables(tmp_path):
 
 
 def test_group_purity_known_answer():
-    from replication.methods.concept_groups import group_purity, purity_pairs
-
     model = TwoLayerCNN(widths=(10, 8))
     with torch.no_grad():  # 5 groups of 2 filters; group 3 has the largest weight norm
         model.conv1.weight.copy_(torch.arange(10).float().div(10).add(1).repeat_interleave(27).view(10, 3, 3, 3))
@@ -563,41 +555,6 @@ def test_group_purity_known_answer():
     assert int(table.beta.idxmax()) == 3
     pairs = purity_pairs(table.assign(arch="a", variant="cgl", seed=0))
     assert pairs[["top", "others", "layers"]].values.tolist() == [[1.0, 0.75, 1]]
-
-
-def test_claim_rows_verdicts_on_clear_effects():
-    from replication.methods.concept_groups import claim_rows
-    from replication.reporting.claims import load_reference
-
-    seeds, archs = [0, 1, 2], ["alexnet", "vgg16"]
-    per_variant = {"weight_decay": (10, 50.0, 0.10, 0.5, 0.20, 0.40), "block_norm": (12, 50.0, 0.12, 0.5, 0.30, 0.40),
-                   "cgl": (14, 49.5, 0.15, 0.3, 0.30, 0.30)}
-    models, groups, synthetic = [], [], []
-    for arch in archs:
-        for seed in seeds:
-            for variant, (unique, top1, rud, distance, share, spread) in per_variant.items():
-                models.append({"arch": arch, "variant": variant, "seed": seed, "top1": top1 + seed / 10,
-                               "unique_sum": unique + seed, "rud": rud + seed / 100})
-                groups.append({"arch": arch, "variant": variant, "seed": seed, "within_group_distance": distance + seed / 100,
-                               "spatial_spread": spread + seed / 100, "top_group_share": share + seed / 100})
-    for seed in seeds:
-        for variant, total in (("weight_decay", 8), ("block_norm", 9), ("cgl", 11)):
-            synthetic.append({"variant": variant, "seed": seed, "layer": "conv2", "total": total + seed % 2})
-    purity = pd.DataFrame([{"arch": arch, "variant": "cgl", "seed": seed, "layer": layer, "group": group,
-                            "beta": 1.0 + (group == 2), "purity": 1.0 if group == 2 else 0.5 + seed / 10}
-                           for arch in archs for seed in seeds for layer in ("c1", "c2") for group in range(5)])
-    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                      pd.DataFrame(groups), purity, profile="ci", chance=10.0)
-    verdicts = {r["claim_id"]: r["verdict"] for r in rows}
-    assert verdicts == {f"G{i}": "confirmed" for i in range(1, 9)}
-    assert all(r["note"].startswith("REDUCED") for r in rows)
-    reversed_purity = purity.assign(purity=1.5 - purity.purity)
-    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                      pd.DataFrame(groups), reversed_purity, profile="ci", chance=10.0)
-    assert {r["claim_id"]: r["verdict"] for r in rows}["G8"] == "refuted"
-    at_chance = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                           pd.DataFrame(groups), purity, profile="ci", chance=30.0)
-    assert {r["claim_id"]: r["verdict"] for r in at_chance}["G3"] == "inconclusive"
 
 
 def test_paper_layers_of_the_torchvision_backbones():

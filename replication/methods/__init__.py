@@ -7,8 +7,9 @@ Its `__init__` re-exports these names. `EXPERIMENTS` maps a notebook number to i
 """
 from types import ModuleType
 
-from replication.methods import gated_paths
+from replication.methods import concept_groups, gated_paths
 
 EXPERIMENTS: dict[str, ModuleType] = {
+    "03": concept_groups,
     "05": gated_paths,
 }
