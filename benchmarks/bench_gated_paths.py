@@ -18,12 +18,13 @@ import torch
 
 from replication.methods import gated_paths as gp
 from replication.models.backbones import build_backbone
+from replication.models.surgery import frozen
 
 
 def arithmetic_floor(model, locations, images: torch.Tensor, steps: int, batch_size: int) -> float:
     """Seconds for `steps` gated forward + backward passes (to the gates only) over `images` in batches."""
     gates = [torch.zeros(1, loc.channels, requires_grad=True) for loc in locations]
-    with gp.frozen_parameters(model), gp.gated(model, locations) as hooks:
+    with frozen(model), gp.gated(model, locations) as hooks:
         start = time.perf_counter()
         for step in range(steps):
             hooks.set([torch.sigmoid(g) for g in gates])

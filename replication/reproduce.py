@@ -33,7 +33,7 @@ from nbclient import NotebookClient
 from replication import io, paths
 from replication.profiles import load_profile
 from replication.reporting.claims import CLAIMS_FILE
-from replication.runtime import progress_enabled
+from replication.runtime import RuntimeSettings, progress_enabled
 
 
 RUN_RECORD = "run.json"  # per notebook: profile, runtime settings, minutes, commit; read back by `summarise`
@@ -180,9 +180,9 @@ def _relative(path: Path) -> str:
 def _run_record(name: str, profile: str, seconds: float) -> dict:
     """The run record: what ran, under which settings (seeds, device, threads), how long, from which commit."""
     loaded = load_profile(profile)
-    settings = loaded.section("runtime")
+    settings = loaded.build(RuntimeSettings, "runtime")
     return {"notebook": name, "profile": loaded.name, "seconds": round(seconds, 1),
-            "seeds": settings.get("seeds"), "device": settings.get("device"), "threads": settings.get("threads"),
+            "seeds": list(settings.seeds), "device": settings.device, "threads": settings.threads,
             "commit": _git_commit(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

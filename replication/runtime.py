@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -12,6 +13,28 @@ import torch
 T = TypeVar("T")
 
 FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """A profile's [runtime] section: where and how every notebook computes.
+
+    `threads`: torch's CPU thread count (`set_cpu_threads`; it changes float rounding, so a profile
+    pins it); `batch_size`: for evaluation and analysis passes (training batches are `TrainConfig`'s);
+    `device`: "auto" (CUDA when available), "cpu" or "cuda[:n]" (`resolve_device`); `seeds`: the
+    training seeds a notebook repeats its experiments over.
+    """
+
+    threads: int
+    batch_size: int
+    device: str = "auto"
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"[runtime] batch_size must be a positive integer, got {self.batch_size!r}.")
+        if not self.seeds:
+            raise ValueError("[runtime] seeds is empty; list at least one seed, e.g. seeds = [0].")
 
 
 def seed_everything(seed: int) -> torch.Generator:

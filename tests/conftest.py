@@ -1,5 +1,17 @@
-"""Test session set-up: a non-interactive matplotlib backend and quiet progress bars."""
+"""Test session set-up: a non-interactive matplotlib backend, quiet progress bars, a tiny world."""
 import os
+from pathlib import Path
+
+import pytest
+
+from replication.data import concept_world as cw
 
 os.environ.setdefault("MPLBACKEND", "agg")
 os.environ.setdefault("REPLICATION_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A 12-image ConceptWorld (read-only by convention: tests copy it before damaging it)."""
+    return cw.generate_world(cw.WorldConfig(n_images=12, image_size=32, seed=3),
+                             tmp_path_factory.mktemp("world") / "w", workers=1)

@@ -7,8 +7,8 @@ from torch import nn
 
 import replication  # noqa: F401  (before torchvision)
 import torchvision
-from replication.models import backbones
-from replication.models.backbones import ARCHS, LAST_CONV_LAYER, BackboneConfig, build_backbone, load_weights
+from replication.models.anatomy import anatomy_of
+from replication.models.backbones import ARCHS, BackboneConfig, build_backbone, load_weights
 from replication.models.hooks import capture_activations, get_module
 
 # torchvision's own builder for each arch (alexnet_bn has the same conv channels as alexnet)
@@ -35,7 +35,7 @@ def small(arch: str, num_classes: int = 10) -> nn.Module:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_small_input_keeps_at_least_7x7_in_last_conv_stage_at_64px(arch):
     model = small(arch).eval()
-    layer = LAST_CONV_LAYER[arch]
+    layer = anatomy_of(model).last_conv
     with torch.no_grad(), capture_activations(model, layer) as acts:
         logits = model(torch.randn(2, 3, 64, 64))
     size = SMALL_64PX_SIZE[arch]
@@ -150,4 +150,3 @@ def test_backbone_config_builds_and_loads(tmp_path):
     torch.save(source.state_dict(), tmp_path / "vgg.pth")
     config = BackboneConfig(arch="vgg16", small_input=True, width=0.25, weights=str(tmp_path / "vgg.pth"))
     assert_same_weights(config.build(10), source)
-    assert backbones.LAST_CONV_LAYER["vgg16"] == "features.28"

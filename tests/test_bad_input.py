@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from replication import io
-from replication.analysis.dissection import dissect
+from replication.analysis.dissection import DissectionConfig, dissect
 from replication.cli import main
 from replication.data import concept_world as cw
 from replication.data.broden import BrodenDataset
@@ -27,19 +27,15 @@ from replication.methods.gated_paths import NADSettings
 from replication.models.backbones import BackboneConfig, build_backbone, load_weights
 from replication.models.hooks import capture_activations, get_module
 from replication.profiles import ProfileError, available_profiles, load_profile
+from replication.runtime import RuntimeSettings
+from replication.training.classifiers import BaselineSettings
 from replication.training.loop import TrainConfig
 
 TINY_WORLD = '[world]\npreset = "classification"\nn_images = 12\nimage_size = 32\nseed = 3\n'
 # every profile section that is built into a dataclass, and the dataclass
 BUILT_SECTIONS = {"world": cw.WorldConfig, "cgl_world": cw.WorldConfig, "model": BackboneConfig,
-                  "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings}
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> Path:
-    """A 12-image ConceptWorld (read-only by convention: tests copy it before damaging it)."""
-    return cw.generate_world(cw.WorldConfig(n_images=12, image_size=32, seed=3),
-                             tmp_path_factory.mktemp("world") / "w", workers=1)
+                  "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings, "runtime": RuntimeSettings,
+                  "dissection": DissectionConfig, "baselines": BaselineSettings}
 
 
 @pytest.fixture()
@@ -274,6 +270,9 @@ def test_missing_toml_file_is_not_an_unknown_profile(tmp_path: Path):  # cases 3
     ("train", "epochs = 1.5", "TrainConfig.epochs expects int"),
     ("cgl", 'archs = "alexnet"', "CGLSettings.archs expects tuple[str, ...]"),
     ("nad", "model_overrides = { vgg16_bn = 3 }", "NADSettings.model_overrides expects Mapping[str, Mapping[str, Any]]"),
+    ("runtime", "seeds = 0", "RuntimeSettings.seeds expects tuple[int, ...]"),
+    ("dissection", 'quantile = "top"', "DissectionConfig.quantile expects float"),
+    ("baselines", 'layers = { resnet18 = "layer4" }', "BaselineSettings.layers expects Mapping[str, Sequence[str]]"),
 ])
 def test_wrong_type_values_name_file_section_key_and_type(tmp_path: Path, section: str, line: str, expects: str):  # case 45
     key, value = next(iter(tomllib.loads(line).items()))
@@ -323,7 +322,7 @@ def test_type_check_follows_the_annotations(tmp_path: Path, line: str, fits: boo
 def test_every_shipped_profile_builds_every_dataclass_section(name: str):
     profile = load_profile(name)
     built = [profile.build(cls, section) for section, cls in BUILT_SECTIONS.items() if section in profile.sections]
-    assert len(built) >= 4
+    assert len(built) >= 6
 
 
 def test_missing_section_key_names_profile_section_key_and_file(tmp_path: Path):  # case 52

@@ -5,6 +5,7 @@ Exact 0/1 soft maps come from the batch-norm form of psi: with a BN gamma of 1e-
 +-1, psi = sigmoid(y / gamma) is exactly 1 or 0 in float32, so distances are plain set arithmetic.
 """
 import copy
+import dataclasses
 import gc
 import math
 import pickle
@@ -17,26 +18,48 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from replication import runtime
+from replication.analysis.dissection import dissect
+from replication.analysis.features import dissect_layers
+from replication.data.broden import BrodenDataset
+from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
 from replication.methods.concept_groups import (
     BlockNorm,
     CGLConfig,
+    CGLSettings,
     GroupActivationLoss,
     SoftReceptiveField,
     SpatialLoss,
+    VariantRecipe,
+    activation_layers,
+    build_model,
     cgl_loss_terms,
-    conv_layer_names,
+    dissected_layers,
+    dissection_tables,
+    group_purity,
+    group_statistics,
     group_weight_norms,
     partition_filters,
+    purity_pairs,
     ratio_of_unique_detectors,
     relevance_summary,
     relevance_table,
+    run_group_statistics,
+    select_lambda,
     soft_iou_distance,
     spatial_spread,
+    train_variant,
     within_group_distance,
 )
+from replication.methods.concept_groups.eager_kernels import GroupShiftL1, SpatialSpread, StdSoftMap
+from replication.models.anatomy import conv_layers
+from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
+from replication.training import loop
+from replication.reporting.claims import load_reference
 from replication.training.loop import TrainConfig, train
+from tests.broden_fixture import write_tiny_broden
 from tests.helpers import assert_close
 
 
@@ -171,26 +194,22 @@ def test_shift_pairs_of_three_filters_cover_all_pairs():
 
 
 def test_fused_functions_match_autograd_gradients():
-    from replication.methods.concept_groups import _GroupShiftL1, _SpatialSpread, _StdSoftMap
-
     generator = torch.Generator().manual_seed(0)
     flat = torch.rand(2, 11, 6, dtype=torch.float64, generator=generator, requires_grad=True)  # 2 groups of 5, 1 free
-    assert torch.autograd.gradcheck(lambda m: _GroupShiftL1.apply(m, 2, 5, (1, 3, 3)), (flat,))
+    assert torch.autograd.gradcheck(lambda m: GroupShiftL1.apply(m, 2, 5, (1, 3, 3)), (flat,))
     psi = torch.rand(2, 3, 4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
     ys, xs = torch.arange(4.0, dtype=torch.float64), torch.arange(5.0, dtype=torch.float64) / 4
-    assert torch.autograd.gradcheck(lambda p: _SpatialSpread.apply(p, ys, xs, 1e-4), (psi,))
+    assert torch.autograd.gradcheck(lambda p: SpatialSpread.apply(p, ys, xs, 1e-4), (psi,))
     act = torch.randn(3, 2, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     p1 = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     p2 = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, u, v: _StdSoftMap.apply(a, u, v, 5e-3), (act, p1, p2))
+    assert torch.autograd.gradcheck(lambda a, u, v: StdSoftMap.apply(a, u, v, 5e-3), (act, p1, p2))
 
 
 def test_fused_soft_map_matches_the_formula():
-    from replication.methods.concept_groups import _StdSoftMap
-
     act = torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(1))
     expected = torch.sigmoid(2.0 * act / (act.std(dim=(0, 2, 3), keepdim=True) + 5e-3) + 0.5)
-    assert_close(_StdSoftMap.apply(act, torch.tensor(2.0), torch.tensor(0.5), 5e-3), expected)
+    assert_close(StdSoftMap.apply(act, torch.tensor(2.0), torch.tensor(0.5), 5e-3), expected)
 
 
 def test_group_activation_layer_reduction_mean_vs_sum():
@@ -353,7 +372,7 @@ def test_ratio_of_unique_detectors():
 def test_two_layer_cnn_shapes_and_names():
     model = TwoLayerCNN(num_classes=3, widths=(8, 16))
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
-    assert conv_layer_names(model) == ["conv1", "conv2"]
+    assert conv_layers(model) == ["conv1", "conv2"]
     with pytest.raises(ValueError, match="two conv widths"):
         TwoLayerCNN(widths=(8,))
 
@@ -467,8 +486,6 @@ def test_regularised_training_in_the_shared_loop(device):
 
 # ------------------------------------------------------------------------------ experiment helpers
 def test_select_lambda_rule():
-    from replication.methods.concept_groups import select_lambda
-
     # within 1.5 points of the R_bn-only model: 0.01 and 0.001 -> the largest admissible, 0.01
     assert select_lambda({0.001: 0.80, 0.01: 0.79, 0.1: 0.70}, 0.80, 1.5) == 0.01
     assert select_lambda({0.001: 0.50, 0.01: 0.40}, 0.80, 1.5) == 0.001  # none admissible: the smallest
@@ -477,8 +494,6 @@ def test_select_lambda_rule():
 
 
 def test_seeded_subsets_keep_attributes_and_split():
-    from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
-
     class Tagged(torch.utils.data.Dataset):
         mask_size = (4, 4)
 
@@ -501,8 +516,6 @@ def test_seeded_subsets_keep_attributes_and_split():
 
 
 def test_reference_numbers_are_consistent():
-    from replication.reporting.claims import load_reference
-
     reference = load_reference("03_concept_group_learning")
     for row in reference["table1_synthetic"]["rows"]:
         assert row["color"] + row["shape"] + row["color_shape"] == row["total"]
@@ -511,31 +524,23 @@ def test_reference_numbers_are_consistent():
     assert {c["id"] for c in reference["claims"]} == {f"G{i}" for i in range(1, 9)}
 
 
-def test_dissect_layers_one_pass_matches_per_layer_dissection(tmp_path):
-    from replication.analysis.dissection import dissect
-    from replication.data.broden import BrodenDataset
-    from replication.data.subsets import InMemoryItems, seeded_subset
-    from replication.methods.concept_groups import dissect_layers
-    from tests.broden_fixture import write_tiny_broden
-
+def test_dissection_tables_stack_the_layers_tables(tmp_path):
     write_tiny_broden(tmp_path, n_images=12, image_size=32)
     broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
     torch.manual_seed(0)
     model = TwoLayerCNN(widths=(6, 8))
-    table, units = dissect_layers(model, ["conv1", "conv2"], broden, quantile=0.05, iou_threshold=0.04, batch_size=4,
-                                  device="cpu")
+    settings = dict(quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+    table, units = dissection_tables(dissect_layers(model, ["conv1", "conv2"], broden, **settings))
     for layer in ("conv1", "conv2"):
-        expected = dissect(model, layer, broden, quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
+        expected = dissect(model, layer, broden, **settings)
         got = table[table.layer == layer].drop(columns=["layer", "units"]).reset_index(drop=True)
         assert got.equals(expected.summary), (layer, got, expected.summary)
         got_units = units[units.layer == layer].drop(columns="layer").reset_index(drop=True)
         assert got_units.equals(expected.units[["unit", "label", "category", "iou", "detector"]])
-    assert set(table.units) == {6, 8}
+    assert list(table.layer.unique()) == ["conv1", "conv2"] and set(table.units) == {6, 8}
 
 
 def test_group_purity_known_answer():
-    from replication.methods.concept_groups import group_purity, purity_pairs
-
     model = TwoLayerCNN(widths=(10, 8))
     with torch.no_grad():  # 5 groups of 2 filters; group 3 has the largest weight norm
         model.conv1.weight.copy_(torch.arange(10).float().div(10).add(1).repeat_interleave(27).view(10, 3, 3, 3))
@@ -552,51 +557,66 @@ def test_group_purity_known_answer():
     assert pairs[["top", "others", "layers"]].values.tolist() == [[1.0, 0.75, 1]]
 
 
-def test_claim_rows_verdicts_on_clear_effects():
-    from replication.methods.concept_groups import claim_rows
-    from replication.reporting.claims import load_reference
-
-    seeds, archs = [0, 1, 2], ["alexnet", "vgg16"]
-    per_variant = {"weight_decay": (10, 50.0, 0.10, 0.5, 0.20, 0.40), "block_norm": (12, 50.0, 0.12, 0.5, 0.30, 0.40),
-                   "cgl": (14, 49.5, 0.15, 0.3, 0.30, 0.30)}
-    models, groups, synthetic = [], [], []
-    for arch in archs:
-        for seed in seeds:
-            for variant, (unique, top1, rud, distance, share, spread) in per_variant.items():
-                models.append({"arch": arch, "variant": variant, "seed": seed, "top1": top1 + seed / 10,
-                               "unique_sum": unique + seed, "rud": rud + seed / 100})
-                groups.append({"arch": arch, "variant": variant, "seed": seed, "within_group_distance": distance + seed / 100,
-                               "spatial_spread": spread + seed / 100, "top_group_share": share + seed / 100})
-    for seed in seeds:
-        for variant, total in (("weight_decay", 8), ("block_norm", 9), ("cgl", 11)):
-            synthetic.append({"variant": variant, "seed": seed, "layer": "conv2", "total": total + seed % 2})
-    purity = pd.DataFrame([{"arch": arch, "variant": "cgl", "seed": seed, "layer": layer, "group": group,
-                            "beta": 1.0 + (group == 2), "purity": 1.0 if group == 2 else 0.5 + seed / 10}
-                           for arch in archs for seed in seeds for layer in ("c1", "c2") for group in range(5)])
-    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                      pd.DataFrame(groups), purity, profile="ci", chance=10.0)
-    verdicts = {r["claim_id"]: r["verdict"] for r in rows}
-    assert verdicts == {f"G{i}": "confirmed" for i in range(1, 9)}
-    assert all(r["note"].startswith("REDUCED") for r in rows)
-    reversed_purity = purity.assign(purity=1.5 - purity.purity)
-    rows = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                      pd.DataFrame(groups), reversed_purity, profile="ci", chance=10.0)
-    assert {r["claim_id"]: r["verdict"] for r in rows}["G8"] == "refuted"
-    at_chance = claim_rows(load_reference("03_concept_group_learning"), pd.DataFrame(synthetic), pd.DataFrame(models),
-                           pd.DataFrame(groups), purity, profile="ci", chance=30.0)
-    assert {r["claim_id"]: r["verdict"] for r in at_chance}["G3"] == "inconclusive"
-
-
-def test_paper_layer_names_match_the_torchvision_backbones():
-    from replication.methods.concept_groups import (
-        ACTIVATION_LAYERS, DISSECTED_LAYERS, VGG16_BN_CONVS, VGG16_CONVS, producing_conv)
-    from replication.models.backbones import build_backbone
-
+def test_paper_layers_of_the_torchvision_backbones():
     plain = build_backbone("vgg16", 10, small_input=True, width=0.125)
-    assert all(isinstance(plain.get_submodule(n), nn.Conv2d) for n in (*VGG16_CONVS.values(), *ACTIVATION_LAYERS["vgg16"]))
-    assert [plain.get_submodule(n).out_channels for n in VGG16_CONVS.values()] == [32, 64, 64, 64, 64]
+    assert activation_layers("vgg16", plain) == ("features.21", "features.24", "features.26")  # conv4_3, conv5_1, conv5_2
+    assert dissected_layers("vgg16", plain) == ("features.14", "features.21", "features.24", "features.26", "features.28")
+    assert [plain.get_submodule(n).out_channels for n in dissected_layers("vgg16", plain)] == [32, 64, 64, 64, 64]
     bn = build_backbone("vgg16_bn", 10, small_input=True, width=0.125)
-    assert all(isinstance(bn.get_submodule(n), nn.BatchNorm2d) for n in ACTIVATION_LAYERS["vgg16_bn"])
-    assert [producing_conv(bn, n) for n in ACTIVATION_LAYERS["vgg16_bn"]] == [VGG16_BN_CONVS[k] for k in ("conv4_3", "conv5_1", "conv5_2")]
-    assert DISSECTED_LAYERS["vgg16_bn"][-1] == "features.40"
-    assert producing_conv(bn, "features.40") == "features.40"
+    assert activation_layers("vgg16_bn", bn) == ("features.31", "features.35", "features.38")  # the BN after each conv
+    assert all(isinstance(bn.get_submodule(n), nn.BatchNorm2d) for n in activation_layers("vgg16_bn", bn))
+    assert dissected_layers("vgg16_bn", bn) == ("features.20", "features.30", "features.34", "features.37", "features.40")
+    alexnet = build_backbone("alexnet", 10, small_input=True, width=0.125)  # every conv, as for any other model
+    assert activation_layers("alexnet", alexnet) == dissected_layers("alexnet", alexnet) == tuple(
+        f"features.{i}" for i in (0, 3, 6, 8, 10))
+
+
+# ------------------------------------------------------------------------------ training recipe
+SMALL = CGLSettings(synthetic_widths=(10, 20))
+
+
+def test_variant_recipe_key_is_the_cgl_cache_key():
+    recipe = VariantRecipe("two_layer_cnn", "block_norm", 2, SMALL, lam=0.1, seed=3)
+    model_key = {"arch": "two_layer_cnn", "num_classes": 2, "width": 1.0, "small_input": True,
+                 "synthetic_widths": (10, 20), "global_pool": "max"}
+    assert recipe.key(recipe.build()) == {"model": model_key, "loss": {"variant": "block_norm", "cgl": CGLConfig(
+        lambda_bn=5e-3, lambda_g=0.0, lambda_s=0.0, activation_layers=("conv1", "conv2"), seed=3)}}
+    baseline = VariantRecipe("two_layer_cnn", "weight_decay", 2, SMALL, lam=0.1, seed=3)
+    assert baseline.key(baseline.build()) == {"model": model_key, "loss": {"variant": "weight_decay", "cgl": None}}
+    assert baseline.loss_terms(baseline.build()) == []
+
+
+def test_train_variant_builds_its_model_right_after_seeding(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    seen = {}
+
+    def stop(model, train_set, *, loss_terms, **kwargs):
+        seen.update(state=copy.deepcopy(model.state_dict()), terms=[type(t).__name__ for t in loss_terms])
+        raise KeyboardInterrupt("stopped before training")
+
+    monkeypatch.setattr(loop, "train", stop)
+    data = TensorDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    torch.manual_seed(99)  # the state before the call must not matter
+    with pytest.raises(KeyboardInterrupt):
+        train_variant("two_layer_cnn", "cgl", data, num_classes=2, settings=SMALL, seed=5, lam=0.01, device="cpu")
+    runtime.seed_everything(5)  # what train_variant did before train_cached owned the seeding
+    expected = build_model("two_layer_cnn", 2, SMALL).state_dict()
+    assert seen["state"].keys() == expected.keys() and all(torch.equal(seen["state"][k], expected[k]) for k in expected)
+    assert seen["terms"] == ["BlockNorm", "GroupActivationLoss", "SpatialLoss"]
+
+
+def test_run_group_statistics_one_row_per_model():
+    uniform, one_group = TwoLayerCNN(2, widths=(10, 20)), TwoLayerCNN(2, widths=(10, 20))
+    with torch.no_grad():
+        for model in (uniform, one_group):
+            model.conv1.weight.fill_(0.1)
+            model.conv2.weight.fill_(0.1)
+        one_group.conv1.weight[2:] = 0  # conv1: only group 0 (filters 0, 1) has weight
+    data = TensorDataset(torch.rand(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
+    models = {("two_layer_cnn", "weight_decay", 0): uniform, ("two_layer_cnn", "cgl", 1): one_group}
+    table = run_group_statistics(models, data, settings=dataclasses.replace(SMALL, analysis_images=4), batch_size=3, device="cpu")
+    assert table[["arch", "variant", "seed"]].values.tolist() == [["two_layer_cnn", "weight_decay", 0], ["two_layer_cnn", "cgl", 1]]
+    assert_close(table["top_group_share"].tolist(), [0.2, (1.0 + 0.2) / 2], atol=1e-9)  # equal groups: 1/5
+    stats = group_statistics(uniform, ["conv1", "conv2"], data, images=4, batch_size=3, device="cpu")
+    assert table["within_group_distance"][0] == stats.within_group_distance.mean()
+    assert table["spatial_spread"][0] == stats.spatial_spread.mean()

@@ -272,6 +272,8 @@ def test_classification_dataset_conceptworld_and_imagefolder(world, tmp_path):
     train, val = ClassificationDataset(world, "train"), ClassificationDataset(world, "val")
     assert len(train) + len(val) == 300 and len(train.classes) == 10
     assert train.superclasses == ["urban", "nature"] and train.superclass_of[0] == 0 and train.superclass_of[9] == 1
+    catalogue = {rule.name: rule.as_dict() for rule in cw.CLASS_RULES}  # the rules the world was written from
+    assert train.rules == [catalogue[name] for name in train.classes] and train.rules[0]["scene"] == cw.CLASS_RULES[0].scene
     image, target = val[0]
     assert image.shape == (3, 64, 64) and target == pd.read_csv(world / "tasks.csv").query("split == 'val'")["class_id"].iloc[0]
 
@@ -281,6 +283,7 @@ def test_classification_dataset_conceptworld_and_imagefolder(world, tmp_path):
             Image.new("RGB", (20, 10), (k * 100, 0, 0)).save(tmp_path / "real" / "train" / name / f"{k}.jpg")
     folder = ClassificationDataset(tmp_path / "real", "train", image_size=16)
     assert folder.classes == ["cat", "dog"] and folder.targets == [0, 0, 1, 1] and folder[3][0].shape == (3, 16, 16)
+    assert folder.rules == [{}, {}]
     with pytest.raises(FileNotFoundError, match="neither tasks.csv"):
         ClassificationDataset(tmp_path / "real", "val")
 
@@ -291,6 +294,7 @@ def test_cgl_preset_has_15_concepts_and_the_square_label(tmp_path):
     assert len(labels) == 15
     groups = json.loads((root / "classes.json").read_text())["concept_groups"]
     assert [len(groups[k]) for k in ("color", "shape", "color-shape")] == [3, 3, 9]
+    assert ClassificationDataset(root, "train").rules == [{}, {}]  # "square" or not: no scene/object rule
     assert set(labels["name"]) == {*groups["color"], *groups["shape"], *groups["color-shape"]}
     index = pd.read_csv(root / "index.csv", keep_default_na=False)
     tasks = pd.read_csv(root / "tasks.csv")

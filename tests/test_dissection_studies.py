@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from replication.analysis.dissection_studies import dissect_layers, layer_channels, layer_summary, rotation_study
+from replication.analysis.dissection_studies import layer_summary, rotation_study
+from replication.analysis.features import dissect_layers
 from replication.data.broden import BrodenDataset
 from tests.broden_fixture import write_tiny_broden
 
@@ -20,11 +21,6 @@ def dataset(tmp_path_factory) -> BrodenDataset:
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2, padding=1))
-
-
-@pytest.mark.parametrize("device", ["auto", "cpu", None])
-def test_layer_channels_accepts_every_device_spelling(dataset, device):
-    assert layer_channels(_model(), "2", dataset, device) == 5
 
 
 def test_layer_summary_has_one_row_per_layer_in_order(dataset):

@@ -10,7 +10,7 @@ import torch
 
 import replication  # noqa: F401  (makes torchvision importable)
 from replication import cache, io
-from replication.profiles import available_profiles, load_profile
+from replication.profiles import ProfileError, available_profiles, load_profile
 from replication.reporting.claims import ClaimResult, claims_table, directional_verdict, mean_std
 
 
@@ -105,6 +105,68 @@ def test_profile_build_rejects_unknown_keys():
         load_profile("ci").build(Narrow, "runtime")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    steps: int
+    rate: float = 0.5
+    mode: str = "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    name: str = "outer"
+    inner: _Inner = _Inner(steps=3, mode="b")  # a nested table overrides these fields only
+
+
+@dataclasses.dataclass(frozen=True)
+class _Needs:
+    inner: _Inner  # no default: a nested table builds it from scratch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deep:
+    outer: _Outer = _Outer()
+
+
+def _profile(tmp_path: Path, text: str):
+    path = tmp_path / "nested.toml"
+    path.write_text(text)
+    return load_profile(path), path
+
+
+def test_nested_table_builds_the_dataclass_field_over_its_default(tmp_path: Path):
+    profile, _ = _profile(tmp_path, '[s]\nname = "x"\n[s.inner]\nrate = 2\n[t]\n[d.outer.inner]\nsteps = 9\n')
+    assert profile.build(_Outer, "s") == _Outer(name="x", inner=_Inner(steps=3, rate=2, mode="b"))
+    assert profile.build(_Outer, "t") == _Outer()  # no table: the default itself
+    assert profile.build(_Deep, "d") == _Deep(outer=_Outer(inner=_Inner(steps=9, mode="b")))
+
+
+def test_nested_table_errors_name_the_file_the_table_and_the_key(tmp_path: Path):
+    profile, path = _profile(tmp_path, "[s.inner]\nsteps = 1\nspeed = 2\n")
+    with pytest.raises(KeyError) as error:
+        profile.build(_Outer, "s")
+    assert error.value.args[0] == (f"{path} [s.inner] has keys ['speed'] that _Inner does not accept; "
+                                   "valid keys: ['mode', 'rate', 'steps'].")
+    profile, path = _profile(tmp_path, '[s.inner]\nsteps = "many"\n')
+    with pytest.raises(ProfileError, match=rf"^{path} \[s.inner\] steps = 'many': _Inner.steps expects int.$"):
+        profile.build(_Outer, "s")
+    profile, path = _profile(tmp_path, "[s]\ninner = 3\n")
+    with pytest.raises(ProfileError, match=r"\[s\] inner = 3: _Outer.inner expects _Inner"):
+        profile.build(_Outer, "s")
+
+
+def test_a_missing_required_key_is_named_with_the_file(tmp_path: Path):
+    profile, path = _profile(tmp_path, "[s]\n[n.inner]\nsteps = 4\n[m.inner]\nrate = 1.0\n")
+    with pytest.raises(KeyError) as error:
+        profile.build(_Inner, "s")
+    assert error.value.args[0] == f"{path} [s] lacks keys ['steps'] that _Inner needs (they have no default); add them there."
+    assert profile.build(_Needs, "n") == _Needs(inner=_Inner(steps=4))
+    with pytest.raises(KeyError, match=r"\[m.inner\] lacks keys \['steps'\]"):
+        profile.build(_Needs, "m")
+    with pytest.raises(KeyError, match=r"\[s\] lacks keys \['inner'\]"):
+        profile.build(_Needs, "s")
+
+
 def test_unknown_profile_names_the_choices():
     with pytest.raises(FileNotFoundError, match="choose one of"):
         load_profile("nonexistent")
@@ -131,7 +193,7 @@ def test_claims_table_rejects_unknown_verdicts():
         ClaimResult("C1", "claim", "1", "2", "probably")
     table = claims_table([ClaimResult("C1", "claim", "1", "2", "confirmed")])
     assert list(table.columns)[:5] == ["claim_id", "claim", "paper", "ours", "verdict"]
-    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 (n=2)"
+    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 SD (n=2)"
 
 
 def test_stage_lock_serialises_two_processes(tmp_path: Path):

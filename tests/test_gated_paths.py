@@ -1,17 +1,24 @@
 """NAD gated paths: placement per the spec's table, exact identity gates, the official objective and
 step, batched == sequential search, path IoU, mosaics and the hit rate on constructed mosaics."""
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import replication  # noqa: F401  (before torchvision)
 import torchvision
 
+from replication.data import concept_world as cw
+from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
-from replication.models.backbones import build_backbone
+from replication.methods.gated_paths import claims as nad_claims, search as nad_search
+from replication.models.backbones import BackboneConfig, build_backbone
+from replication.reporting.claims import ClaimResult
+from replication.training.loop import TrainConfig
 from tests.helpers import assert_close
 
 # Spec section 3.1 table, at a 224-px input: (channels, spatial size) per gate location.
@@ -39,17 +46,17 @@ def test_gate_placement_matches_spec_table(official_models, arch):
     assert [(loc.channels, loc.height) for loc in locations] == expected
     assert all(loc.height == loc.width for loc in locations)
     assert sum(loc.channels for loc in locations) == SPEC_TOTALS[arch]
-    assert gp.connection_family(official_models[arch]) == gp.FAMILY_OF_ARCH[arch]
 
 
 def test_gate_placement_names(official_models):
-    names = [n for n, _ in gp._plain_names(official_models["vgg16"])]
+    names = [loc.name for loc in gp.gate_locations(official_models["vgg16"], (3, SIZE, SIZE))]
     assert names == [f"features.{i}" for i in (1, 4, 6, 9, 11, 13, 16, 18, 20, 23, 25, 27, 30)]
-    dense = official_models["densenet121"]
-    assert gp._dense_names(dense)[-1] == ("features.norm5", True)
-    assert "features.denseblock4" not in [n for n, _ in gp._dense_names(dense)]
+    dense = [(loc.name, loc.relu_after) for loc in gp.gate_locations(official_models["densenet121"], (3, SIZE, SIZE))]
+    assert dense == [("features.pool0", False)] + [
+        (f"features.{kind}{i}", False) for i in (1, 2, 3) for kind in ("denseblock", "transition")] + [
+        ("features.norm5", True)]
     resnet18 = torchvision.models.resnet18(weights=None, num_classes=2)
-    assert [n for n, _ in gp._residual_names(resnet18)] == ["maxpool"] + [
+    assert [loc.name for loc in gp.gate_locations(resnet18, (3, SIZE, SIZE))] == ["maxpool"] + [
         f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
 
 
@@ -68,7 +75,7 @@ def test_placement_on_small_project_backbones(arch, count):
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match="cannot place NAD gates on Linear"):
+    with pytest.raises(ValueError, match="cannot read the layers of Linear"):
         gp.gate_locations(nn.Linear(2, 2), (2,))
     with pytest.raises(ValueError, match="no beta known for architecture 'mlp'"):
         gp.official_beta("mlp")
@@ -164,7 +171,7 @@ def test_class_path_loss_known_value():
 def test_each_step_moves_every_layer_by_lr():
     model, locations, class_images = tiny_setup()
     config = gp.PathSearchConfig(beta=1.0, epochs=1, batch_size=16, skip_batches_without_correct=False)
-    start = gp._class_plans([2], [16], locations, config)[0].init
+    start = nad_search._class_plans([2], [16], locations, config)[0].init
     paths = gp.find_paths_sequential(model, locations, class_images, [2], config=config, device="cpu")
     for before, after in zip(start, paths.logits):
         assert_close((after[0] - before).norm(), 0.1, atol=1e-6)
@@ -182,7 +189,7 @@ def test_batched_search_equals_sequential(options):
     batched = gp.search_paths(model, locations, class_images, config=config, device="cpu")
     chunked = gp.search_paths(model, locations, class_images, config=config, device="cpu", class_chunk=3,
                               original_cache_bytes=0)  # the original net's outputs recomputed every step
-    init = gp._class_plans(list(class_images), [len(v) for v in class_images.values()], locations, config)
+    init = nad_search._class_plans(list(class_images), [len(v) for v in class_images.values()], locations, config)
     moved = [float((seq - torch.stack([p.init[l] for p in init])).abs().max()) for l, seq in
              enumerate(sequential.logits)]
     assert min(moved) > 0.05, "the search must actually move the gates for this test to mean anything"
@@ -197,7 +204,7 @@ def test_skipped_batches_leave_gates_untouched():
     with torch.no_grad():
         model.classifier.bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # everything predicted as class 0
     config = gp.PathSearchConfig(beta=1.0, epochs=2, batch_size=4)
-    plans = gp._class_plans([0, 1], [5, 9], locations, config)
+    plans = nad_search._class_plans([0, 1], [5, 9], locations, config)
     paths = gp.search_paths(model, locations, class_images, [0, 1], config=config, device="cpu")
     for l, logits in enumerate(paths.logits):
         assert not torch.equal(logits[0], plans[0].init[l])
@@ -370,23 +377,13 @@ def test_largest_dip_and_curve_distance():
     assert_close(gp.curve_distance(summary, summary.assign(hit_rate=summary["hit_rate"] + 0.1)), 0.1)
 
 
-@pytest.mark.parametrize("arch, folded_all", [("resnet18", True), ("vgg16_bn", True), ("densenet121", False)])
-def test_search_copy_folds_batchnorm_and_computes_the_same_function(arch, folded_all):
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
+def test_search_copy_of_a_backbone_folds_every_batchnorm_and_computes_the_same_function(arch):
     torch.manual_seed(0)
     model = build_backbone(arch, 5, small_input=True, width=0.125).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so a wrong fold would show
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    locations = gp.gate_locations(model, (3, 32, 32))
-    copy_, memory_format = gp.search_copy(model, locations)
-    left = sum(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
-    assert (left == 0) == folded_all
-    assert memory_format == (torch.channels_last if folded_all else torch.contiguous_format)
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > left  # the original is untouched
+    copy_, memory_format = gp.search_copy(model, gp.gate_locations(model, (3, 32, 32)))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in copy_.modules())
+    assert memory_format == torch.channels_last
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -394,10 +391,104 @@ def test_search_copy_folds_batchnorm_and_computes_the_same_function(arch, folded
     assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
-def test_search_copy_keeps_a_batchnorm_at_a_gate_location():
+def test_search_copy_keeps_a_batchnorm_at_a_gate_location_and_then_stays_contiguous():
     model, locations, _ = tiny_setup()
     at_bn = [gp.GateLocation("features.1", 4, 8, 8)] + locations[1:]
-    copy_, _ = gp.search_copy(model, at_bn)
-    assert isinstance(copy_.features[1], nn.BatchNorm2d)
-    folded, _ = gp.search_copy(model, locations)
-    assert isinstance(folded.features[1], nn.Identity)
+    copy_, memory_format = gp.search_copy(model, at_bn)
+    assert isinstance(copy_.features[1], nn.BatchNorm2d) and memory_format == torch.contiguous_format
+    folded, memory_format = gp.search_copy(model, locations)
+    assert isinstance(folded.features[1], nn.Identity) and memory_format == torch.channels_last
+
+
+# ---------------------------------------------------------------------------- notebook 05's steps
+def test_class_groups_of_a_concept_world_follow_its_rules(tiny_world):
+    dataset = ClassificationDataset(tiny_world, "train")
+    classes = list(range(len(dataset.classes)))[1:5]
+    groups = gp.class_groups(dataset, classes)
+    rules = {rule.name: rule for rule in cw.CLASS_RULES}  # the catalogue the world was written from
+    assert groups.classes == classes and groups.names == [dataset.classes[c] for c in classes]
+    assert groups.scene == [rules[name].scene for name in groups.names]
+    assert groups.superclass == [dataset.superclasses.index(rules[name].superclass) for name in groups.names]
+    assert {c: sorted(v) for c, v in groups.concepts.items()} == {
+        c: sorted(rules[dataset.classes[c]].as_dict().values()) for c in classes}
+
+
+def test_class_groups_of_an_image_folder_are_the_classes_themselves(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / name / "a.png")
+    groups = gp.class_groups(ClassificationDataset(tmp_path, "train"), [1, 0])
+    assert groups == gp.ClassGroups(classes=[1, 0], names=["dog", "cat"], superclass=[1, 0], scene=["dog", "cat"],
+                                    concepts={1: [], 0: []})
+
+
+def test_class_order_is_superclass_then_scene_then_class_id():
+    groups = gp.ClassGroups(classes=[5, 6, 7, 8], names=list("efgh"), superclass=[1, 0, 1, 0], scene=["b", "z", "a", "a"],
+                            concepts={})
+    assert groups.order() == [3, 1, 2, 0]  # (0, a, 8), (0, z, 6), (1, a, 7), (1, b, 5)
+
+
+FOUR_CLASS_GROUPS = gp.ClassGroups(classes=[0, 1, 2, 3], names=list("abcd"), superclass=[0, 0, 1, 1],
+                                   scene=["a", "b", "c", "c"], concepts={})
+
+
+def test_similarity_by_group_hand_values():
+    similarity = torch.tensor([[1.0, 0.8, 0.2, 0.1], [0.8, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.6], [0.1, 0.2, 0.6, 1.0]])
+    table = gp.similarity_by_group({"net": SimpleNamespace(similarity=similarity)}, FOUR_CLASS_GROUPS)
+    assert table[["arch", "grouping", "n_within_pairs", "n_between_pairs"]].values.tolist() == [
+        ["net", "superclass", 2, 4], ["net", "scene", 1, 5]]
+    assert_close(table["within"].tolist(), [0.7, 0.6], atol=1e-6)  # (0.8 + 0.6) / 2; 0.6
+    assert_close(table["between"].tolist(), [0.2, 0.32], atol=1e-6)  # (.2 + .1 + .3 + .2) / 4; (.8 + .2 + .1 + .3 + .2) / 5
+
+
+def test_misclassification_table_hand_values():
+    wrong = pd.DataFrame({"true": [0, 0, 2], "predicted": [1, 2, 3], "rank": [0.5, 1.0, 0.0]})
+    none = pd.DataFrame({"true": [], "predicted": [], "rank": []})
+    table = gp.misclassification_table({"a": SimpleNamespace(misclassification=wrong),
+                                        "b": SimpleNamespace(misclassification=none)}, FOUR_CLASS_GROUPS)
+    first, second = table.to_dict("records")
+    assert first["arch"] == "a" and first["misclassified"] == 3 and first["mean_rank"] == 0.5
+    assert_close(first["se"], 0.5 / math.sqrt(3), atol=1e-12)  # std(0.5, 1, 0) = 0.5
+    assert first["same_superclass"] == pytest.approx(2 / 3)  # (0, 1) and (2, 3) share one, (0, 2) does not
+    assert second["misclassified"] == 0 and all(math.isnan(second[k]) for k in ("mean_rank", "se", "same_superclass"))
+
+
+def test_claim_results_add_the_reference_the_reduced_note_and_the_seed(monkeypatch):
+    monkeypatch.setattr(nad_claims, "claim_rows", lambda results, concepts: [
+        {"claim_id": "N1", "ours": "drop 0.01", "verdict": "confirmed", "note": "rule: drop <= 0.05"}])
+    reference = {"claims": [{"id": "N1", "claim": "paths keep accuracy", "paper": "unknown"}, {"id": "N2"}]}
+    reduced = gp.claim_results({}, None, reference, profile="ci", seed=3)
+    assert reduced == [ClaimResult(claim_id="N1", claim="paths keep accuracy", paper="unknown", ours="drop 0.01",
+                                   verdict="confirmed", note="REDUCED RUN (ci); rule: drop <= 0.05",
+                                   seeds="seed 3, one network per arch")]
+    assert gp.claim_results({}, None, reference, profile="paper", seed=3)[0].note == "rule: drop <= 0.05"
+
+
+def test_dissected_locations_are_the_last_ones():
+    locations = [gp.GateLocation(name=f"l{i}", channels=1, height=1, width=1) for i in range(3)]
+    assert gp.NADSettings(dissect_layers=2).dissected_locations(locations) == locations[1:]
+    assert gp.NADSettings(dissect_layers=5).dissected_locations(locations) == locations
+    assert gp.NADSettings().dissected_locations(locations) == locations
+    with pytest.raises(ValueError, match="dissect_layers = 0: give at least 1"):
+        gp.NADSettings(dissect_layers=0)
+
+
+def test_search_needs_beta():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1)).eval()
+    with pytest.raises(ValueError, match="PathSearchConfig.beta is not set"):
+        gp.search_paths(model, [], {0: torch.zeros(1, 3, 4, 4)}, config=gp.PathSearchConfig())
+
+
+def test_prepare_network_applies_the_arch_overrides_and_the_seed(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    settings = gp.NADSettings(archs=("alexnet",), model_overrides={"alexnet": {"width": 0.125}},
+                              train_overrides={"alexnet": {"epochs": 2}})
+    base_model = BackboneConfig(arch="resnet18", small_input=True, width=0.5)
+    base_train = TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    model, key, history = gp.prepare_network(settings, "alexnet", tiny_world, model_config=base_model,
+                                             train_config=base_train, seed=4, device="cpu")
+    assert key == {"model": BackboneConfig(arch="alexnet", small_input=True, width=0.125),
+                   "data": ClassificationDataset(tiny_world, "train").fingerprint,
+                   "train": TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=4)}
+    assert len(history) == 2 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())

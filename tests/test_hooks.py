@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from replication.models.hooks import capture_activations, get_module, layer_names
+from replication.models.hooks import capture_activations, forward_until, get_module, layer_names
 
 
 def tiny_model() -> nn.Module:
@@ -95,3 +95,53 @@ def test_capture_is_immune_to_later_in_place_ops(detach):
     with capture_activations(model, "scale", clone=False) as acts:
         model(x.detach())
     assert torch.equal(acts["scale"], torch.tensor([0.0, 3.0]))  # the documented pitfall without clone
+
+
+class Recorder(nn.Module):
+    """Identity that records every call, to see which modules a forward pass reached."""
+
+    def __init__(self, name: str, log: list):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x
+
+
+def test_forward_until_reads_the_layers_and_skips_the_rest():
+    log: list[str] = []
+    model = nn.Sequential(nn.Linear(3, 4), Recorder("a", log), nn.ReLU(), Recorder("b", log), Recorder("c", log))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(12.0).reshape(4, 3) - 6)
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    with forward_until(model, ["2", "0"]) as run:
+        outputs = run(x)
+        assert list(outputs) == ["2", "0"] and log == ["a"]  # b and c come after the last requested layer
+        assert torch.equal(outputs["0"], x @ model[0].weight.T)
+        assert torch.equal(outputs["2"], (x @ model[0].weight.T).clamp_min(0))
+        assert torch.equal(run(2 * x)["0"], 2 * outputs["0"]) and log == ["a", "a"]  # every pass stops again
+    assert hook_count(model) == 0
+    assert model(x).shape == (2, 4) and log == ["a", "a", "a", "b", "c"]  # the model runs whole again
+
+
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.unused = tiny_model(), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_forward_until_errors_leave_no_hooks():
+    model = WithUnused()
+    with pytest.raises(ValueError, match=r"layers \['unused'\] did not run in the forward pass of WithUnused"):
+        with forward_until(model, ["net.0", "unused"]) as run:
+            run(torch.ones(1, 3))
+    assert hook_count(model) == 0
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        with forward_until(model, ["nope"]):
+            pass
+    assert hook_count(model) == 0

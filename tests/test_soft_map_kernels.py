@@ -7,16 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from replication.methods.concept_groups import (
-    STD_EPS,
-    CGLConfig,
-    SoftReceptiveField,
-    _GroupShiftL1,
-    _StdSoftMap,
-    cgl_loss_terms,
-    spatial_spread,
-)
-from replication.methods.soft_map_kernels import GradientBuffer, SoftMapStatistics, _sigmoid
+from replication.methods.concept_groups import STD_EPS, CGLConfig, SoftReceptiveField, cgl_loss_terms, spatial_spread
+from replication.methods.concept_groups.eager_kernels import GroupShiftL1, StdSoftMap
+from replication.methods.concept_groups.soft_map_kernels import GradientBuffer, SoftMapStatistics, _sigmoid
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 from tests.helpers import assert_close
@@ -36,10 +29,10 @@ def statistics(kernel: str, activation, p1, p2, gamma, groups, size, with_spread
                                                    (ys, xs) if with_spread else None, eps)
         return l1, mass, spread if with_spread else None
     if gamma is None:
-        psi = _StdSoftMap.apply(activation, p1, p2, STD_EPS)
+        psi = StdSoftMap.apply(activation, p1, p2, STD_EPS)
     else:
         psi = torch.sigmoid(activation * (p1 / gamma).view(1, -1, 1, 1) + p2)
-    l1, _ = _GroupShiftL1.apply(psi.flatten(2).contiguous(), groups, size, SHIFTS)
+    l1, _ = GroupShiftL1.apply(psi.flatten(2).contiguous(), groups, size, SHIFTS)
     spread = spatial_spread(psi, eps=eps, normalise_coordinates=normalise) if with_spread else None
     return l1, psi.flatten(2).sum(-1), spread
 

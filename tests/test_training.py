@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
@@ -13,7 +14,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from replication import cache, io
+from replication.models.backbones import BackboneConfig
 from replication.training import loop
+from replication.training.classifiers import BaselineSettings, train_baselines, train_world_classifier
 from replication.training.loop import TrainConfig, evaluate, train, train_cached
 from tests.helpers import assert_close
 
@@ -53,7 +56,10 @@ class RandomChannelPenalty:
 
 
 def assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
+    assert_same_state_dicts(a.state_dict(), b.state_dict())
+
+
+def assert_same_state_dicts(sa: dict, sb: dict) -> None:
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"tensors differ: {different}"
@@ -63,10 +69,10 @@ def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a.drop(columns=VOLATILE), b.drop(columns=VOLATILE), check_exact=True)
 
 
-def run(checkpoint_dir=None, *, model_seed=0, data=None, config=CONFIG, terms=(RandomChannelPenalty(),)):
+def run(checkpoint_dir=None, *, model_seed=0, data=None, config=CONFIG, terms=(RandomChannelPenalty(),), callbacks=()):
     return train(
         make_model(model_seed), data or make_data(), config=config, val_set=make_data(12, seed=1),
-        loss_terms=terms, device="cpu", checkpoint_dir=checkpoint_dir,
+        loss_terms=terms, step_callbacks=callbacks, device="cpu", checkpoint_dir=checkpoint_dir,
     )
 
 
@@ -183,6 +189,78 @@ def test_one_step_matches_a_hand_computed_sgd_update():
     assert row["lr"] == 0.2 and math.isnan(row["val_loss"])
 
 
+class RecordSteps:
+    """Records each call's step, epoch and whether autograd was on (state kept outside the model:
+    fine for inspecting one run, not for a callback that must survive a resume)."""
+
+    name = "record"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, *, step, epoch):
+        self.calls.append((step, epoch, torch.is_grad_enabled()))
+
+
+@dataclass(frozen=True)
+class ZeroBiasEvery:
+    """A toy periodic update (as concept whitening rotates every k steps): zero the classifier's bias
+    after every `every`-th optimiser step."""
+
+    name: str = "zero_bias"
+    every: int = 2
+
+    def __call__(self, model, *, step, epoch):
+        if step % self.every == 0:
+            model[6].bias.zero_()
+
+
+def test_step_callbacks_run_after_every_step_without_autograd():
+    record = RecordSteps()
+    run(callbacks=[record])  # 32 images in batches of 8: 4 steps per epoch, 2 epochs
+    assert record.calls == [(step, 1 + (step > 4), False) for step in range(1, 9)]
+
+
+def test_step_callback_changes_the_model_after_its_steps():
+    plain = run()
+    every_second = run(callbacks=[ZeroBiasEvery(every=2)])  # step 8, the last, zeroes the bias
+    every_third = run(callbacks=[ZeroBiasEvery(every=3)])  # zeroed after step 6, then two more updates
+    assert torch.equal(every_second.model[6].bias, torch.zeros(3))
+    assert not torch.equal(every_third.model[6].bias, torch.zeros(3))
+    assert not torch.equal(every_third.model[6].weight, plain.model[6].weight)
+    assert_same_state(run(callbacks=[ZeroBiasEvery(every=3)]).model, every_third.model)
+
+
+def test_resume_with_a_step_callback_is_bit_exact(tmp_path):
+    callbacks = [ZeroBiasEvery(every=3)]
+    reference = run(tmp_path / "reference", callbacks=callbacks)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", data=KilledAfter(make_data(), limit=32 + 13), callbacks=callbacks)
+    resumed = run(tmp_path / "killed", model_seed=99, callbacks=callbacks)
+    assert_same_state(resumed.model, reference.model)
+    assert_same_history(resumed.history, reference.history)
+
+
+def test_step_callbacks_are_part_of_the_checkpoint_and_cache_identity(tmp_path, monkeypatch):
+    one_epoch = TrainConfig(epochs=1, batch_size=8, lr=0.1, seed=3)
+    run(tmp_path / "run", config=one_epoch, callbacks=[ZeroBiasEvery(every=2)])
+    for callbacks in ([ZeroBiasEvery(every=3)], []):
+        with pytest.raises(ValueError, match="written by a different run"):
+            run(tmp_path / "run", config=one_epoch, callbacks=callbacks)
+
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path / "cache"))
+    for callbacks in ((), (ZeroBiasEvery(every=2),)):
+        train_cached("tiny", TinyRecipe(callbacks=callbacks), make_data(), config=one_epoch, device="cpu")
+    recorded = [io.read_json(folder / cache.DONE_MARKER)["config"].get("step_callbacks")
+                for folder in (tmp_path / "cache" / "tiny").iterdir()]
+    assert sorted(recorded, key=str) == [None, [{"type": "ZeroBiasEvery", "name": "zero_bias", "every": 2}]]
+
+
+def test_an_object_that_is_no_step_callback_is_refused():
+    with pytest.raises(TypeError, match="lacks `name` or `__call__`"):
+        run(callbacks=[lambda model, step, epoch: None])
+
+
 def test_evaluate_known_answer():
     # the model passes its input through: each "image" is a row of logits
     logits = torch.log(torch.tensor([[1.0, 3.0], [1.0, 3.0], [3.0, 1.0], [1.0, 1.0]]))
@@ -214,21 +292,83 @@ def test_bad_input_is_rejected_with_a_clear_message():
         run(terms=[PerSample()])
 
 
+@dataclass(frozen=True)
+class TinyRecipe(loop.Recipe):
+    """`make_model` with the given loss terms and step callbacks; the key lists them like dataclass terms."""
+
+    model_seed: int = 0
+    terms: tuple = (RandomChannelPenalty(),)
+    callbacks: tuple = ()
+
+    def build(self):
+        return make_model(self.model_seed)
+
+    def loss_terms(self, model):
+        return self.terms
+
+    def step_callbacks(self, model):
+        return self.callbacks
+
+    def key(self, model):
+        return {"model": {"arch": "tiny"}, "loss": [cache.canonical(t) for t in self.terms]}
+
+
+def unseeded_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+
+
+@dataclass(frozen=True)
+class UnseededRecipe(loop.Recipe):
+    """Builds from the global RNG as train_cached leaves it, so its weights show where seeding happens."""
+
+    def build(self):
+        return unseeded_model()
+
+    def key(self, model):
+        return {"model": {"arch": "unseeded"}, "loss": None}
+
+
 def test_train_cached_loads_a_finished_model_instead_of_retraining(tmp_path, monkeypatch):
     monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
-    arguments = dict(config=CONFIG, model_config={"arch": "tiny"}, val_set=make_data(12, seed=1), loss_terms=[RandomChannelPenalty()], device="cpu")
-    first = train_cached("tiny", make_model, make_data(), **arguments)
+    arguments = dict(config=CONFIG, val_set=make_data(12, seed=1), device="cpu")
+    first = train_cached("tiny", TinyRecipe(model_seed=0), make_data(), **arguments)
     (folder,) = (tmp_path / "tiny").iterdir()
     assert cache.is_done(folder) and not (folder / "checkpoints").exists()
 
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a cached model was retrained"))
-    again = train_cached("tiny", lambda: make_model(seed=7), make_data(), **arguments)
+    again = train_cached("tiny", TinyRecipe(model_seed=7), make_data(), **arguments)
     assert_same_state(again.model, first.model)
     assert_close(again.history.drop(columns=VOLATILE).to_numpy(), first.history.drop(columns=VOLATILE).to_numpy(), atol=1e-12)
 
     # other data -> another cache entry (so the guard above fires)
     with pytest.raises(pytest.fail.Exception, match="retrained"):
-        train_cached("tiny", make_model, make_data(seed=5), **arguments)
+        train_cached("tiny", TinyRecipe(model_seed=0), make_data(seed=5), **arguments)
+
+
+def test_train_cached_key_is_the_recipe_key_plus_training_data_and_compute(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    data, val = make_data(), make_data(12, seed=1)
+    train_cached("tiny", TinyRecipe(model_seed=0), data, config=CONFIG, val_set=val, device="cpu")
+    expected = {"model": {"arch": "tiny"}, "loss": [{"name": "channel", "layers": ["0"], "weight": 0.01}], "train": CONFIG,
+                "train_data": loop.dataset_fingerprint(data), "val_data": loop.dataset_fingerprint(val),
+                "device_type": "cpu", "cpu_threads": torch.get_num_threads()}
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == [cache.config_hash(expected)]
+
+
+def test_train_cached_builds_the_model_right_after_seeding(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    initial = {}
+
+    def stop(model, *args, **kwargs):
+        initial["state"] = copy.deepcopy(model.state_dict())
+        raise KeyboardInterrupt("stopped before training")
+
+    monkeypatch.setattr(loop, "train", stop)
+    torch.manual_seed(123)  # whatever the RNG held before must not matter
+    with pytest.raises(KeyboardInterrupt):
+        train_cached("tiny", UnseededRecipe(), make_data(), config=CONFIG, device="cpu")
+    torch.manual_seed(CONFIG.seed)
+    assert_same_state_dicts(initial["state"], unseeded_model().state_dict())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -256,7 +396,7 @@ def test_cpu_thread_count_is_part_of_the_cache_key(tmp_path, monkeypatch):
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            train_cached("tiny", make_model, make_data(), config=config, model_config={"arch": "tiny"}, device="cpu")
+            train_cached("tiny", TinyRecipe(terms=()), make_data(), config=config, device="cpu")
     finally:
         torch.set_num_threads(threads)
     recorded = sorted(io.read_json(folder / cache.DONE_MARKER)["config"]["cpu_threads"] for folder in (tmp_path / "tiny").iterdir())
@@ -274,3 +414,21 @@ def test_a_label_outside_the_models_classes_is_named():
     data.tensors[1][5] = 7
     with pytest.raises(ValueError, match=r"class id\(s\) \[7\] out of range for a model with 3 outputs"):
         run(data=data)
+
+
+def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    settings = BaselineSettings(archs=("resnet18", "alexnet"), layers={"resnet18": ["layer4"], "alexnet": ["features.0"]},
+                                rotation_layer="layer4", rotation_alphas=(0.0,), model_overrides={"alexnet": {"width": 0.0625}})
+    model, config = BackboneConfig(small_input=True, width=0.125), TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    models, accuracy = train_baselines(tiny_world, settings, model=model, train=config, seeds=(0, 1), device="cpu")
+    assert list(models) == [("resnet18", 0), ("resnet18", 1), ("alexnet", 0), ("alexnet", 1)]
+    assert accuracy[["arch", "seed", "epochs"]].values.tolist() == [["resnet18", 0, 1], ["resnet18", 1, 1], ["alexnet", 0, 1], ["alexnet", 1, 1]]
+    assert accuracy[["train_acc", "val_acc"]].stack().between(0, 1).all()
+    assert models["alexnet", 0].features[0].out_channels == 4  # 64 x the override's width 1/16
+    assert not torch.equal(models["resnet18", 0].conv1.weight, models["resnet18", 1].conv1.weight)
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a cached baseline was retrained"))
+    alone = train_world_classifier(tiny_world, BackboneConfig(arch="alexnet", small_input=True, width=0.0625),
+                                   dataclasses.replace(config, seed=1), device="cpu")
+    assert_same_state(alone.model, models["alexnet", 1])

@@ -54,7 +54,8 @@ from torch import nn
 
 from replication import io
 from replication.data.broden import broden_loader
-from replication.models.hooks import capture_activations, get_module
+from replication.models.hooks import forward_until, get_module
+from replication.models.surgery import eval_mode
 from replication.runtime import progress, resolve_device
 
 QUANTILE_RULES = ("exact", "lite")
@@ -281,14 +282,6 @@ def project_basis(features: torch.Tensor, basis: torch.Tensor | None) -> torch.T
     return (basis @ features.reshape(b, c, h * w)).reshape(b, basis.shape[0], h, w)
 
 
-class _LayerReached(Exception):
-    """Raised by a hook to stop the forward pass once the probed layer has run."""
-
-
-def _stop_forward(*_args) -> None:
-    raise _LayerReached
-
-
 @dataclass
 class _ModelSource:
     model: nn.Module
@@ -298,22 +291,10 @@ class _ModelSource:
 
     def passes(self, loader, basis) -> Iterator[tuple[torch.Tensor, dict]]:
         """(features, batch) per batch; the forward stops at `layer` (later layers are not needed)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with capture_activations(self.model, self.layer) as captured:
-                stopper = get_module(self.model, self.layer).register_forward_hook(_stop_forward)  # after capture's
-                try:
-                    for batch in loader:
-                        try:
-                            self.model(batch["image"].to(self.device, non_blocking=True))
-                        except _LayerReached:
-                            pass
-                        yield project_basis(captured[self.layer], basis), batch
-                finally:
-                    stopper.remove()
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), forward_until(self.model, self.layer) as forward:
+            for batch in loader:
+                outputs = forward(batch["image"].to(self.device, non_blocking=True))
+                yield project_basis(outputs[self.layer], basis), batch
 
 
 @dataclass
@@ -381,6 +362,18 @@ def activation_masks(features: torch.Tensor, dissection: Dissection) -> torch.Te
 
 
 @dataclass(frozen=True)
+class DissectionConfig:
+    """A profile's [dissection] section: the Broden `split` dissected (None = all images), the batch
+    size of the dissection passes, and the method's `quantile` and `iou_threshold` (the original
+    Network Dissection's values by default)."""
+
+    batch_size: int
+    split: str | None = "val"
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+
+
+@dataclass(frozen=True)
 class DissectionOptions:
     """The method's choices besides quantile and IoU threshold (spec section 10), defaults as the spec.
 
@@ -424,7 +417,8 @@ class DissectionOptions:
         return cls(**options)
 
 
-def _scored_categories(dataset, categories: Sequence[str] | None) -> list[str]:
+def scored_categories(dataset, categories: Sequence[str] | None) -> list[str]:
+    """The dataset's categories to score, in the dataset's order (all when `categories` is None)."""
     if categories is None:
         return list(dataset.categories)
     categories = [categories] if isinstance(categories, str) else list(categories)
@@ -496,7 +490,7 @@ def dissect_features(
 def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, batch_size, device, basis,
              options: DissectionOptions) -> Dissection:
     level = quantile_level(quantile, options.quantile_rule)
-    scored = _scored_categories(dataset, categories)
+    scored = scored_categories(dataset, categories)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty; choose a split or categories that keep some images.")
     if batch_size < 1:

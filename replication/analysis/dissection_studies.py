@@ -1,22 +1,16 @@
-"""Studies built from several dissections: concepts across depth, and the rotation (axis-alignment) test."""
+"""Studies built from several dissections: concepts across depth (of `features.dissect_layers`), and the
+rotation (axis-alignment) test."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 from torch import nn
 
 from replication.analysis.dissection import Dissection, dissect
+from replication.analysis.features import feature_shapes
 from replication.analysis.rotation import fractional_rotation, random_rotation
-from replication.models.hooks import capture_activations
-from replication.runtime import resolve_device
-
-
-def dissect_layers(model: nn.Module, layers: Sequence[str], dataset, **dissect_kwargs) -> dict[str, Dissection]:
-    """Dissect each of `layers` (same dataset and settings); `dissect_kwargs` go to `dissect`."""
-    return {layer: dissect(model, layer, dataset, **dissect_kwargs) for layer in layers}
 
 
 def layer_summary(dissections: dict[str, Dissection], value: str = "unique_detectors") -> pd.DataFrame:
@@ -40,18 +34,6 @@ def plot_layer_summary(summary: pd.DataFrame, *, title: str = "", ax=None):
     return fig
 
 
-def layer_channels(model: nn.Module, layer: str, dataset, device: str | torch.device | None = None) -> int:
-    """Channel count of `layer`'s output, from one forward pass on the dataset's first image."""
-    device = resolve_device(device)
-    image = dataset[0]["image"].unsqueeze(0).to(device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), capture_activations(model, layer) as captured:
-        model.to(device)(image)
-    model.train(was_training)
-    return int(captured[layer].shape[1])
-
-
 def rotation_study(
     model: nn.Module, layer: str, dataset, *, alphas: Sequence[float], seed: int, **dissect_kwargs
 ) -> pd.DataFrame:
@@ -60,7 +42,8 @@ def rotation_study(
     Q is a seeded Haar-random rotation of the layer's channel space; thresholds are recomputed in
     every basis. α = 0 is the natural (unit) basis, α = 1 the fully rotated one.
     """
-    rotation = random_rotation(layer_channels(model, layer, dataset, dissect_kwargs.get("device")), seed)
+    channels = feature_shapes(model, [layer], dataset, device=dissect_kwargs.get("device"))[layer][0]
+    rotation = random_rotation(channels, seed)
     rows = []
     for alpha in alphas:
         basis = fractional_rotation(rotation, alpha).float()

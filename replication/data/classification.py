@@ -65,8 +65,11 @@ class ClassificationDataset(Dataset):
     """(normalised image tensor, class_id) pairs of one split.
 
     Attributes: `classes` (names by class id), `superclasses` (names), `superclass_of` (per class
-    id, index into `superclasses`), `targets` (class id per sample), `paths`, `layout`
-    ("conceptworld" or "imagefolder"), `fingerprint` (hash of the file list and settings, for caches).
+    id, index into `superclasses`), `rules` (per class id, a ConceptWorld class's rule: concept family
+    "scene", "object", "part", "color" or "material" -> concept name; empty for an ImageFolder class
+    and the `cgl_shapes` preset's),
+    `targets` (class id per sample), `paths`, `layout` ("conceptworld" or "imagefolder"),
+    `fingerprint` (hash of the file list and settings, for caches).
     """
 
     def __init__(self, root: str | Path, split: str, *, mean: Sequence[float] = IMAGENET_MEAN,
@@ -109,6 +112,7 @@ class ClassificationDataset(Dataset):
                              f"splits present: {sorted(set(tasks['split']))}.")
         table = json.loads((self.root / "classes.json").read_text())["classes"]
         self.classes = [entry["name"] for entry in table]
+        self.rules = [{family: str(concept) for family, concept in entry.get("rule", {}).items()} for entry in table]
         self._superclass_names = [entry["superclass"] for entry in table]
         self.superclasses = list(dict.fromkeys(self._superclass_names))
         rows = tasks[tasks["split"] == self.split]
@@ -121,6 +125,7 @@ class ClassificationDataset(Dataset):
         self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not self.classes:
             raise FileNotFoundError(f"{folder} has no class subfolders; expected {folder}/<class>/*.jpg.")
+        self.rules = [{} for _ in self.classes]
         self.paths, self.targets = [], []
         for class_id, name in enumerate(self.classes):
             files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,1 +1,15 @@
-"""Each replicated paper's method, one module per method, named after what it does."""
+"""Each replicated paper's method, one package per method, named after what it does.
+
+Every experiment package follows one convention (documented, not a base class): a `Settings`
+dataclass built from its profile section (e.g. `NADSettings` from [nad]), its run functions,
+`claim_results(...) -> list[ClaimResult]` (the notebook's claims table) and its figure functions.
+Its `__init__` re-exports these names. `EXPERIMENTS` maps a notebook number to its experiment package.
+"""
+from types import ModuleType
+
+from replication.methods import concept_groups, gated_paths
+
+EXPERIMENTS: dict[str, ModuleType] = {
+    "03": concept_groups,
+    "05": gated_paths,
+}

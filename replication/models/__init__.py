@@ -1,1 +1,2 @@
-"""Models: torchvision backbones sized for small images, local weight loading, activation hooks."""
+"""Models: torchvision backbones sized for small images, local weight loading, activation hooks, the
+named layers of each architecture (anatomy) and model transforms (surgery)."""

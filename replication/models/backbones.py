@@ -6,7 +6,7 @@ width-scaled variants: removed stages become `nn.Identity` at the same index ins
 dropped. Nothing is ever downloaded (`weights=None` always); pretrained weights come from a local
 file through `load_weights`.
 
-Last convolutional stage (`LAST_CONV_LAYER`) and its spatial size:
+Last convolutional stage (`anatomy.anatomy_of(model).last_conv`) and its spatial size:
 
 | arch        | layer                  | 224 px, small_input=False | 64 px, small_input=True |
 |-------------|------------------------|---------------------------|-------------------------|
@@ -48,16 +48,6 @@ from torchvision.models.vgg import VGG, make_layers
 from replication import io
 
 ARCHS = ("resnet18", "resnet50", "vgg16", "vgg16_bn", "alexnet", "alexnet_bn", "densenet121")
-
-LAST_CONV_LAYER = {
-    "resnet18": "layer4",
-    "resnet50": "layer4",
-    "vgg16": "features.28",
-    "vgg16_bn": "features.40",
-    "alexnet": "features.10",
-    "alexnet_bn": "features.14",
-    "densenet121": "features.denseblock4",
-}
 
 _RESNET_BLOCKS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
 _RESNET_PLANES = (64, 128, 256, 512)

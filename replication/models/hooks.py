@@ -2,12 +2,14 @@
 
 `capture_activations` owns its hooks and removes them on exit, also when the block raises, so a
 model is never left with stray hooks (which would keep tensors alive and slow every later forward).
+`forward_until` reads layers the same way but ends each forward pass once they have all run, so an
+analysis of early layers does not pay for the rest of the network.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -75,3 +77,54 @@ def capture_activations(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _LayersReached(Exception):
+    """Raised by a hook to end a forward pass once every requested layer has run."""
+
+
+@contextlib.contextmanager
+def forward_until(
+    model: nn.Module, layers: str | Iterable[str]
+) -> Iterator[Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """Yield `run(inputs) -> {layer: output}`: a forward pass that stops as soon as all `layers` have run.
+
+    Outputs are captured as by `capture_activations` (detached, cloned); the modules after the last of
+    them to run are skipped. A module called twice in one forward pass is read at its last call before
+    the set completes. A layer the forward pass never calls is an error, not a missing key.
+    """
+    names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    pending: set[str] = set()
+
+    def stop_when_done(name: str):
+        def hook(*_args) -> None:
+            pending.discard(name)
+            if not pending:
+                raise _LayersReached
+
+        return hook
+
+    with capture_activations(model, names) as captured:
+        # registered after capture's hooks, so each output is stored before the pass is stopped
+        handles = [get_module(model, name).register_forward_hook(stop_when_done(name)) for name in names]
+
+        def run(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            captured.clear()
+            pending.update(names)
+            try:
+                model(inputs)
+            except _LayersReached:
+                pass
+            missing = [name for name in names if name not in captured]
+            if missing:
+                raise ValueError(
+                    f"layers {missing} did not run in the forward pass of {type(model).__name__}; "
+                    "choose modules that its forward calls."
+                )
+            return {name: captured[name] for name in names}
+
+        try:
+            yield run
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,10 +1,12 @@
 """Run profiles as data: `ci`, `default`, `gpu`, `paper` live in TOML files beside this module.
 
-A profile is a set of named sections (world, train, dissection, one per paper...). Consumers turn a
-section into their own config dataclass with `Profile.build`, so an unknown or misspelt key, or a
-value of the wrong type, is a clear error naming the file rather than a silently ignored setting or
-a traceback deep inside the consumer. Strings may use `$VAR` to read local paths (real Broden,
-pretrained weights) from the environment.
+A profile is a set of named sections (runtime, world, train, dissection, one per paper...). Consumers
+turn a section into their own config dataclass with `Profile.build`, so an unknown, misspelt or
+missing key, or a value of the wrong type, is a clear error naming the file rather than a silently
+ignored setting or a traceback deep inside the consumer. A nested table (`[cgl.train]`) builds the
+section's dataclass-typed field of that name, so a settings class holds its sub-configs rather than
+mirroring their fields. Strings may use `$VAR` to read local paths (real Broden, pretrained weights)
+from the environment.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ def _conforms(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if _is_dataclass_type(hint):
+        return isinstance(value, Mapping)
     if origin in (Union, types.UnionType):
         return any(_conforms(value, arg) for arg in args)
     if origin is Literal:
@@ -106,28 +110,65 @@ class Profile:
         return Section(self.sections[name], label=f"profile {self.name!r} section [{name}]", file=self.file)
 
     def build(self, cls: type[T], section: str, **overrides: Any) -> T:
-        """Instantiate dataclass `cls` from a section (plus overrides), rejecting unknown keys and
-        section values whose type does not fit the field's annotation (overrides come from code and
-        are not checked)."""
-        settings = self.section(section)
-        values = {**settings, **overrides}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Instantiate dataclass `cls` from a section, plus `overrides` (from code, not type-checked).
+
+        A field annotated with a dataclass is built the same way from a nested table (`[cgl.train]`
+        builds `CGLSettings.train`), over the field's default when it has one, so the table only lists
+        what differs. An unknown key, a missing required key or a value whose type does not fit the
+        field's annotation is an error naming the file, the table and the key.
+        """
+        return self._build(cls, self.section(section), f"[{section}]", overrides, base=None)
+
+    def _build(self, cls: type[T], values: Mapping[str, Any], table: str, overrides: Mapping[str, Any], base: T | None) -> T:
+        """`cls` from one table's `values`; `base`: the instance whose other fields are kept (a nested field's default)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted((set(values) | set(overrides)) - set(fields))
         if unknown:
-            raise KeyError(
-                f"profile {self.name!r} section [{section}] has keys {unknown} that {cls.__name__} "
-                f"does not accept; valid keys: {sorted(known)}."
-            )
-        try:
-            hints = typing.get_type_hints(cls)
-        except NameError:  # an annotation names a type only visible elsewhere: nothing to check
-            hints = {}
-        for key, value in settings.items():
-            if key not in overrides and key in hints and not _conforms(value, hints[key]):
-                raise ProfileError(
-                    f"{self.file} [{section}] {key} = {value!r}: {cls.__name__}.{key} expects {_type_name(hints[key])}."
-                )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            raise KeyError(f"{self.file} {table} has keys {unknown} that {cls.__name__} does not accept; "
+                           f"valid keys: {sorted(fields)}.")
+        hints = _annotations(cls)
+        chosen: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in overrides:
+                continue
+            hint = hints.get(key)
+            if _is_dataclass_type(hint) and isinstance(value, Mapping):
+                inner = getattr(base, key) if base is not None else _default(fields[key])
+                chosen[key] = self._build(hint, value, f"{table[:-1]}.{key}]", {}, base=inner)
+            elif hint is not None and not _conforms(value, hint):
+                raise ProfileError(f"{self.file} {table} {key} = {value!r}: {cls.__name__}.{key} expects {_type_name(hint)}.")
+            else:
+                chosen[key] = value
+        chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in {**chosen, **overrides}.items()}
+        if base is not None:
+            return dataclasses.replace(base, **chosen)
+        missing = sorted(name for name, f in fields.items() if f.init and name not in chosen and _required(f))
+        if missing:
+            raise KeyError(f"{self.file} {table} lacks keys {missing} that {cls.__name__} needs (they have no default); add them there.")
+        return cls(**chosen)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A field's default value; None when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _is_dataclass_type(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _annotations(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of `cls`; empty when one names a type only visible elsewhere (nothing to check)."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        return {}
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:

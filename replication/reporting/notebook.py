@@ -1,32 +1,49 @@
-"""What every notebook does the same way: determinism, its results folder, saving shown figures and tables.
+"""What every notebook does the same way: its run context (determinism, device, batch size, seeds,
+dissection settings, reference numbers), its results folder, saving shown figures and tables.
 
     ctx = notebook_context("03_concept_group_learning", profile="ci")
+    ctx.device, ctx.batch_size, ctx.seeds, ctx.dissection, ctx.reference
     ctx.show(fig, "detectors")          # saves results/03_.../detectors.png, displays it, closes it
     ctx.save_table(frame, "accuracy")   # saves results/03_.../accuracy.csv
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import torch
 
 from replication import io, paths, runtime
+from replication.analysis.dissection import DissectionConfig
 from replication.profiles import Profile, load_profile
+from replication.reporting.claims import load_reference
 
 FIGURE_SIZE = (8.0, 4.5)
 FIGURE_DPI = 90
 
 
 @dataclass
-class NotebookContext:
-    """A notebook's profile, results folder and seeds, with helpers that write outputs atomically."""
+class RunContext:
+    """Everything a notebook reads from its profile once: the profile, the results folder, the
+    [runtime] settings (`seeds`, `batch_size`, `device` resolved once) and the [dissection] settings,
+    with helpers that write outputs atomically. `reference`: the paper's numbers (`load_reference`).
+    """
 
     name: str
     profile: Profile
     out_dir: Path
     seeds: tuple[int, ...]
+    device: torch.device
+    batch_size: int
+    dissection: DissectionConfig
+
+    @functools.cached_property
+    def reference(self) -> dict[str, Any]:
+        return load_reference(self.name)
 
     def show(self, figure, name: str) -> None:
         """Save `figure` as `<out_dir>/<name>.png`, display it once, and close it (no stray reprs)."""
@@ -50,9 +67,10 @@ def _has_named_index(frame: pd.DataFrame) -> bool:
     return any(name is not None for name in frame.index.names)
 
 
-def notebook_context(name: str, profile: str, seed: int = 0) -> NotebookContext:
+def notebook_context(name: str, profile: str, seed: int = 0) -> RunContext:
     """Seed everything, pin torch's CPU threads to the profile's `[runtime] threads`, fix matplotlib's
-    backend and figure size, and create `results/<name>/` (`results-<profile>/<name>/` for a profile other than default)."""
+    backend and figure size, and create `results/<name>/` (`results-<profile>/<name>/` for a profile
+    other than default). [runtime] and [dissection] go through `Profile.build`, so an unknown key fails."""
     os.environ.setdefault("MPLBACKEND", "agg")
     import matplotlib
 
@@ -62,9 +80,10 @@ def notebook_context(name: str, profile: str, seed: int = 0) -> NotebookContext:
     pd.set_option("display.max_columns", 20)
     runtime.seed_everything(seed)
     loaded = load_profile(profile)
-    settings = loaded.section("runtime")
-    runtime.set_cpu_threads(settings["threads"])
+    settings = loaded.build(runtime.RuntimeSettings, "runtime")
+    runtime.set_cpu_threads(settings.threads)
     out_dir = paths.results_dir(loaded.name) / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = tuple(settings.get("seeds", [seed]))
-    return NotebookContext(name=name, profile=loaded, out_dir=out_dir, seeds=seeds)
+    return RunContext(name=name, profile=loaded, out_dir=out_dir, seeds=settings.seeds,
+                      device=runtime.resolve_device(settings.device), batch_size=settings.batch_size,
+                      dissection=loaded.build(DissectionConfig, "dissection"))

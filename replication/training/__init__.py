@@ -1,4 +1,4 @@
-"""Training: one loop for every notebook, with pluggable loss terms, checkpoints and a cache."""
-from replication.training.loop import LossTerm, TrainConfig, TrainResult, evaluate, train, train_cached
+"""Training: one loop for every notebook, with pluggable loss terms and step callbacks, checkpoints and a cache."""
+from replication.training.loop import LossTerm, Recipe, StepCallback, TrainConfig, TrainResult, evaluate, train, train_cached
 
-__all__ = ["LossTerm", "TrainConfig", "TrainResult", "evaluate", "train", "train_cached"]
+__all__ = ["LossTerm", "Recipe", "StepCallback", "TrainConfig", "TrainResult", "evaluate", "train", "train_cached"]

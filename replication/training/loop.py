@@ -1,4 +1,10 @@
-"""One training loop for every notebook: pluggable loss terms, per-epoch metrics, resumable and cached.
+"""One training loop for every notebook: pluggable loss terms and step callbacks, per-epoch metrics,
+resumable and cached behind a recipe.
+
+Seams for the papers: a `LossTerm` adds to the loss; a `StepCallback` changes the model after an
+optimiser step where no loss can (concept whitening's rotation every k steps); a `Recipe` says what
+`train_cached` builds (after seeding, so initial weights are reproducible), with which terms and
+callbacks, and what identifies it in the cache.
 
 Determinism and resume: every epoch starts by seeding Python, NumPy, torch (CPU and CUDA) and the
 shuffling generator from `(config.seed, epoch)`, so an epoch's randomness (order, dropout, loss-term
@@ -16,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -27,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from replication import cache, io, runtime
 from replication.models.backbones import load_weights
 from replication.models.hooks import capture_activations
+from replication.models.surgery import eval_mode
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
@@ -92,6 +99,46 @@ class LossTerm(Protocol):
     def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class StepCallback(Protocol):
+    """An update after every optimiser step that a loss term cannot express (e.g. a rotation every k steps).
+
+    Called as `callback(model, step=..., epoch=...)` under `torch.no_grad()`, right after the
+    optimiser step: `step` counts optimiser steps from 1 across epochs, `epoch` counts epochs from 1.
+    It must be deterministic (the global RNGs are seeded per epoch, so drawing from them is) and keep
+    any state in the model (buffers), so a resumed run and a cached model see the same thing. Like a
+    loss term's, its settings (all fields of a dataclass, else its `name`) are part of the checkpoint
+    and cache identity.
+    """
+
+    name: str
+
+    def __call__(self, model: nn.Module, *, step: int, epoch: int) -> None: ...
+
+
+class Recipe(Protocol):
+    """What `train_cached` trains: it seeds with `TrainConfig.seed`, then calls `build()`, then
+    `loss_terms(model)` and `step_callbacks(model)` on the built model, so every paper's initial
+    weights (and anything the terms register in the model) are reproducible.
+
+    `key(model)` is the recipe's part of the cache key, e.g. `{"model": ..., "loss": ...}`: everything
+    that decides what is built and what is added to the loss (the model is passed for keys derived
+    from its structure, such as the layers a loss term reads). `train_cached` adds the training
+    config, the data fingerprints and the compute identity, and the step callbacks' settings.
+    Subclass it (dataclasses do well) and override `loss_terms` / `step_callbacks` when needed.
+    """
+
+    def build(self) -> nn.Module: ...
+
+    def key(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def loss_terms(self, model: nn.Module) -> Sequence[LossTerm]:
+        return ()
+
+    def step_callbacks(self, model: nn.Module) -> Sequence[StepCallback]:
+        return ()
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -105,6 +152,7 @@ def train(
     config: TrainConfig,
     val_set: Dataset | None = None,
     loss_terms: Sequence[LossTerm] = (),
+    step_callbacks: Sequence[StepCallback] = (),
     device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
@@ -113,12 +161,14 @@ def train(
     History columns: epoch, train_loss (task cross-entropy), `loss_<name>` per term, train_acc,
     val_loss, val_acc (NaN without `val_set`), lr, seconds, seed. Each epoch re-seeds the global
     Python/NumPy/torch RNGs from `(config.seed, epoch)`; the model's initialisation is the caller's
-    (seed before building it, as `train_cached` does).
+    (seed before building it, as `train_cached` does). `step_callbacks` run after every optimiser
+    step (see `StepCallback`).
     """
     device = runtime.resolve_device(device)
     if config.amp and device.type != "cuda":
         raise ValueError(f"TrainConfig.amp=True needs CUDA but device is {device}; set amp=False.")
     _check_terms(loss_terms)
+    _check_callbacks(step_callbacks)
     if len(train_set) == 0:
         raise ValueError("train() got an empty train_set; pass at least one (image, class_id) sample.")
     model.to(device)
@@ -126,7 +176,8 @@ def train(
     schedule = _schedule(optimizer, config)
     amp_dtype = torch.bfloat16 if config.amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and amp_dtype == torch.float16)
-    identity = {"config": cache.canonical(config), "loss_terms": [_term_identity(t) for t in loss_terms]}
+    identity = {"config": cache.canonical(config), "loss_terms": [_identity(t) for t in loss_terms],
+                **_callback_identity(step_callbacks)}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history: list[dict[str, Any]] = []
     if checkpoint is not None and checkpoint.exists():
@@ -137,7 +188,8 @@ def train(
             started = time.perf_counter()
             generators = _seed_epoch(config.seed, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generators, epoch, amp_dtype)
+            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device, generators,
+                               epoch, amp_dtype)
             if schedule is not None:
                 schedule.step()
             val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
@@ -164,21 +216,16 @@ def evaluate(
     """Mean cross-entropy and top-1 accuracy of `model` (in eval mode) over `(image, class_id)` samples."""
     device = runtime.resolve_device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    try:
-        with torch.no_grad():
-            for images, labels in runtime.progress(loader, desc="evaluate", total=len(loader)):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                logits = model(images).float()
-                totals += torch.stack([
-                    nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-                    (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                ])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for images, labels in runtime.progress(loader, desc="evaluate", total=len(loader)):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(images).float()
+            totals += torch.stack([
+                nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                (logits.argmax(1) == labels).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ])
     loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise ValueError("evaluate() got an empty dataset; pass at least one (image, class_id) sample.")
@@ -187,47 +234,41 @@ def evaluate(
 
 def train_cached(
     kind: str,
-    build_model: Callable[[], nn.Module],
+    recipe: Recipe,
     train_set: Dataset,
     *,
     config: TrainConfig,
-    model_config: Any,
     val_set: Dataset | None = None,
-    loss_terms: Sequence[LossTerm] = (),
-    loss_config: Any = None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
     """`train` behind the configuration cache: a finished model is loaded from disk, not retrained.
 
-    The folder `cache.stage_dir(kind, key)` is keyed by `model_config`, `config`, `loss_config` (or
-    the loss terms themselves when they are dataclasses), the datasets' fingerprints and
-    `runtime.compute_identity` (the CPU thread count, which changes float results). It holds
-    `model.pt` (state dict), `history.csv` and the DONE marker; an unfinished run resumes from its
-    checkpoints. `build_model` is called after seeding with `config.seed`, so initial weights are
-    reproducible.
+    Seeds everything with `config.seed`, then builds the recipe's model, loss terms and step
+    callbacks (see `Recipe`), so initial weights are reproducible. The folder
+    `cache.stage_dir(kind, key)` is keyed by `recipe.key(model)`, `config`, the datasets'
+    fingerprints, `runtime.compute_identity` (the CPU thread count, which changes float results) and
+    the step callbacks' settings (when there are any). It holds `model.pt` (state dict),
+    `history.csv` and the DONE marker; an unfinished run resumes from its checkpoints.
     """
-    if loss_config is None and loss_terms:
-        if not all(dataclasses.is_dataclass(t) for t in loss_terms):
-            raise ValueError("train_cached needs loss_config describing the loss terms (they are not dataclasses), so the cache key covers them.")
-        loss_config = [_term_identity(t) for t in loss_terms]
+    runtime.seed_everything(config.seed)
+    model = recipe.build()
+    loss_terms, step_callbacks = tuple(recipe.loss_terms(model)), tuple(recipe.step_callbacks(model))
     key = {
-        "model": model_config,
+        **recipe.key(model),
         "train": config,
-        "loss": loss_config,
         "train_data": dataset_fingerprint(train_set),
         "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
         **runtime.compute_identity(device),
+        **_callback_identity(step_callbacks),
     }
     folder = cache.stage_dir(kind, key)
-    runtime.seed_everything(config.seed)
-    model = build_model()
     with cache.stage_lock(folder):  # another notebook training the same model: wait and load it
         if cache.is_done(folder):
             load_weights(model, folder / MODEL_NAME)
             return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
         result = train(
-            model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, device=device,
-            checkpoint_dir=folder / "checkpoints",
+            model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, step_callbacks=step_callbacks,
+            device=device, checkpoint_dir=folder / "checkpoints",
         )
         io.save_torch(folder / MODEL_NAME, result.model.state_dict())
         io.write_csv(folder / HISTORY_NAME, result.history)
@@ -254,7 +295,8 @@ def dataset_fingerprint(dataset: Dataset) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device, generators, epoch, amp_dtype) -> dict[str, float]:
+def _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device, generators, epoch,
+                 amp_dtype) -> dict[str, float]:
     loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
@@ -270,7 +312,7 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device
     model.train()
     bar = runtime.progress(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
     with capture_activations(model, layers, detach=False, clone=clone) as activations:
-        for images, labels in bar:
+        for index, (images, labels) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 logits = model(images)
@@ -282,6 +324,10 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, config, device
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if step_callbacks:
+                with torch.no_grad():
+                    for callback in step_callbacks:
+                        callback(model, step=epoch * len(loader) + index + 1, epoch=epoch + 1)
             n = labels.numel()
             correct = (logits.detach().argmax(1) == labels).sum()
             totals += torch.stack([
@@ -321,10 +367,16 @@ def _term_value(term: LossTerm, model: nn.Module, activations: Mapping[str, torc
     return value
 
 
-def _term_identity(term: LossTerm) -> dict[str, Any]:
-    """A loss term's settings (all its fields when it is a dataclass, else its name)."""
-    fields = cache.canonical(term) if dataclasses.is_dataclass(term) else {"name": term.name}
-    return {"type": type(term).__name__, **fields}
+def _identity(component: LossTerm | StepCallback) -> dict[str, Any]:
+    """A loss term's or step callback's settings (all its fields when it is a dataclass, else its name)."""
+    fields = cache.canonical(component) if dataclasses.is_dataclass(component) else {"name": component.name}
+    return {"type": type(component).__name__, **fields}
+
+
+def _callback_identity(step_callbacks: Sequence[StepCallback]) -> dict[str, Any]:
+    """The step callbacks' part of a checkpoint or cache identity; nothing without callbacks, so the
+    identities of runs without any stay what they were before callbacks existed."""
+    return {"step_callbacks": [_identity(c) for c in step_callbacks]} if step_callbacks else {}
 
 
 def _check_terms(loss_terms: Sequence[LossTerm]) -> None:
@@ -334,6 +386,12 @@ def _check_terms(loss_terms: Sequence[LossTerm]) -> None:
             raise TypeError(f"loss term {term!r} lacks `name`, `layers` or `__call__`; see replication.training.loop.LossTerm.")
     if len(set(names)) != len(names):
         raise ValueError(f"loss term names must be unique (they name history columns), got {names}.")
+
+
+def _check_callbacks(step_callbacks: Sequence[StepCallback]) -> None:
+    for callback in step_callbacks:
+        if not isinstance(callback, StepCallback):
+            raise TypeError(f"step callback {callback!r} lacks `name` or `__call__`; see replication.training.loop.StepCallback.")
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, loss_terms: Sequence[LossTerm]) -> torch.optim.Optimizer:

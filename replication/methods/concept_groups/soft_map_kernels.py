@@ -9,7 +9,7 @@ time, which stays in cache), never store it, and recompute it in the backward: t
 activation forward, two or three backward, and one gradient buffer whose memory is reused from step
 to step (`GradientBuffer`).
 
-`SoftMapStatistics.apply` is the autograd function; `concept_groups.SoftReceptiveField` chooses it
+`SoftMapStatistics.apply` is the autograd function; `receptive_field.SoftReceptiveField` chooses it
 (CPU) or the eager reference (CUDA, or `kernel="eager"`), and the tests check both agree. Every
 reduction is a per-(image, channel) partial summed in a fixed order, so results do not depend on the
 number of threads.
@@ -196,7 +196,7 @@ def _backward(activation, k, p2, blocks, groups, size, shifts, ys, xs, spatial_e
                 row = maps[f]
                 target = out[image, channel]
                 base = grad_mass[image, channel]
-                if with_spread:  # dL_s/dpsi_j = (d_j - L + <dL/dc, j - c>) / m, see concept_groups._SpatialSpread
+                if with_spread:  # dL_s/dpsi_j = (d_j - L + <dL/dc, j - c>) / m, see eager_kernels.SpatialSpread
                     denominator = mass[image, channel] + spatial_eps
                     weight = grad_spread[image, channel] / denominator
                     cy, cx = centres[image, channel, 0], centres[image, channel, 1]
@@ -294,7 +294,7 @@ class SoftMapStatistics(torch.autograd.Function):
     (i + s) mod size. `coordinates` (ys, xs) enable the spread with `spatial_eps` added to the mass;
     None skips it. `gradient_buffer` (a GradientBuffer, optional) holds the activation gradient's memory
     between steps. Returns l1 (N, G, len(shifts), size), mass (N, C) = sum of psi, spread (N, C) (or
-    (N, 0) without coordinates). Equations: concept_groups._StdSoftMap, _GroupShiftL1, _SpatialSpread.
+    (N, 0) without coordinates). Equations: eager_kernels.StdSoftMap, GroupShiftL1, SpatialSpread.
     """
 
     @staticmethod

@@ -1,0 +1,282 @@
+"""The notebook's experiments (spec sections 5-7), its `CGLSettings` and the cached training runs.
+
+The synthetic task (Table 1) and ConceptWorld classification with an AlexNet- and a VGG-style
+network (Tables 2-3), each trained with weight decay, the block norm alone and full CGL, then
+dissected; the lambda sweep picks lambda_g = lambda_s first.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from replication import cache
+from replication.analysis.features import dissect_layers
+from replication.data.subsets import split_indices
+from replication.methods.concept_groups.groups import GROUPS
+from replication.methods.concept_groups.layers import activation_layers, dissected_layers
+from replication.methods.concept_groups.losses import CGLConfig, cgl_loss_terms
+from replication.methods.concept_groups.metrics import (
+    dissection_tables,
+    group_purity,
+    group_statistics,
+    ratio_of_unique_detectors,
+    relevance_summary,
+    relevance_table,
+)
+from replication.methods.concept_groups.receptive_field import check_choice
+from replication.models.anatomy import producing_conv
+from replication.models.backbones import build_backbone
+from replication.models.small_cnns import TwoLayerCNN
+from replication.training.loop import Recipe, TrainConfig, evaluate, train_cached
+
+VARIANTS = ("weight_decay", "block_norm", "cgl")
+VARIANT_LABELS = {"weight_decay": "weight decay", "block_norm": "R_bn", "cgl": "R_bn + L_g + L_s"}
+SYNTHETIC_CATEGORIES = {"color": "color", "object": "shape", "part": "color_shape"}  # ConceptWorld -> Table 1
+
+
+@dataclass(frozen=True)
+class CGLSettings:
+    """The notebook's settings: the `[cgl]` section of a profile. Tags as in the spec.
+
+    Synthetic task: the paper's two-layer CNN (`synthetic_widths` 128, 256 [P]) on the `cgl_world`
+    preset; epochs [U]. Main experiment: `archs` trained from scratch [P] at `widths` on 64-px
+    ConceptWorld, `small_inputs` (one value per arch) removing early downsampling. `train` (the table
+    [cgl.train]) is the code's recipe (SGD, momentum 0.9, lr 0.01, batch 256, step schedule x0.1 every
+    30 of 90 epochs [C]), its weight decay 1e-4 for the baseline and 0 with the block norm [C]
+    (`train_config`); the synthetic task uses it for `synthetic_epochs` at `synthetic_lr`. lambda_bn
+    5e-3 for AlexNet and 1e-3 for VGG16 [C]. lambda_g = lambda_s are not
+    reported [U]: they are chosen from `lambda_grid` (spec 9.1) on `sweep_arch` by `select_lambda`,
+    using a `tuning_fraction` of the training split held out (never the reported val split).
+    `train_images` / `synthetic_train_images` cap the training splits and `dissection_images` the
+    dissected val split (seeded subsets, None = all; a cap makes the run reduced); `seeds` /
+    `synthetic_seeds` how many of the profile's runtime seeds each experiment uses.
+    """
+
+    synthetic_widths: tuple[int, int] = (128, 256)
+    synthetic_epochs: int = 90
+    synthetic_lr: float = 0.01
+    synthetic_lambda_bn: float = 5e-3
+    synthetic_global_pool: str = "max"
+    synthetic_seeds: int = 3
+    synthetic_train_images: int | None = None
+    archs: tuple[str, ...] = ("alexnet", "vgg16")
+    widths: tuple[float, ...] = (1.0, 1.0)
+    small_inputs: tuple[bool, ...] = (True, True)
+    train: TrainConfig = TrainConfig(epochs=90, batch_size=256, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                     schedule="step", step_size=30)
+    lambda_bn_alexnet: float = 5e-3
+    lambda_bn_vgg16: float = 1e-3  # also for vgg16_bn
+    lambda_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    sweep_arch: str = "alexnet"
+    tuning_fraction: float = 0.2
+    accuracy_tolerance: float = 1.5
+    train_images: int | None = None
+    seeds: int = 3
+    groups: int = GROUPS
+    analysis_images: int = 256
+    dissection_images: int | None = None
+
+    def __post_init__(self):
+        for name in ("widths", "small_inputs"):
+            if len(getattr(self, name)) != len(self.archs):
+                raise ValueError(f"[cgl] {name} {getattr(self, name)} must give one value per arch {self.archs}.")
+
+    def width(self, arch: str) -> float:
+        return self.widths[self.archs.index(arch)] if arch in self.archs else 1.0
+
+    def small_input(self, arch: str) -> bool:
+        return self.small_inputs[self.archs.index(arch)] if arch in self.archs else True
+
+    def lambda_bn(self, arch: str) -> float:
+        return self.synthetic_lambda_bn if arch == "two_layer_cnn" else getattr(self, f"lambda_bn_{arch.removesuffix('_bn')}")
+
+    def train_config(self, *, seed: int, variant: str, epochs: int | None = None, lr: float | None = None) -> TrainConfig:
+        """`train` for one run: its seed, `epochs`/`lr` when given, and its weight decay only for the
+        weight-decay baseline (the block norm replaces it in the other variants [C])."""
+        return dataclasses.replace(self.train, epochs=epochs or self.train.epochs, lr=lr or self.train.lr, seed=seed,
+                                   weight_decay=self.train.weight_decay if variant == "weight_decay" else 0.0)
+
+    def cgl_config(self, arch: str, model: nn.Module, variant: str, lam: float, seed: int) -> CGLConfig | None:
+        """The regularisers of `variant` (None for the weight-decay baseline)."""
+        check_choice(variant, VARIANTS, "variant")
+        if variant == "weight_decay":
+            return None
+        lam = lam if variant == "cgl" else 0.0
+        return CGLConfig(groups=self.groups, lambda_bn=self.lambda_bn(arch), lambda_g=lam, lambda_s=lam,
+                         activation_layers=activation_layers(arch, model), seed=seed)
+
+
+def build_model(arch: str, num_classes: int, settings: CGLSettings) -> nn.Module:
+    """The synthetic task's `TwoLayerCNN` or a torchvision backbone sized by `settings`."""
+    if arch == "two_layer_cnn":
+        return TwoLayerCNN(num_classes, widths=settings.synthetic_widths, global_pool=settings.synthetic_global_pool)
+    return build_backbone(arch, num_classes, small_input=settings.small_input(arch), width=settings.width(arch))
+
+
+@dataclass(frozen=True)
+class VariantRecipe(Recipe):
+    """One CGL run for `train_cached`: `arch` sized by `settings`, with the regularisers of `variant`
+    (lambda_g = lambda_s = `lam` for full CGL; `seed` seeds their pair sampling)."""
+
+    arch: str
+    variant: str
+    num_classes: int
+    settings: CGLSettings
+    lam: float
+    seed: int
+
+    def build(self) -> nn.Module:
+        return build_model(self.arch, self.num_classes, self.settings)
+
+    def cgl_config(self, model: nn.Module) -> CGLConfig | None:
+        return self.settings.cgl_config(self.arch, model, self.variant, self.lam, self.seed)
+
+    def loss_terms(self, model: nn.Module) -> list:
+        config = self.cgl_config(model)
+        return cgl_loss_terms(model, config) if config is not None else []
+
+    def key(self, model: nn.Module) -> dict[str, Any]:
+        settings = self.settings
+        return {"model": {"arch": self.arch, "num_classes": self.num_classes, "width": settings.width(self.arch),
+                          "small_input": settings.small_input(self.arch), "synthetic_widths": settings.synthetic_widths,
+                          "global_pool": settings.synthetic_global_pool},
+                "loss": {"variant": self.variant, "cgl": self.cgl_config(model)}}
+
+
+@dataclass
+class TrainedModel:
+    """A trained (or cached) CGL model with its run's identity, training history and regularisers."""
+
+    arch: str
+    variant: str
+    seed: int
+    model: nn.Module
+    history: pd.DataFrame
+    config: CGLConfig | None
+
+
+def train_variant(arch: str, variant: str, train_set: Dataset, *, num_classes: int, settings: CGLSettings, seed: int,
+                  lam: float, device: str | torch.device | None = None, val_set: Dataset | None = None,
+                  epochs: int | None = None, lr: float | None = None) -> TrainedModel:
+    """Train (or load from the cache) `arch` with the regularisers of `variant`, seeded."""
+    recipe = VariantRecipe(arch, variant, num_classes, settings, lam, seed)
+    config = settings.train_config(seed=seed, variant=variant, epochs=epochs, lr=lr)
+    result = train_cached("cgl", recipe, train_set, config=config, val_set=val_set, device=device)
+    return TrainedModel(arch, variant, seed, result.model, result.history, recipe.cgl_config(result.model))
+
+
+def select_lambda(tuning_accuracy: dict[float, float], reference_accuracy: float, tolerance: float) -> float:
+    """The sweep's rule [I]: the largest lambda whose held-out accuracy is within `tolerance` points of
+    the block-norm-only model's; the smallest lambda when none is. Accuracies are fractions."""
+    if not tuning_accuracy:
+        raise ValueError("select_lambda needs at least one (lambda, accuracy) pair.")
+    admissible = [lam for lam, acc in tuning_accuracy.items() if 100 * (reference_accuracy - acc) <= tolerance]
+    return max(admissible) if admissible else min(tuning_accuracy)
+
+
+def _unique_by_category(summary: pd.DataFrame) -> dict[str, int]:
+    return dict(zip(summary["category"], summary["unique_detectors"].astype(int)))
+
+
+def run_synthetic(train_set: Dataset, broden: Dataset, *, settings: CGLSettings, seeds: Sequence[int], lam: float,
+                  num_classes: int, quantile: float, iou_threshold: float, batch_size: int,
+                  device: str | torch.device | None = None
+                  ) -> tuple[pd.DataFrame, dict[tuple[str, int], nn.Module]]:
+    """Table 1: the two-layer CNN per variant and seed, conv1/conv2 dissected on color, object (shape)
+    and part (colour-shape). Returns (one row per seed x variant x layer, {(variant, seed): model})."""
+    rows, models = [], {}
+    for seed in seeds:
+        for variant in VARIANTS:
+            trained = train_variant("two_layer_cnn", variant, train_set, num_classes=num_classes, settings=settings,
+                                    seed=seed, lam=lam, device=device, epochs=settings.synthetic_epochs, lr=settings.synthetic_lr)
+            models[(variant, seed)] = trained.model
+            table, _ = dissection_tables(dissect_layers(
+                trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES), quantile=quantile,
+                iou_threshold=iou_threshold, batch_size=batch_size, device=device))
+            for layer, summary in table.groupby("layer", sort=False):
+                counts = _unique_by_category(summary)
+                rows.append({"variant": variant, "seed": seed, "layer": layer,
+                             **{name: counts.get(cat, 0) for cat, name in SYNTHETIC_CATEGORIES.items()},
+                             "total": counts["total"]})
+    return pd.DataFrame(rows), models
+
+
+def run_sweep(train_set: Dataset, *, settings: CGLSettings, num_classes: int, seed: int, batch_size: int,
+              device: str | torch.device | None = None) -> tuple[pd.DataFrame, float]:
+    """The lambda_g = lambda_s sweep on `settings.sweep_arch`: train on the training split minus a held-out
+    tuning part, compare held-out accuracy with the block-norm-only model, pick by `select_lambda`.
+    A single-value grid is taken as given (no training). Returns (table, chosen lambda)."""
+    grid = tuple(settings.lambda_grid)
+    if len(grid) == 1:
+        return pd.DataFrame({"lambda": list(grid), "tuning_accuracy": [np.nan]}), grid[0]
+    fit, tune = split_indices(len(train_set), settings.tuning_fraction, seed=seed)
+    fit_set, tune_set = torch.utils.data.Subset(train_set, fit), torch.utils.data.Subset(train_set, tune)
+    fit_set.fingerprint = {"source": train_set.fingerprint, "indices": cache.config_hash(fit)}
+    accuracy = {}
+    for lam in (0.0, *grid):
+        variant = "cgl" if lam else "block_norm"
+        trained = train_variant(settings.sweep_arch, variant, fit_set, num_classes=num_classes, settings=settings,
+                                seed=seed, lam=lam, device=device)
+        accuracy[lam] = evaluate(trained.model, tune_set, batch_size=batch_size, device=device)["accuracy"]
+    reference = accuracy.pop(0.0)
+    chosen = select_lambda(accuracy, reference, settings.accuracy_tolerance)
+    table = pd.DataFrame({"lambda": [0.0, *accuracy], "tuning_accuracy": [reference, *accuracy.values()]})
+    return table.assign(chosen=table["lambda"] == chosen), chosen
+
+
+def run_main(train_set: Dataset, val_set: Dataset, broden: Dataset, *, settings: CGLSettings, seeds: Sequence[int],
+             lam: float, num_classes: int, quantile: float, iou_threshold: float, batch_size: int,
+             device: str | torch.device | None = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[tuple[str, str, int], nn.Module]]:
+    """Tables 2-3: every arch x variant x seed trained, evaluated (top-1 on val) and dissected (all six
+    categories) at the paper's layers. Returns (detectors: one row per model and layer with unique
+    detectors and filters, models: one row per model with top-1 and RUD, purity: `group_purity` of
+    every dissected layer's groups per model (G8), {(arch, variant, seed): model})."""
+    layer_rows, model_rows, purity, models = [], [], [], {}
+    for arch in settings.archs:
+        for seed in seeds:
+            for variant in VARIANTS:
+                trained = train_variant(arch, variant, train_set, num_classes=num_classes, settings=settings, seed=seed,
+                                        lam=lam, device=device)
+                models[(arch, variant, seed)] = trained.model
+                layers = dissected_layers(arch, trained.model)
+                table, units = dissection_tables(dissect_layers(trained.model, layers, broden, quantile=quantile,
+                                                                iou_threshold=iou_threshold, batch_size=batch_size,
+                                                                device=device))
+                purity.extend(group_purity(units, trained.model, layer, groups=settings.groups).assign(
+                    arch=arch, variant=variant, seed=seed) for layer in layers)
+                totals = table[table.category == "total"].set_index("layer").loc[list(layers)]
+                for position, (layer, row) in enumerate(totals.iterrows(), start=1):
+                    layer_rows.append({"arch": arch, "variant": variant, "seed": seed, "layer": f"c{position}",
+                                       "module": layer, "unique": int(row.unique_detectors), "filters": int(row.units)})
+                accuracy = evaluate(trained.model, val_set, batch_size=batch_size, device=device)["accuracy"]
+                rud = ratio_of_unique_detectors(totals.unique_detectors.iloc[-2:].tolist(), totals.units.iloc[-2:].tolist())
+                model_rows.append({"arch": arch, "variant": variant, "seed": seed, "top1": 100 * accuracy,
+                                   "unique_sum": int(totals.unique_detectors.sum()), "rud": rud})
+    return pd.DataFrame(layer_rows), pd.DataFrame(model_rows), pd.concat(purity, ignore_index=True), models
+
+
+def run_group_statistics(models: Mapping[tuple[str, str, int], nn.Module], dataset: Dataset, *,
+                         settings: CGLSettings,
+                         batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
+    """G5-G7 per model of `run_main` ({(arch, variant, seed): model}), averaged over its L_g layers: the
+    within-group distance and spatial spread of psi on the first `settings.analysis_images` images of
+    `dataset` (`group_statistics`) and the top group's share of beta (`relevance_summary`)."""
+    rows = []
+    for (arch, variant, seed), model in models.items():
+        layers = activation_layers(arch, model)
+        stats = group_statistics(model, layers, dataset, groups=settings.groups, images=settings.analysis_images,
+                                 batch_size=batch_size, device=device)
+        relevance = relevance_summary(relevance_table(model, [producing_conv(model, layer) for layer in layers],
+                                                      groups=settings.groups))
+        rows.append({"arch": arch, "variant": variant, "seed": seed,
+                     "within_group_distance": stats.within_group_distance.mean(),
+                     "spatial_spread": stats.spatial_spread.mean(), "top_group_share": relevance.top_share.mean()})
+    return pd.DataFrame(rows)

@@ -1,0 +1,57 @@
+"""The paper's qualitative figure: the soft receptive fields of one group's filters on the same images."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from replication import runtime
+from replication.methods.concept_groups.groups import GROUPS, group_weight_norms, partition_filters
+from replication.methods.concept_groups.receptive_field import SoftReceptiveField
+from replication.models.anatomy import producing_conv
+from replication.models.hooks import capture_activations
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.figure import Figure
+
+
+@torch.no_grad()
+def plot_group_maps(models: dict[str, nn.Module], layer: str, images: torch.Tensor, *, groups: int = GROUPS,
+                    filters: int = 4, mean: Sequence[float], std: Sequence[float],
+                    device: str | torch.device | None = None) -> Figure:
+    """The paper's qualitative check: psi maps of `filters` filters of one group on the same images.
+
+    For each model the group with the largest relevance beta_gl in `layer` is shown; filters of a
+    coherent group light up the same regions. Rows: model x image; columns: the image, then filters.
+    """
+    import matplotlib.pyplot as plt
+
+    device = runtime.resolve_device(device)
+    field = SoftReceptiveField().to(device)
+    rows = len(models) * len(images)
+    fig, axes = plt.subplots(rows, filters + 1, figsize=(1.6 * (filters + 1), 1.6 * rows), squeeze=False)
+    shown = (images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+    for m, (name, model) in enumerate(models.items()):
+        model = model.to(device).eval()
+        with capture_activations(model, [layer]) as acts:
+            model(images.to(device))
+        psi = field.of_layer(model, layer, acts[layer]).cpu()
+        partition = partition_filters(psi.shape[1], groups)
+        beta = group_weight_norms(model.get_submodule(producing_conv(model, layer)).weight.detach().cpu(), partition)
+        group = int(beta.argmax())
+        maps = partition.split(psi, dim=1)[:, group, :filters]
+        for i in range(len(images)):
+            row = axes[m * len(images) + i]
+            row[0].imshow(shown[i].permute(1, 2, 0).numpy())
+            row[0].set_ylabel(f"{name}\ngroup {group}" if i == 0 else "", fontsize=7)
+            for f in range(min(filters, maps.shape[1])):
+                row[f + 1].imshow(maps[i, f].numpy(), cmap="magma", vmin=0, vmax=1)
+                if m == 0 and i == 0:
+                    row[f + 1].set_title(f"filter {group * partition.group_size + f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{layer}: soft receptive fields of one group (most relevant by beta)", fontsize=9)
+    fig.tight_layout()
+    return fig

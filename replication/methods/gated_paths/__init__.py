@@ -1,0 +1,56 @@
+"""Neural Architecture Disentanglement (NAD, paper 05, notebook 05): per-class channel gates ("paths").
+
+A gate multiplies one layer's output channel-wise. For each class c, NAD learns gate logits m^c
+(one vector per gate location) on a frozen network so that the gated network still classifies c and
+keeps its activations, while as few channels as possible stay open; the class path is the set of
+channels with sigmoid(m) > 0.5. Everything here follows the official code `hujiecpp/NAD` as
+described in `shared/papers/05_architecture_disentanglement.md` (sections 3, 4 and 6); each official
+quirk is the default and has a switch.
+
+Modules, in pipeline order (this file only re-exports their public names):
+- `gates`: gate placement (`gate_locations`) and in-line gating (`gated`, `gate_values`);
+- `search`: `PathSearchConfig`, `search_paths` (batched) and `find_paths_sequential` (the official
+  loop), both returning a `PathSet`;
+- `images`: class image tensors (`images_by_class`) and 2x2 mosaics;
+- `similarity`: path IoU, similarity, diversity, misclassification ranks, concepts on paths;
+- `metrics`: path accuracy and the mosaic hit rate (per layer, dips, curve distance);
+- `experiment`: the notebook's convention: `NADSettings` (profile [nad]) and the run steps
+  `prepare_network`, `search_paths_cached`, `analyse_architecture` (-> `ArchitectureResult`),
+  `class_groups`, `similarity_by_group`, `misclassification_table`, `dissect_locations`;
+- `claims`: the verdict rules N1-N7 (`claim_rows`) and `claim_results` (the claims table);
+- `figures`: `plot_hit_rates`, `plot_units_kept`, `plot_similarity`.
+"""
+from replication.methods.gated_paths.claims import claim_results, claim_rows
+from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, NADSettings,
+                                                        analyse_architecture, class_groups, dissect_locations,
+                                                        misclassification_table, prepare_network,
+                                                        search_paths_cached, similarity_by_group)
+from replication.methods.gated_paths.figures import plot_hit_rates, plot_similarity, plot_units_kept
+from replication.methods.gated_paths.gates import (GATE_FUNCTIONS, GateHooks, GateLocation, gate_locations,
+                                                   gate_values, gated, ones_gates)
+from replication.methods.gated_paths.images import (Mosaic, image_and_label, images_by_class, mosaic_tensor,
+                                                    sample_mosaics)
+from replication.methods.gated_paths.metrics import (curve_distance, hit_rates, largest_dip, path_accuracy,
+                                                     quadrant_share, summarize_hit_rates, top_fraction_mask)
+from replication.methods.gated_paths.search import (BETA_ARCH_OF_FAMILY, OFFICIAL_BETA, ORIGINAL_CACHE_BYTES,
+                                                    SEEDINGS, PathSearchConfig, PathSet, class_path_loss,
+                                                    find_paths_sequential, official_beta, search_copy,
+                                                    search_paths)
+from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
+                                                        path_diversity, path_diversity_se, path_iou,
+                                                        path_similarity)
+
+__all__ = [
+    "claim_results", "claim_rows",
+    "ArchitectureResult", "ClassGroups", "NADSettings", "analyse_architecture", "class_groups", "dissect_locations",
+    "misclassification_table", "prepare_network", "search_paths_cached", "similarity_by_group",
+    "plot_hit_rates", "plot_similarity", "plot_units_kept",
+    "GATE_FUNCTIONS", "GateHooks", "GateLocation", "gate_locations", "gate_values", "gated", "ones_gates",
+    "Mosaic", "image_and_label", "images_by_class", "mosaic_tensor", "sample_mosaics",
+    "curve_distance", "hit_rates", "largest_dip", "path_accuracy", "quadrant_share", "summarize_hit_rates",
+    "top_fraction_mask",
+    "BETA_ARCH_OF_FAMILY", "OFFICIAL_BETA", "ORIGINAL_CACHE_BYTES", "SEEDINGS", "PathSearchConfig", "PathSet",
+    "class_path_loss", "find_paths_sequential", "official_beta", "search_copy", "search_paths",
+    "group_similarity", "misclassification_ranks", "path_concepts", "path_diversity", "path_diversity_se",
+    "path_iou", "path_similarity",
+]

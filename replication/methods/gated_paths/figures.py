@@ -1,0 +1,56 @@
+"""Notebook 05's figures: hit rate and path size against depth, path-similarity heat maps."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from replication.methods.gated_paths.experiment import ArchitectureResult
+
+def plot_hit_rates(results: Mapping[str, ArchitectureResult], *, chance: float = 0.25):
+    """Hit rate against normalised depth per network (own paths solid, shifted-path control dashed)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for index, (arch, r) in enumerate(results.items()):
+        colour = f"C{index}"
+        s = r.hit_summary
+        ax.errorbar(s["depth"], s["hit_rate"], yerr=s["hit_std"] / np.sqrt(s["n_mosaics"]), color=colour,
+                    marker="o", ms=3, capsize=2, label=f"{arch} ({r.family})")
+        ax.plot(r.control_summary["depth"], r.control_summary["hit_rate"], color=colour, ls="--", lw=1)
+    ax.axhline(chance, color="grey", lw=1, ls=":", label="chance")
+    ax.set(xlabel="normalised depth of the gate location", ylabel="hit rate (mean ± SE over mosaics)",
+           title="Class paths localise their class in 2x2 mosaics (dashed: another class's path)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_units_kept(results: Mapping[str, ArchitectureResult]):
+    """Fraction of units on the class paths per gate location (mean over classes) against depth."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for arch, r in results.items():
+        kept = r.paths.units_kept().groupby("layer")["fraction"].agg(["mean", "std"])
+        depth = kept.index / max(len(kept) - 1, 1)
+        ax.errorbar(depth, kept["mean"], yerr=kept["std"], marker="o", ms=3, capsize=2, label=arch)
+    ax.set(xlabel="normalised depth of the gate location", ylabel="fraction of units on the path",
+           ylim=(0, 1), title="Path size per layer (mean ± std over classes)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_similarity(results: Mapping[str, ArchitectureResult], names: Sequence[str], order: Sequence[int]):
+    """Path-similarity heat maps, classes in `order` (rows of the PathSet) labelled by `names`."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results) + 1.5, 4.4), squeeze=False)
+    labels = [names[i] for i in order]
+    for index, (ax, (arch, r)) in enumerate(zip(axes[0], results.items())):
+        matrix = r.similarity[list(order)][:, list(order)].numpy()
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(arch, fontsize=9)
+        ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(order)), labels if index == 0 else [], fontsize=6)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.7, label="path similarity (mean IoU)")
+    return fig

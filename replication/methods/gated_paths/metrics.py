@@ -1,0 +1,167 @@
+"""What the hard-gated paths do: path accuracy (claim N1) and the hit rate of path activation maps on
+2x2 mosaics (spec section 6.1, as `cam_2x2.py`), its per-layer summary, largest dip (N5) and the
+distance between two networks' hit-rate curves (N6)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replication.methods.gated_paths.gates import GateHooks, gated
+from replication.methods.gated_paths.images import Mosaic, image_and_label, mosaic_tensor
+from replication.methods.gated_paths.search import PathSet
+from replication.runtime import resolve_device
+
+def _gated_forward(model: nn.Module, hooks: GateHooks, x: torch.Tensor, gates: Sequence[torch.Tensor] | None,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+    hooks.set(gates, rows)
+    return model(x)
+
+
+@torch.no_grad()
+def path_accuracy(model: nn.Module, paths: PathSet, class_images: Mapping[int, torch.Tensor], *,
+                  batch_size: int = 128, device: str | torch.device | None = None) -> pd.DataFrame:
+    """Claim N1: per class, accuracy of the original net and of its hard-gated path on that class's images.
+
+    Each image runs once through the original net and once through its own class's path (per-sample
+    gate rows, so a batch mixes classes). Also returns the original net's predictions per image
+    (column `predicted`, a list) for the misclassification analysis.
+    """
+    device = resolve_device(device)
+    gates = [g.to(device) for g in paths.hard_gates()]
+    images = torch.cat([class_images[c] for c in paths.classes])
+    rows = torch.cat([torch.full((len(class_images[c]),), k, dtype=torch.long) for k, c in enumerate(paths.classes)])
+    original, gated_pred = [], []
+    with gated(model, paths.locations) as hooks:
+        for start in range(0, len(images), batch_size):
+            x, r = images[start:start + batch_size].to(device), rows[start:start + batch_size].to(device)
+            original.append(_gated_forward(model, hooks, x, None, None).argmax(1).cpu())
+            gated_pred.append(_gated_forward(model, hooks, x, gates, r).argmax(1).cpu())
+    labels = torch.tensor(paths.classes)[rows]
+    frame = pd.DataFrame({"class_id": labels.numpy(), "original": torch.cat(original).numpy(),
+                          "path": torch.cat(gated_pred).numpy()})
+    kept = paths.units_kept().groupby("class_id")[["kept", "channels"]].sum()
+    out = []
+    for class_id, group in frame.groupby("class_id", sort=False):
+        out.append({"class_id": int(class_id), "n_images": len(group),
+                    "original_accuracy": float((group["original"] == class_id).mean()),
+                    "path_accuracy": float((group["path"] == class_id).mean()),
+                    "units_kept": float(kept.loc[class_id, "kept"] / kept.loc[class_id, "channels"]),
+                    "predicted": group["original"].astype(int).tolist()})
+    return pd.DataFrame(out)
+
+
+def top_fraction_mask(maps: torch.Tensor, size: int, *, top_fraction: float = 0.1,
+                      quantize_uint8: bool = True) -> torch.Tensor:
+    """Binary top-`top_fraction` masks (N, size, size) of activation maps (N, h, w), as `cam_2x2.py`.
+
+    Min-max normalise, optionally cast to uint8 (truncating), resize bicubic to `size` (uint8 output
+    rounded and clipped), threshold at the k-th largest value with a strict `>` (official: uint8 ties
+    can make the mask much smaller than k). `quantize_uint8=False`: float maps, exactly the top k [I].
+    """
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - lo
+    norm = torch.where(span > 0, (maps - lo) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    if quantize_uint8:
+        norm = torch.floor(norm * 255)
+    resized = norm[:, None] if norm.shape[-2:] == (size, size) else \
+        F.interpolate(norm[:, None], size=(size, size), mode="bicubic", align_corners=False)
+    flat = resized.flatten(1)
+    k = int(math.floor(top_fraction * size * size))
+    if k < 1:
+        raise ValueError(f"top_fraction={top_fraction} selects no pixel of a {size}x{size} map")
+    if quantize_uint8:
+        flat = flat.round().clamp(0, 255) / 255
+        threshold = flat.topk(k, dim=1).values[:, -1:]
+        mask = flat > threshold
+    else:
+        mask = torch.zeros_like(flat, dtype=torch.bool).scatter(1, flat.topk(k, dim=1).indices, True)
+    return mask.view(-1, size, size)
+
+
+def quadrant_share(mask: torch.Tensor, quadrant: int) -> torch.Tensor:
+    """Share of the selected pixels that lie in `quadrant` (row-major), NaN when nothing is selected."""
+    size = mask.shape[-1]
+    half = size // 2
+    r, c = divmod(quadrant, 2)
+    inside = mask[:, r * half:(r + 1) * half if r == 0 else size, c * half:(c + 1) * half if c == 0 else size]
+    total = mask.flatten(1).sum(1).float()
+    return inside.flatten(1).sum(1).float() / total  # 0/0 -> NaN, counted by the caller
+
+
+@torch.no_grad()
+def hit_rates(model: nn.Module, paths: PathSet, dataset, mosaics: Sequence[Mosaic], *, mosaic_size: int,
+              top_fraction: float = 0.1, quantize_uint8: bool = True, path_shift: int = 0,
+              batch_size: int = 64, device: str | torch.device | None = None) -> pd.DataFrame:
+    """Hit rate of every (mosaic, quadrant, gate location) (spec section 6.1).
+
+    For quadrant q the hard path of the class in quadrant (q + path_shift) % 4 gates all locations
+    (0 = the official own-class path; 1..3 = a control with another class's path); the channel sum
+    of the gated output at each location gives the map whose top pixels are counted in quadrant q.
+    Returns one row per (mosaic, quadrant, layer) with `hit` (NaN when no pixel is above threshold).
+    """
+    device = resolve_device(device)
+    gates = [g.to(device) for g in paths.hard_gates()]
+    tiles = torch.stack([mosaic_tensor([image_and_label(dataset[i])[0] for i in m.indices], mosaic_size)
+                         for m in mosaics])
+    records = []
+    with gated(model, paths.locations) as hooks:
+        for quadrant in range(4):
+            source = (quadrant + path_shift) % 4
+            rows_all = torch.tensor([paths.row(m.classes[source]) for m in mosaics])
+            for start in range(0, len(mosaics), batch_size):
+                x = tiles[start:start + batch_size].to(device)
+                rows = rows_all[start:start + batch_size].to(device)
+                _gated_forward(model, hooks, x, gates, rows)
+                for layer, location in enumerate(paths.locations):
+                    maps = hooks.outputs[location.name].sum(1).float()
+                    mask = top_fraction_mask(maps, mosaic_size, top_fraction=top_fraction,
+                                             quantize_uint8=quantize_uint8)
+                    for offset, hit in enumerate(quadrant_share(mask, quadrant).cpu().tolist()):
+                        records.append({"mosaic": start + offset, "quadrant": quadrant, "layer": layer,
+                                        "location": location.name, "hit": hit,
+                                        "class_id": mosaics[start + offset].classes[quadrant]})
+    return pd.DataFrame(records)
+
+
+def summarize_hit_rates(hits: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean hit rate and std over mosaics (each mosaic = mean of its 4 quadrants),
+    normalised depth l / (L - 1), and how many quadrant maps had no pixel above threshold."""
+    per_mosaic = hits.groupby(["layer", "location", "mosaic"], sort=True)["hit"].mean().reset_index()
+    summary = per_mosaic.groupby(["layer", "location"], sort=True)["hit"].agg(["mean", "std", "count"]).reset_index()
+    summary["empty_maps"] = hits.groupby(["layer", "location"], sort=True)["hit"].apply(
+        lambda s: int(s.isna().sum())).to_numpy()
+    n_layers = len(summary)
+    summary["depth"] = summary["layer"] / max(n_layers - 1, 1)
+    return summary.rename(columns={"mean": "hit_rate", "std": "hit_std", "count": "n_mosaics"})
+
+
+def largest_dip(summary: pd.DataFrame) -> dict[str, Any]:
+    """Claim N5: the largest drop of the hit rate from any shallower layer to a deeper one.
+
+    `significant` when the drop exceeds the combined standard error sqrt(se_a^2 + se_b^2) with
+    se = std over mosaics / sqrt(n_mosaics) (spec: 'larger than the std over mosaics / sqrt(100)') [I].
+    """
+    means = summary["hit_rate"].to_numpy()
+    se = (summary["hit_std"] / np.sqrt(summary["n_mosaics"])).to_numpy()
+    best = {"drop": 0.0, "from_layer": None, "to_layer": None, "significant": False}
+    for deep in range(1, len(means)):
+        shallow = int(np.nanargmax(means[:deep]))
+        drop = float(means[shallow] - means[deep])
+        if drop > best["drop"]:
+            best = {"drop": drop, "from_layer": shallow, "to_layer": deep,
+                    "significant": bool(drop > math.hypot(se[shallow], se[deep]))}
+    return best
+
+
+def curve_distance(a: pd.DataFrame, b: pd.DataFrame, *, grid: int = 21) -> float:
+    """Claim N6: mean absolute difference of two hit-rate curves on normalised depth [0, 1] (linear interpolation)."""
+    depth = np.linspace(0, 1, grid)
+    ya = np.interp(depth, a["depth"].to_numpy(), a["hit_rate"].to_numpy())
+    yb = np.interp(depth, b["depth"].to_numpy(), b["hit_rate"].to_numpy())
+    return float(np.mean(np.abs(ya - yb)))

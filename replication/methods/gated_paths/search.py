@@ -1,0 +1,362 @@
+"""NAD's path search: per-class gate logits learned on a frozen network (spec sections 3 and 4).
+
+`find_paths_sequential` is the official one-class-after-another loop, kept as the reference;
+`search_paths` learns all classes of a chunk in one batched computation (the same result within float
+tolerance). Both return a `PathSet`. The backbone must be in eval mode (frozen BatchNorm statistics):
+only then is every sample's output independent of the rest of the batch, which is what makes the
+batched search equal the sequential one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replication import io
+from replication.methods.gated_paths.gates import GATE_FUNCTIONS, GateHooks, GateLocation, gate_values, gated
+from replication.models.anatomy import FAMILY_OF_ARCH
+from replication.models.surgery import fold_batchnorm, frozen
+from replication.runtime import progress, resolve_device
+
+SEEDINGS = ("per_class", "sequential")
+ORIGINAL_CACHE_BYTES = 2 * 2**30  # search_paths keeps the original outputs of a class chunk up to this size
+
+
+# Sparsity weight beta from the comment table of the official `findpath.py` (spec section 3.3) [C].
+OFFICIAL_BETA = {
+    "imagenet": {"vgg16": 4.5, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.45},
+    "places365": {"vgg16": 5.0, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.20},
+}
+# The official architecture whose beta a project architecture inherits (same connection type) [I].
+BETA_ARCH_OF_FAMILY = {"plain": "vgg16", "residual": "resnet50", "dense": "densenet121"}
+
+
+def official_beta(arch: str, dataset: str = "imagenet") -> float:
+    """beta for `arch`: the official value, or that of the official network with the same connection type."""
+    if dataset not in OFFICIAL_BETA:
+        raise ValueError(f"unknown dataset {dataset!r} for beta; choose one of {sorted(OFFICIAL_BETA)}")
+    table = OFFICIAL_BETA[dataset]
+    if arch in table:
+        return table[arch]
+    if arch not in FAMILY_OF_ARCH:
+        raise ValueError(f"no beta known for architecture {arch!r}; pass beta explicitly or use one of "
+                         f"{sorted(set(table) | set(FAMILY_OF_ARCH))}")
+    return table[BETA_ARCH_OF_FAMILY[FAMILY_OF_ARCH[arch]]]
+
+
+@dataclass(frozen=True)
+class PathSearchConfig:
+    """Hyper-parameters of the per-class path search; defaults are the official code's [C].
+
+    `beta` depends on the architecture (`official_beta`): None until it is set for one (the profile's
+    [nad.search] table leaves it to `NADSettings.search_config`); a search needs it. `epochs=20` gives the
+    gates the official evaluation reads (`net_iter020`; the 21st trained epoch is never used).
+    Switches for the official quirks (spec section 4 item 10): `divide_ce_by_layers` (CE / L as
+    well as the MSE), `mse_on_correct_only` (MSE over the images the original net gets right),
+    `skip_batches_without_correct` (no step when there are none). `seeding="per_class"` (spec
+    recommendation: seed + class id, so any class subset is reproducible) or "sequential" (one
+    generator seeded once, classes drawn in order: the official order dependence) [I].
+    `gate_function="straight_through"` is the possible v1 variant (spec open point 13) [I].
+    """
+
+    beta: float | None = None
+    lr: float = 0.1
+    epochs: int = 20
+    batch_size: int = 16
+    seed: int = 233
+    seeding: str = "per_class"
+    init_std: float = 1.0
+    divide_ce_by_layers: bool = True
+    mse_on_correct_only: bool = True
+    skip_batches_without_correct: bool = True
+    gate_function: str = "sigmoid"
+    grad_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.seeding not in SEEDINGS:
+            raise ValueError(f"seeding must be one of {SEEDINGS}, not {self.seeding!r}")
+        if self.gate_function not in GATE_FUNCTIONS:
+            raise ValueError(f"gate_function must be one of {GATE_FUNCTIONS}, not {self.gate_function!r}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {self.epochs}, "
+                             f"{self.batch_size}, {self.lr}")
+
+
+@dataclass
+class PathSet:
+    """Learned gate logits of several classes: `logits[l]` is (K, C_l), row k for `classes[k]`."""
+
+    classes: list[int]
+    locations: list[GateLocation]
+    logits: list[torch.Tensor]
+    config: dict[str, Any]
+
+    def paths(self) -> list[torch.Tensor]:
+        """Boolean (K, C_l) per location: unit u is on class k's path iff sigmoid(m) > 0.5, i.e. m > 0."""
+        return [m > 0 for m in self.logits]
+
+    def hard_gates(self) -> list[torch.Tensor]:
+        """0/1 gates (K, C_l), the official evaluation-mode sub-networks."""
+        return [gate_values(m, "hard") for m in self.logits]
+
+    def row(self, class_id: int) -> int:
+        if class_id not in self.classes:
+            raise KeyError(f"class {class_id} has no path; classes with paths: {self.classes}")
+        return self.classes.index(class_id)
+
+    def units_kept(self) -> pd.DataFrame:
+        """Fraction of units kept, |P_l^c| / C_l, one row per (class, location)."""
+        rows = []
+        for index, (location, path) in enumerate(zip(self.locations, self.paths())):
+            for k, class_id in enumerate(self.classes):
+                rows.append({"class_id": class_id, "layer": index, "location": location.name,
+                             "kept": int(path[k].sum()), "channels": location.channels,
+                             "fraction": float(path[k].float().mean())})
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | Path) -> Path:
+        return io.save_torch(path, {"classes": list(self.classes), "logits": [m.cpu() for m in self.logits],
+                                    "locations": [asdict(loc) for loc in self.locations],
+                                    "config": dict(self.config)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PathSet":
+        data = io.load_torch(path)
+        return cls(list(data["classes"]), [GateLocation(**loc) for loc in data["locations"]],
+                   list(data["logits"]), dict(data["config"]))
+
+
+@dataclass
+class _ClassPlan:
+    """The random draws of one class's search: initial gate logits and one image order per epoch."""
+
+    init: list[torch.Tensor]
+    orders: list[torch.Tensor]
+
+
+def _class_plans(classes: Sequence[int], sizes: Sequence[int], locations: Sequence[GateLocation],
+                 config: PathSearchConfig) -> list[_ClassPlan]:
+    """Draw every class's initialisation and shuffles up front, so both search loops see the same."""
+    shared = torch.Generator().manual_seed(config.seed)
+    plans = []
+    for class_id, size in zip(classes, sizes):
+        gen = shared if config.seeding == "sequential" else torch.Generator().manual_seed(config.seed + class_id)
+        init = [torch.randn(loc.channels, generator=gen) * config.init_std for loc in locations]
+        orders = [torch.randperm(size, generator=gen) for _ in range(config.epochs)]
+        plans.append(_ClassPlan(init, orders))
+    return plans
+
+
+def _check_inputs(model: nn.Module, class_images: Mapping[int, torch.Tensor], classes: Sequence[int] | None,
+                  config: PathSearchConfig):
+    if config.beta is None:
+        raise ValueError("PathSearchConfig.beta is not set; give it (official_beta(arch) is the official value for an arch)")
+    if model.training:
+        raise ValueError("the backbone must be in eval mode for path search (frozen BatchNorm); call model.eval()")
+    classes = list(class_images) if classes is None else list(classes)
+    missing = [c for c in classes if c not in class_images or len(class_images[c]) == 0]
+    if missing:
+        raise ValueError(f"no training images for classes {missing}; pass a non-empty tensor per class")
+    return classes
+
+
+def _normalised_step(logits: torch.Tensor, grad: torch.Tensor, config: PathSearchConfig,
+                     active: torch.Tensor | None = None) -> None:
+    """m <- m - lr * g / max(||g||, eps), the norm over each row's whole gate vector (in place).
+
+    `active` (K,) limits the step to the rows (classes) that took part in this batch.
+    """
+    step = config.lr * grad / grad.norm(dim=-1, keepdim=True).clamp_min(config.grad_eps)
+    logits.sub_(step if active is None else step * active[:, None])
+
+
+def class_path_loss(logits: torch.Tensor, gated: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor],
+                    labels: torch.Tensor, correct: torch.Tensor, gate_logits: Sequence[torch.Tensor],
+                    config: PathSearchConfig) -> torch.Tensor:
+    """The official objective for one class on one batch (spec section 3.2).
+
+    L = [CE(all images) + sum_l MSE_l(correct images)] / L_gates + beta * mean_l mean_u sigmoid(m)^2,
+    with the quirk switches of `PathSearchConfig`.
+    """
+    n_layers = len(gate_logits)
+    ce = F.cross_entropy(logits, labels)
+    subset = correct if config.mse_on_correct_only else torch.ones_like(correct)
+    mse = sum((F.mse_loss(gated[name][subset], original[name][subset]) for name in original),
+              logits.new_zeros(())) if subset.any() else logits.new_zeros(())
+    act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
+    sparsity = sum(torch.sigmoid(m).pow(2).mean() for m in gate_logits) / n_layers
+    return act + config.beta * sparsity
+
+
+def find_paths_sequential(model: nn.Module, locations: Sequence[GateLocation],
+                          class_images: Mapping[int, torch.Tensor], classes: Sequence[int] | None = None, *,
+                          config: PathSearchConfig, device: str | torch.device | None = None) -> PathSet:
+    """The official loop: one class after another, one batch of that class's images per step.
+
+    Kept as the reference `search_paths` is checked against, and as the benchmark's baseline.
+    """
+    classes = _check_inputs(model, class_images, classes, config)
+    device = resolve_device(device)
+    plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
+    learned = []
+    with frozen(model), gated(model, locations) as hooks:
+        for class_id, plan in progress(list(zip(classes, plans)), desc="paths (sequential)"):
+            gate_logits = [m.to(device).requires_grad_(True) for m in plan.init]
+            images = class_images[class_id]
+            for order in plan.orders:
+                for batch in order.split(config.batch_size):
+                    x = images[batch].to(device)
+                    labels = torch.full((len(x),), class_id, device=device, dtype=torch.long)
+                    hooks.set(None)
+                    with torch.no_grad():
+                        correct = model(x).argmax(1) == labels
+                    original = dict(hooks.outputs)
+                    if config.skip_batches_without_correct and not correct.any():
+                        continue
+                    hooks.set([gate_values(m, config.gate_function)[None] for m in gate_logits])
+                    loss = class_path_loss(model(x), hooks.outputs, original, labels, correct, gate_logits, config)
+                    grads = torch.autograd.grad(loss, gate_logits)
+                    with torch.no_grad():
+                        for m, g in zip(gate_logits, grads):
+                            _normalised_step(m, g, config)
+            learned.append([m.detach().cpu() for m in gate_logits])
+    logits = [torch.stack([per_class[l] for per_class in learned]) for l in range(len(locations))]
+    return PathSet(classes, list(locations), logits, asdict(config))
+
+
+def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per-row weighted mean of per-sample `values` (0 for rows with no weight)."""
+    total = values.new_zeros(n_rows).index_add(0, rows, values * weights)
+    count = values.new_zeros(n_rows).index_add(0, rows, weights)
+    return total / count.clamp_min(1)
+
+
+def search_copy(model: nn.Module, locations: Sequence[GateLocation]) -> tuple[nn.Module, torch.memory_format]:
+    """A copy of the frozen eval-mode `model` that computes the same function faster for path search.
+
+    BatchNorm is folded into the convs before it (`surgery.fold_batchnorm`), except at gate locations.
+    Returns the copy and the memory format to feed it: channels-last on the CPU when no BatchNorm is
+    left (measured there: 1.2-1.4x faster gated steps; BatchNorm's backward is slow in that layout),
+    else contiguous.
+    """
+    copy_ = fold_batchnorm(model, keep={loc.name for loc in locations})
+    on_cpu = all(p.device.type == "cpu" for p in copy_.parameters())
+    if on_cpu and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copy_.modules()):
+        return copy_.to(memory_format=torch.channels_last), torch.channels_last
+    return copy_, torch.contiguous_format
+
+
+def _original_bytes(locations: Sequence[GateLocation], n_images: int) -> int:
+    """Memory the original outputs at every gate location take for `n_images` images (float32)."""
+    return 4 * n_images * sum(loc.channels * loc.height * loc.width for loc in locations)
+
+
+@torch.no_grad()
+def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, label: int, batch_size: int,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The original net's outputs at every gate location, and whether it classifies each image as `label`."""
+    hooks.set(None)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    correct = []
+    for start in range(0, len(images), batch_size):
+        correct.append(model(images[start:start + batch_size].to(device)).argmax(1) == label)
+        for name, value in hooks.outputs.items():
+            outputs.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in outputs.items()}, torch.cat(correct)
+
+
+def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
+                  classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
+                  device: torch.device, cache_original: bool, memory_format: torch.memory_format) -> list[torch.Tensor]:
+    """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
+
+    `cache_original`: run the original net once per image and keep its outputs (the images are fixed
+    tensors, so they are the same every epoch) instead of once per step as the official loop does.
+    `memory_format`: the layout `model` runs fastest in (`search_copy`).
+    """
+    n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
+    gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
+                   for l in range(n_layers)]
+    images = [class_images[c].contiguous(memory_format=memory_format) for c in classes]
+    class_ids = torch.tensor(classes, device=device)
+    with frozen(model), gated(model, locations) as hooks:
+        cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
+                  ] if cache_original else None
+        for epoch in range(config.epochs):
+            orders = [plan.orders[epoch] for plan in plans]
+            steps = max(math.ceil(len(order) / bs) for order in orders)
+            for step in range(steps):
+                batches = [(k, order[step * bs:(step + 1) * bs]) for k, order in enumerate(orders)
+                           if step * bs < len(order)]
+                x = torch.cat([images[k][batch] for k, batch in batches]).to(device, memory_format=memory_format)
+                rows = torch.cat([torch.full((len(batch),), k, dtype=torch.long) for k, batch in batches]).to(device)
+                labels = class_ids[rows]
+                if cached is None:
+                    hooks.set(None)
+                    with torch.no_grad():
+                        correct = model(x).argmax(1) == labels
+                    original = dict(hooks.outputs)
+                else:
+                    correct = torch.cat([cached[k][1][batch.to(device)] for k, batch in batches])
+                    original = {name: torch.cat([cached[k][0][name][batch.to(device)] for k, batch in batches])
+                                for name in cached[0][0]}
+                stepping = torch.zeros(n_classes, dtype=torch.bool, device=device)
+                stepping[rows] = True
+                if config.skip_batches_without_correct:
+                    stepping &= torch.zeros(n_classes, device=device).index_add(0, rows, correct.float()) > 0
+                    keep = stepping[rows]
+                    if not keep.any():
+                        continue
+                    if not keep.all():
+                        x, rows, labels, correct = x[keep], rows[keep], labels[keep], correct[keep]
+                        original = {name: value[keep] for name, value in original.items()}
+                hooks.set([gate_values(m, config.gate_function) for m in gate_logits], rows)
+                logits = model(x)
+                ones = torch.ones_like(correct, dtype=logits.dtype)
+                ce = _segment_mean(F.cross_entropy(logits, labels, reduction="none"), rows, ones, n_classes)
+                weights = correct.to(logits.dtype) if config.mse_on_correct_only else ones
+                mse = sum(_segment_mean((hooks.outputs[name] - original[name]).square().mean(dim=(1, 2, 3)),
+                                        rows, weights, n_classes) for name in original)
+                act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
+                sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in gate_logits) / n_layers
+                loss = ((act + config.beta * sparsity) * stepping).sum()
+                grads = torch.autograd.grad(loss, gate_logits)
+                with torch.no_grad():
+                    for m, g in zip(gate_logits, grads):
+                        _normalised_step(m, g, config, stepping)
+    return [m.detach().cpu() for m in gate_logits]
+
+
+def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
+                 classes: Sequence[int] | None = None, *, config: PathSearchConfig,
+                 device: str | torch.device | None = None, class_chunk: int | None = None,
+                 original_cache_bytes: int = ORIGINAL_CACHE_BYTES) -> PathSet:
+    """Paths of many classes at once; equal (within float tolerance) to `find_paths_sequential`.
+
+    `class_images[c]` holds class c's (normalised) training images as an (n_c, 3, H, W) tensor
+    (`images_by_class` builds it). `class_chunk` bounds how many classes share one computation
+    (memory: a step's batch holds up to `class_chunk * batch_size` images); None = all at once.
+    The original net's outputs at the gate locations are computed once per image and kept when a
+    chunk's take at most `original_cache_bytes` (the official loop recomputes them every step:
+    one of its two forward passes); larger chunks recompute them per step. The search runs on
+    `search_copy(model)` (BatchNorm folded into convs, channels-last on the CPU).
+    """
+    classes = _check_inputs(model, class_images, classes, config)
+    device = resolve_device(device)
+    model, memory_format = search_copy(model, locations)
+    plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
+    chunk = class_chunk or len(classes)
+    parts = []
+    for start in progress(range(0, len(classes), chunk), desc="paths (batched)"):
+        members = classes[start:start + chunk]
+        cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in members)) <= original_cache_bytes
+        parts.append(_search_chunk(model, locations, class_images, members, plans[start:start + chunk], config,
+                                   device, cache_original, memory_format))
+    logits = [torch.cat([part[l] for part in parts]) for l in range(len(locations))]
+    return PathSet(classes, list(locations), logits, asdict(config))

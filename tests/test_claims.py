@@ -1,0 +1,105 @@
+"""The claims kit: intervals, tests, power, Holm's family-wise rule and the combination of networks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from replication.reporting.claims import (
+    Effect, bound_effect, cluster_means, combine, judge, mean_spread, paired_effect,
+)
+
+T_975_DF2 = 4.302653  # Student's t, 97.5% quantile, 2 degrees of freedom (printed tables, 7 digits)
+
+
+def effect(p_value: float, mean: float = 1.0, direction: str = "higher", bound: float = 0.0) -> Effect:
+    return Effect(mean, mean - 1, mean + 1, 1.0, 5, "seeds", bound, direction, p_value, 0.5)
+
+
+def test_interval_and_test_of_three_seeds_by_hand():
+    e = bound_effect([1.0, 2.0, 3.0], unit="seeds")
+    half_width = T_975_DF2 * 1.0 / math.sqrt(3)
+    assert (e.mean, e.sd, e.n) == (2.0, 1.0, 3)
+    assert e.ci_low == pytest.approx(2 - half_width, abs=1e-6) and e.ci_high == pytest.approx(2 + half_width, abs=1e-6)
+    t = 2.0 / (1.0 / math.sqrt(3))
+    assert e.p_value == pytest.approx(2 * (1 - stats.t.cdf(t, df=2)), rel=1e-12)
+
+
+def test_minimal_detectable_effect_has_80_percent_power():
+    """Checked against the noncentral t directly: a true effect of size `mde` is detected 80% of the time."""
+    values = [0.3, -0.1, 0.4, 0.0, 0.2]
+    e = bound_effect(values, unit="seeds")
+    n, df = len(values), len(values) - 1
+    critical = stats.t.ppf(0.975, df)
+    shift = e.mde / e.sd * math.sqrt(n)
+    power = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+    assert power == pytest.approx(0.8, abs=1e-6)
+
+
+def test_paired_effect_tests_the_differences_against_a_margin():
+    e = paired_effect([5, 6, 8], [1, 2, 3], unit="seeds", margin=1.0)
+    assert e.mean == pytest.approx(13 / 3) and e.bound == 1.0
+    assert e.p_value == pytest.approx(stats.ttest_1samp([4, 4, 5], 1.0).pvalue)
+    with pytest.raises(ValueError, match="paired values per seeds"):
+        paired_effect([1, 2], [1, 2, 3], unit="seeds")
+
+
+def test_one_unit_or_identical_units_give_no_interval():
+    single = bound_effect([3.0], unit="seeds")
+    assert single.n == 1 and math.isnan(single.p_value) and math.isnan(single.mde)
+    assert judge([single]) == ["inconclusive"]
+    assert "no interval" in single.describe()
+    same = bound_effect([2.0, 2.0], unit="classes", bound=1.0)
+    assert (same.ci_low, same.ci_high, same.p_value) == (2.0, 2.0, 0.0)
+    assert judge([same]) == ["confirmed"]
+
+
+def test_holm_adjusts_within_the_family():
+    # Holm: 0.01 * 3 = 0.03 rejects; 0.03 * 2 = 0.06 does not, so neither does 0.04
+    assert judge([effect(0.01), effect(0.04), effect(0.03)]) == ["confirmed", "inconclusive", "inconclusive"]
+    assert judge([effect(0.04)]) == ["confirmed"]  # alone it would pass
+
+
+def test_the_side_of_a_rejected_test_decides_confirmed_or_refuted():
+    assert judge([effect(0.001, mean=-2.0)]) == ["refuted"]
+    assert judge([effect(0.001, mean=1.0, direction="lower", bound=1.5)]) == ["confirmed"]  # e.g. drop below a tolerance
+    assert judge([effect(0.001, mean=2.0, direction="lower", bound=1.5)]) == ["refuted"]
+    assert judge([effect(0.2)]) == ["inconclusive"]
+
+
+@pytest.mark.parametrize("verdicts, combined", [
+    (["confirmed", "confirmed"], "confirmed"),
+    (["refuted", "refuted", "refuted"], "refuted"),
+    (["confirmed", "inconclusive"], "partly confirmed"),
+    (["inconclusive", "refuted"], "partly refuted"),
+    (["confirmed", "refuted", "inconclusive"], "mixed"),
+    (["inconclusive", "inconclusive"], "inconclusive"),
+    (["not testable here", "confirmed"], "confirmed"),
+    (["not testable here"], "not testable here"),
+])
+def test_combining_networks(verdicts, combined):
+    assert combine(verdicts) == combined
+
+
+def test_combine_refuses_combined_words():
+    with pytest.raises(ValueError, match="per-network verdicts"):
+        combine(["mixed", "confirmed"])
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="direction must be one of"):
+        bound_effect([1, 2], unit="seeds", direction="up")
+    with pytest.raises(ValueError, match="one finite value per seeds"):
+        bound_effect([1, float("nan")], unit="seeds")
+    with pytest.raises(ValueError, match="spread must be"):
+        mean_spread([1, 2], "sd")
+
+
+def test_cluster_means_and_labelled_spreads():
+    assert cluster_means([1, 3, 10, 2], ["a", "a", "b", "b"]).tolist() == [2.0, 6.0]
+    assert mean_spread([1.0, 2.0, 3.0], "SD") == "2.00 ± 1.00 SD (n=3)"
+    assert mean_spread([1.0, 2.0, 3.0], "SE") == f"2.00 ± {1 / math.sqrt(3):.2f} SE (n=3)"
+    assert mean_spread([4.0]) == "4.00 (n=1)"
+    assert np.isclose(bound_effect([1.0, 2.0, 3.0], unit="seeds").sd, 1.0)

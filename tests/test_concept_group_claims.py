@@ -1,0 +1,170 @@
+"""CGL's claim rules G1-G8 (`claim_results`) on hand-made tables with known verdicts, one case per branch.
+
+Each table starts from clear effects in the paper's direction (every claim confirmed) and changes
+one measure: the treatment minus control difference per seed is set, per network where needed, so
+that the 1-standard-error rule, the majority over networks, G3's tolerance and chance guard, and
+G8's purity comparison each land on a known verdict.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from replication.methods.concept_groups import VARIANTS, claim_results
+from replication.reporting.claims import ClaimResult, load_reference
+
+SEEDS = (0, 1, 2)
+ARCHS = ("alexnet", "vgg16")
+REFERENCE = load_reference("03_concept_group_learning")
+# measure: (claim, table, treatment variant, control value at seed 0); the control is compared with weight decay
+MEASURES = {
+    "unique_sum": ("G1", "models", "cgl", 10.0),
+    "rud": ("G2", "models", "cgl", 0.10),
+    "top1": ("G3", "models", "cgl", 50.0),
+    "within_group_distance": ("G5", "groups", "cgl", 0.5),
+    "top_group_share": ("G6", "groups", "block_norm", 0.2),
+    "spatial_spread": ("G7", "groups", "cgl", 0.4),
+}
+# treatment - control in the paper's direction, large against the 5% relative-effect floor (G3: a 0.5-point drop)
+CONFIRMING = {"unique_sum": 4.0, "rud": 0.05, "top1": -0.5, "within_group_distance": -0.2, "top_group_share": 0.1,
+              "spatial_spread": -0.1}
+
+
+def per_seed(difference) -> list[float]:
+    """One difference per seed: a number repeats, a sequence is taken as given."""
+    return [difference] * len(SEEDS) if np.isscalar(difference) else list(difference)
+
+
+def per_arch(difference, arch: str):
+    return difference[arch] if isinstance(difference, dict) else difference
+
+
+def tables(differences: dict | None = None, *, synthetic=3.0, purity=0.3, archs=ARCHS) -> dict[str, pd.DataFrame]:
+    """The four tables `claim_results` reads. `differences`: treatment - control of a measure (a number,
+    one per seed, or {arch: either}); `synthetic`: CGL - weight decay of conv2's unique detectors;
+    `purity`: the top group's purity minus the others' (NaN: no group with two detectors); `archs`: the networks."""
+    differences = {**CONFIRMING, **(differences or {})}
+    rows = {"models": [], "groups": []}
+    for arch in archs:
+        for seed in SEEDS:
+            by_table = {"models": {v: {"arch": arch, "variant": v, "seed": seed} for v in VARIANTS},
+                        "groups": {v: {"arch": arch, "variant": v, "seed": seed} for v in VARIANTS}}
+            for measure, (_, table, treatment, base) in MEASURES.items():
+                control = base * (1 + seed / 10)
+                difference = per_seed(per_arch(differences[measure], arch))[seed]
+                for variant, row in by_table[table].items():
+                    row[measure] = control + difference if variant == treatment else control
+            for table in rows:
+                rows[table].extend(by_table[table].values())
+    synthetic_rows = [{"variant": variant, "seed": seed, "layer": "conv2",
+                       "total": 8.0 + seed + (per_seed(synthetic)[seed] if variant == "cgl" else 0.0)}
+                      for seed in SEEDS for variant in VARIANTS]
+    purity_rows = [{"arch": arch, "variant": "cgl", "seed": seed, "layer": layer, "group": group,
+                    "beta": 2.0 if group == 2 else 1.0,
+                    "purity": 0.5 + seed / 10 + (per_seed(per_arch(purity, arch))[seed] if group == 2 else 0.0)}
+                   for arch in archs for seed in SEEDS for layer in ("c1", "c2") for group in range(5)]
+    return {"synthetic": pd.DataFrame(synthetic_rows), "models": pd.DataFrame(rows["models"]),
+            "groups": pd.DataFrame(rows["groups"]), "purity": pd.DataFrame(purity_rows)}
+
+
+def judged(differences: dict | None = None, *, profile: str = "ci", chance: float = 10.0, tolerance: float = 1.5,
+           **table_options) -> dict[str, ClaimResult]:
+    frames = tables(differences, **table_options)
+    results = claim_results(REFERENCE, frames["synthetic"], frames["models"], frames["groups"], frames["purity"],
+                            profile=profile, chance=chance, tolerance=tolerance)
+    return {result.claim_id: result for result in results}
+
+
+def verdicts(differences: dict | None = None, **options) -> dict[str, str]:
+    return {cid: result.verdict for cid, result in judged(differences, **options).items()}
+
+
+def test_every_claim_confirmed_on_clear_effects():
+    results = judged()
+    assert list(results) == [f"G{i}" for i in range(1, 9)]
+    assert {cid: r.verdict for cid, r in results.items()} == {f"G{i}": "confirmed" for i in range(1, 9)}
+    assert all(r.note.startswith("REDUCED ConceptWorld run (ci)") and r.claim and r.paper for r in results.values())
+    assert results["G1"].seeds == "3 per network" and results["G4"].seeds == "3"
+    assert results["G1"].ours == "alexnet: 15.0 vs 11.0 (+36%); vgg16: 15.0 vs 11.0 (+36%)"
+    assert results["G4"].ours == "12.0 ± 1.0 SD (n=3) vs 9.0 ± 1.0 SD (n=3) of 15 (+33%)"
+    assert not any(r.note.startswith("REDUCED") for r in judged(profile="paper").values())
+
+
+DIRECTIONAL = [measure for measure in MEASURES if measure != "top1"]  # G1, G2, G5, G6, G7: majority of 1-SE verdicts
+
+
+@pytest.mark.parametrize("measure", DIRECTIONAL)
+@pytest.mark.parametrize("case, expected", [
+    ("opposite", "refuted"),  # every network beyond its standard error the other way
+    ("noise", "inconclusive"),  # differences +d, -d, 0: mean within the standard error
+    ("split", "inconclusive"),  # one network confirms, the other refutes: no majority
+    ("negligible", "inconclusive"),  # consistent but under 5% of the control ('not confirmed' per network)
+    ("one_network_noise", "inconclusive"),  # one of two networks confirms: not more than half
+])
+def test_directional_claims_each_branch(measure, case, expected):
+    d = CONFIRMING[measure]
+    difference = {"opposite": -d, "noise": (d, -d, 0.0), "split": {"alexnet": d, "vgg16": -d},
+                  "negligible": d / 100, "one_network_noise": {"alexnet": d, "vgg16": (d, -d, 0.0)}}[case]
+    got = verdicts({measure: difference})
+    claim = MEASURES[measure][0]
+    assert got[claim] == expected
+    assert all(v == "confirmed" for cid, v in got.items() if cid != claim)  # only this claim moved
+
+
+@pytest.mark.parametrize("differences, expected", [
+    ((1, 1, (1, -1, 0)), "confirmed"),  # two of three networks confirm, none refutes
+    ((-1, -1, (1, -1, 0)), "refuted"),
+    ((1, 1, -1), "inconclusive"),  # a majority confirms, but one network refutes
+    ((-1, -1, 1), "inconclusive"),  # a majority refutes, but one network confirms
+])
+def test_majority_over_three_networks(differences, expected):
+    d = CONFIRMING["unique_sum"]
+    by_arch = {arch: tuple(np.multiply(sign, d)) if isinstance(sign, tuple) else sign * d
+               for arch, sign in zip("abc", differences)}
+    assert verdicts({"unique_sum": by_arch}, archs=tuple("abc"))["G1"] == expected
+
+
+@pytest.mark.parametrize("drops, chance, tolerance, expected", [
+    (3.0, 10.0, 1.5, "refuted"),  # every drop beyond the tolerance by more than its standard error
+    ({"alexnet": 0.5, "vgg16": 3.0}, 10.0, 1.5, "refuted"),  # one network refutes
+    ((0.0, 2.0, 4.6), 10.0, 1.5, "inconclusive"),  # mean 2.2 above 1.5, but within one standard error of it
+    ({"alexnet": 0.5, "vgg16": (0.0, 2.0, 4.6)}, 10.0, 1.5, "inconclusive"),  # confirmed needs every network
+    (0.5, 10.0, 0.5, "confirmed"),  # a drop equal to the tolerance is accepted
+    (0.5, 10.0, 0.4, "refuted"),
+    (0.5, 30.0, 1.5, "inconclusive"),  # baselines (50-60%) below twice chance: nothing learned
+    (3.0, 30.0, 1.5, "inconclusive"),  # ... whatever the drop
+])
+def test_accuracy_cost_g3_each_branch(drops, chance, tolerance, expected):
+    negated = {arch: -np.asarray(per_seed(d)) for arch, d in drops.items()} if isinstance(drops, dict) else \
+        -np.asarray(per_seed(drops))
+    result = judged({"top1": negated}, chance=chance, tolerance=tolerance)["G3"]
+    assert result.verdict == expected
+    assert f"<= {tolerance} points" in result.note and f"({chance:.0f}%)" in result.note
+
+
+@pytest.mark.parametrize("synthetic, expected", [
+    (-3.0, "refuted"),
+    ((1.0, -1.0, 0.0), "inconclusive"),
+    (0.1, "not confirmed"),  # beyond the noise but under 5% of the control's ~9 detectors
+])
+def test_synthetic_g4_each_branch(synthetic, expected):
+    assert judged(synthetic=synthetic)["G4"].verdict == expected
+
+
+@pytest.mark.parametrize("purity, expected", [
+    (-0.3, "refuted"),  # the most relevant group is the least pure
+    ((0.2, -0.2, 0.0), "inconclusive"),
+    ({"alexnet": 0.3, "vgg16": -0.3}, "inconclusive"),
+])
+def test_purity_g8_each_branch(purity, expected):
+    assert verdicts(purity=purity)["G8"] == expected
+
+
+def test_purity_g8_without_pure_groups_is_inconclusive():
+    result = judged(purity=math.nan)["G8"]
+    assert result.verdict == "inconclusive"
+    assert result.ours == ("alexnet: no layer where the top group and another had >= 2 detectors; "
+                           "vgg16: no layer where the top group and another had >= 2 detectors")
