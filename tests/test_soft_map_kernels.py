@@ -2,11 +2,16 @@
 forms of psi, free filters, L_s alone; the vectorised sigmoid; thread-count independence; and the
 loss terms computing the same losses and weight gradients with either kernel; the reuse of gradient
 memory."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from replication import paths
 from replication.methods.concept_groups import STD_EPS, CGLConfig, SoftReceptiveField, cgl_loss_terms, spatial_spread
 from replication.methods.concept_groups.eager_kernels import GroupShiftL1, StdSoftMap
 from replication.methods.concept_groups.soft_map_kernels import GradientBuffer, SoftMapStatistics, _sigmoid
@@ -149,3 +154,28 @@ def test_copies_of_captured_outputs_only_where_a_module_works_in_place():
     assert not any(t.clone_captured for t in cgl_loss_terms(TwoLayerCNN(widths=(4, 6)), CGLConfig()) if t.layers)
     in_place = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True))
     assert all(t.clone_captured for t in cgl_loss_terms(in_place, CGLConfig(groups=2)) if t.layers)
+
+
+FUSED_DIGEST = """
+import hashlib, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.test_soft_map_kernels import statistics
+torch.set_num_threads(2)
+digest = hashlib.sha256()
+for seed in range(3):
+    a = torch.randn(32, 20, 15, 15, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    l1, mass, spread = statistics("fused", a, torch.tensor(1.0), torch.tensor(0.0), None, 4, 5, True)
+    (grad,) = torch.autograd.grad(l1.sum() + mass.sum() + spread.sum(), a)
+    for t in (l1, mass, spread, grad):
+        digest.update(t.detach().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_fused_results_do_not_depend_on_a_compiled_kernel_cache(tmp_path):
+    """Two fresh processes sharing one numba cache folder: the second would load what the first cached
+    (when kernels are cached on disk), and must still compute exactly what the first computed."""
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    digests = [subprocess.run([sys.executable, "-c", FUSED_DIGEST, str(paths.repo_root())], env=environment, capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 64

@@ -33,7 +33,10 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # numba's OpenMP layer would shar
 
 # reassociation lets LLVM vectorise the reductions; no "nnan"/"ninf": inputs may be extreme
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-_KERNEL = dict(fastmath=_FASTMATH, error_model="numpy", cache=True)  # "numpy": no zero-division checks, so loops vectorise
+# "numpy": no zero-division checks, so loops vectorise. No on-disk cache (`cache=True`): measured here, kernels
+# loaded from numba's cache gave other float results than the same kernels compiled in the process, so
+# results depended on whether a cache existed; compiling in every process keeps them reproducible.
+_KERNEL = dict(fastmath=_FASTMATH, error_model="numpy")
 _INLINE = dict(fastmath=_FASTMATH, error_model="numpy", inline="always")
 _FREE_BLOCK = 16  # channels per block outside the groups
 _TINY = np.float32(np.finfo(np.float32).tiny)
