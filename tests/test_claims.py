@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from replication.reporting.claims import (
-    Effect, bound_effect, cluster_means, combine, judge, mean_spread, paired_effect,
+    ClaimTest, Effect, bound_effect, cluster_means, combine, conjunction, judge, judge_tests, mean_spread,
+    network_verdicts, paired_effect,
 )
 
 T_975_DF2 = 4.302653  # Student's t, 97.5% quantile, 2 degrees of freedom (printed tables, 7 digits)
@@ -103,3 +104,44 @@ def test_cluster_means_and_labelled_spreads():
     assert mean_spread([1.0, 2.0, 3.0], "SE") == f"2.00 ± {1 / math.sqrt(3):.2f} SE (n=3)"
     assert mean_spread([4.0]) == "4.00 (n=1)"
     assert np.isclose(bound_effect([1.0, 2.0, 3.0], unit="seeds").sd, 1.0)
+
+
+def test_float_rounding_is_not_a_spread():
+    """Differences equal up to float rounding (0.1 + 0.2 - 0.3 and friends) are identical units."""
+    e = bound_effect([0.30000000000000004, 0.3, 0.29999999999999993], unit="seeds")
+    assert (e.sd, e.p_value, e.ci_low, e.ci_high) == (0.0, 0.0, e.mean, e.mean)
+
+
+def test_an_effect_chosen_from_several_candidates_is_corrected_for_the_search():
+    values = [1.0, 1.2, 1.4]
+    alone, best_of_4 = bound_effect(values, unit="classes"), bound_effect(values, unit="classes", searched=4)
+    assert best_of_4.p_value == pytest.approx(4 * alone.p_value)
+    low, high = stats.t.interval(1 - 0.05 / 4, df=2, loc=1.2, scale=0.2 / math.sqrt(3))
+    assert (best_of_4.ci_low, best_of_4.ci_high) == (pytest.approx(low), pytest.approx(high))
+    assert best_of_4.mde > alone.mde
+    assert "98.75% CI (best of 4)" in best_of_4.describe()
+    assert bound_effect([0.0, 5.0, 10.0], unit="classes", searched=100).p_value == 1.0  # capped
+    with pytest.raises(ValueError, match="searched = 0"):
+        bound_effect(values, unit="classes", searched=0)
+
+
+@pytest.mark.parametrize("verdicts, expected", [
+    (["confirmed", "confirmed"], "confirmed"),
+    (["confirmed", "inconclusive"], "inconclusive"),
+    (["confirmed", "refuted"], "refuted"),
+    (["inconclusive", "refuted"], "refuted"),
+])
+def test_conjunction_of_conditions_on_one_network(verdicts, expected):
+    assert conjunction(verdicts) == expected
+
+
+def test_judged_tests_share_one_holm_family_and_are_worded_per_network():
+    tests = [ClaimTest("N1", "vgg", effect(0.01), "accuracy"), ClaimTest("N1", "vgg", effect(0.03), "units"),
+             ClaimTest("N1", "resnet", effect(0.04), "accuracy"), ClaimTest("N4", "vgg", effect(0.001, mean=-2.0))]
+    judged = judge_tests(tests)
+    assert [j.verdict for j in judged] == ["confirmed", "inconclusive", "inconclusive", "refuted"]
+    assert [j.p_holm for j in judged] == pytest.approx([0.03, 0.06, 0.06, 0.004])
+    assert network_verdicts(judged, "N1") == {"vgg": "inconclusive", "resnet": "inconclusive"}
+    assert network_verdicts(judged, "N4") == {"vgg": "refuted"}
+    assert judged[1].text() == "vgg units: 1.00 [0.00, 2.00] 95% CI, SD 1.00, n=5 seeds, p(Holm) 0.06, MDE 0.50 -> inconclusive"
+    assert judged[3].text(1, "before ") == "vgg: before -2.0 [-3.0, -1.0] 95% CI, SD 1.0, n=5 seeds, p(Holm) 0.004 -> refuted"

@@ -11,7 +11,7 @@ import torch
 import replication  # noqa: F401  (makes torchvision importable)
 from replication import cache, io
 from replication.profiles import ProfileError, available_profiles, load_profile
-from replication.reporting.claims import ClaimResult, claims_table, directional_verdict, mean_std
+from replication.reporting.claims import ClaimResult, claims_table
 
 
 def test_torchvision_imports_and_builds_models_on_this_torch():
@@ -178,22 +178,11 @@ def test_profile_expands_environment_variables(tmp_path: Path, monkeypatch):
     assert load_profile("paper").section("broden")["root"] == str(tmp_path)
 
 
-def test_directional_verdicts():
-    assert directional_verdict([5, 6, 7], [1, 2, 3]) == "confirmed"
-    assert directional_verdict([1, 2, 3], [5, 6, 7]) == "refuted"
-    assert directional_verdict([1, 2, 3], [1.1, 1.9, 3.0]) == "inconclusive"
-    assert directional_verdict([1, 2], [5, 6], direction="lower", min_seeds=2) == "confirmed"
-    assert directional_verdict([9], [1]) == "inconclusive"  # one seed is never evidence
-    # consistent but negligible (+0.2%): beyond the noise, below the 5% relevance bar
-    assert directional_verdict([0.2032, 0.2031, 0.2027], [0.2028, 0.2025, 0.2024]) == "not confirmed"
-
-
 def test_claims_table_rejects_unknown_verdicts():
     with pytest.raises(ValueError, match="verdict"):
         ClaimResult("C1", "claim", "1", "2", "probably")
     table = claims_table([ClaimResult("C1", "claim", "1", "2", "confirmed")])
     assert list(table.columns)[:5] == ["claim_id", "claim", "paper", "ours", "verdict"]
-    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41 SD (n=2)"
 
 
 def test_stage_lock_serialises_two_processes(tmp_path: Path):

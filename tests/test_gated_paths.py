@@ -3,6 +3,7 @@ step, batched == sequential search, path IoU, mosaics and the hit rate on constr
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,9 +16,8 @@ import torchvision
 from replication.data import concept_world as cw
 from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
-from replication.methods.gated_paths import claims as nad_claims, search as nad_search
+from replication.methods.gated_paths import search as nad_search
 from replication.models.backbones import BackboneConfig, build_backbone
-from replication.reporting.claims import ClaimResult
 from replication.training.loop import TrainConfig
 from tests.helpers import assert_close
 
@@ -366,15 +366,21 @@ def test_path_concepts_known_answer():
         gp.path_concepts(paths, {"c": units["a"]}, {})
 
 
-def test_largest_dip_and_curve_distance():
-    summary = pd.DataFrame({"hit_rate": [0.3, 0.6, 0.4, 0.7], "hit_std": [0.1] * 4, "n_mosaics": [100] * 4,
-                            "depth": [0, 1 / 3, 2 / 3, 1]})
-    dip = gp.largest_dip(summary)
-    assert dip["from_layer"] == 1 and dip["to_layer"] == 2 and dip["significant"]
-    assert_close(dip["drop"], 0.2)
-    flat = summary.assign(hit_rate=0.5, depth=[0, 0.5, 0.75, 1])
-    assert_close(gp.curve_distance(flat, flat), 0.0)
-    assert_close(gp.curve_distance(summary, summary.assign(hit_rate=summary["hit_rate"] + 0.1)), 0.1)
+def test_class_hit_rates_largest_dip_and_curve_distance():
+    hits = pd.DataFrame({"class_id": [0, 0, 0, 1, 1, 1, 0], "layer": [0, 1, 2, 0, 1, 2, 2],
+                         "hit": [0.3, 0.6, 0.4, 0.5, 0.9, np.nan, 0.2]})
+    table = gp.class_hit_rates(hits)
+    assert table.to_numpy().tolist()[0] == pytest.approx([0.3, 0.6, 0.3])  # layer 2: mean of 0.4 and 0.2
+    assert table.loc[1, 0] == 0.5 and np.isnan(table.loc[1, 2])  # an empty map is skipped, not counted as a miss
+    assert gp.deep_hit_rates(hits, last=2).tolist() == pytest.approx([0.45, 0.9])
+    dip = gp.largest_dip(table)
+    assert (dip["from_layer"], dip["to_layer"], dip["searched"]) == (1, 2, 3)
+    assert dip["drops"].tolist() == pytest.approx([0.3])  # class 1 has no layer-2 value
+    assert_close(gp.curve_distance([0.5, 0.5, 0.5], [0.5, 0.5]), 0.0)
+    assert_close(gp.curve_distance([0.3, 0.6, 0.4, 0.7], [0.4, 0.7, 0.5, 0.8]), 0.1)
+    assert_close(gp.curve_distance([0.0, 1.0], [0.0, 0.0, 0.0], grid=3), 0.5)  # depths 0, 0.5, 1: |0|, |0.5|, |1|
+    with pytest.raises(ValueError, match="at least two gate locations"):
+        gp.largest_dip(table[[0]])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
@@ -451,17 +457,6 @@ def test_misclassification_table_hand_values():
     assert_close(first["se"], 0.5 / math.sqrt(3), atol=1e-12)  # std(0.5, 1, 0) = 0.5
     assert first["same_superclass"] == pytest.approx(2 / 3)  # (0, 1) and (2, 3) share one, (0, 2) does not
     assert second["misclassified"] == 0 and all(math.isnan(second[k]) for k in ("mean_rank", "se", "same_superclass"))
-
-
-def test_claim_results_add_the_reference_the_reduced_note_and_the_seed(monkeypatch):
-    monkeypatch.setattr(nad_claims, "claim_rows", lambda results, concepts: [
-        {"claim_id": "N1", "ours": "drop 0.01", "verdict": "confirmed", "note": "rule: drop <= 0.05"}])
-    reference = {"claims": [{"id": "N1", "claim": "paths keep accuracy", "paper": "unknown"}, {"id": "N2"}]}
-    reduced = gp.claim_results({}, None, reference, profile="ci", seed=3)
-    assert reduced == [ClaimResult(claim_id="N1", claim="paths keep accuracy", paper="unknown", ours="drop 0.01",
-                                   verdict="confirmed", note="REDUCED RUN (ci); rule: drop <= 0.05",
-                                   seeds="seed 3, one network per arch")]
-    assert gp.claim_results({}, None, reference, profile="paper", seed=3)[0].note == "rule: drop <= 0.05"
 
 
 def test_dissected_locations_are_the_last_ones():

@@ -35,8 +35,9 @@ def test_runs_in_number_order_injects_profile_and_summarises(notebooks: Path, tm
     claims = (
         "import os, pandas as pd, pathlib\n"
         "out = pathlib.Path(os.environ['REPLICATION_RESULTS']) / '01_b'; out.mkdir(parents=True, exist_ok=True)\n"
-        "pd.DataFrame([dict(paper_id='01', claim_id='X1', claim='c', paper='p', ours=profile, verdict='confirmed', seeds='0')])"
-        ".to_csv(out / 'claims.csv', index=False)"
+        "pd.DataFrame([dict(paper_id='01', claim_id='X1', claim='c', paper='p', ours=profile, verdict='confirmed', "
+        "note='rule', unit='seeds, n=3', seeds='0')]).to_csv(out / 'claims.csv', index=False)\n"
+        "(out / 'effect.png').write_bytes(b'png')"
     )
     _notebook(notebooks / "01_b.ipynb", claims)
     _notebook(notebooks / "00_a.ipynb", "print(profile)")
@@ -45,8 +46,9 @@ def test_runs_in_number_order_injects_profile_and_summarises(notebooks: Path, tm
     executed = nbformat.read(tmp_path / "results" / "00_a" / "00_a.ipynb", as_version=4)
     assert any("default" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     summary = (tmp_path / "results" / "README.md").read_text()
-    assert "| 01 | X1 | c | p | default | confirmed | 0 |" in summary
+    assert "| 01 | X1 | c | p | default | confirmed | seeds, n=3 | rule | 0 |" in summary
     assert "| [00_a](00_a/00_a.ipynb) | default |" in summary
+    assert "| [effect](01_b/effect.png) |" in summary
 
 
 def test_failure_names_notebook_and_cell_and_stops(notebooks: Path, tmp_path: Path):

@@ -14,10 +14,18 @@ The rule (the same in every notebook):
   confirmed when the adjusted test rejects on the paper's side, refuted when it rejects on the other
   side, and inconclusive otherwise, reported with the minimal detectable effect at 80% power for the
   n used (statsmodels). A claim the setting cannot test is "not testable here", with the reason.
+- An effect chosen as the largest of several candidates (e.g. the deepest dip over layer pairs) is
+  corrected for that search: `bound_effect(..., searched=k)` gives a Bonferroni p-value (k x p) and a
+  1 - 0.05/k interval before the notebook's Holm rule.
+- A claim that needs several conditions on one network (e.g. accuracy kept and few units kept) holds
+  on it when every condition is confirmed and fails when one is refuted (`conjunction`).
 - Several networks: `combine` gives one word for the claim (confirmed / refuted only when every
   network agrees; partly confirmed / partly refuted when the others are inconclusive; mixed when some
   confirm and some refute).
 - Every ± names its spread: `mean_spread(values, "SD")` or `"SE"`.
+
+A method's claims module builds one `ClaimTest` per (claim, network, condition), judges them together
+with `judge_tests` (one Holm family per notebook) and words each network's outcome with `Judged.text`.
 """
 from __future__ import annotations
 
@@ -37,11 +45,11 @@ from replication import io
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 VERDICTS = ("confirmed", "refuted", "inconclusive", "not testable here",
-            "partly confirmed", "partly refuted", "mixed",
-            "not confirmed", "not measured")  # the last two: older rules, until every paper uses `judge`
+            "partly confirmed", "partly refuted", "mixed")
 ALPHA = 0.05
 POWER = 0.8
 DIRECTIONS = ("higher", "lower")
+IDENTICAL_RTOL = 1e-9  # values this close are identical units (float rounding), not a spread to test
 CLAIMS_FILE = "claims.csv"
 
 
@@ -56,7 +64,8 @@ def load_reference(name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ClaimResult:
-    """One row of a claims table. `paper` and `ours` are short human-readable strings."""
+    """One row of a claims table. `paper` and `ours` are short human-readable strings; `unit` the unit
+    of replication and its n (e.g. "training seeds, n=3 per network"); `seeds` the seeds behind the row."""
 
     claim_id: str
     claim: str
@@ -64,6 +73,7 @@ class ClaimResult:
     ours: str
     verdict: str
     note: str = ""
+    unit: str = ""
     seeds: str = ""
 
     def __post_init__(self) -> None:
@@ -92,7 +102,8 @@ class Effect:
     `mean` is the mean over units of the measured values (paired differences, or raw values tested
     against `bound`); `ci_low`/`ci_high` its two-sided 95% t-interval; `p_value` the two-sided t-test
     of mean = bound; `mde` the smallest |mean - bound| a test at this n and SD detects with 80% power.
-    `direction` is the paper's side: "higher" (mean > bound) or "lower" (mean < bound).
+    `direction` is the paper's side: "higher" (mean > bound) or "lower" (mean < bound). `searched`:
+    how many candidates the effect was chosen from (interval, p-value and MDE corrected for them).
     """
 
     mean: float
@@ -105,46 +116,57 @@ class Effect:
     direction: str
     p_value: float
     mde: float
+    searched: int = 1
 
     @property
     def on_papers_side(self) -> bool:
         return self.mean > self.bound if self.direction == "higher" else self.mean < self.bound
 
     def describe(self, digits: int = 2) -> str:
-        """'mean [low, high] 95% CI, n=k units' (with the SD), for the claims table."""
+        """'mean [low, high] 95% CI, SD s, n=k units' for the claims table (the level says when the
+        interval is corrected for a search over several candidates)."""
         if self.n < 2:
             return f"{self.mean:.{digits}f} (n={self.n} {self.unit}: no interval)"
-        return (f"{self.mean:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}] 95% CI, "
+        level = "95% CI" if self.searched == 1 else f"{100 * (1 - ALPHA / self.searched):.4g}% CI (best of {self.searched})"
+        return (f"{self.mean:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}] {level}, "
                 f"SD {self.sd:.{digits}f}, n={self.n} {self.unit}")
 
 
-def bound_effect(values: Sequence[float], *, unit: str, bound: float = 0.0, direction: str = "higher") -> Effect:
-    """The effect of per-unit `values` against `bound` (0 for a paired difference, or a stated tolerance)."""
+def bound_effect(values: Sequence[float], *, unit: str, bound: float = 0.0, direction: str = "higher",
+                 searched: int = 1) -> Effect:
+    """The effect of per-unit `values` against `bound` (0 for a paired difference, or a stated tolerance).
+
+    `searched` > 1: the values were chosen as the best of that many candidates; the p-value is
+    Bonferroni's (searched x p, at most 1) and interval and MDE use the level 0.05 / searched.
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    if searched < 1:
+        raise ValueError(f"searched = {searched}: the number of candidates searched is at least 1")
     x = np.asarray(values, dtype=float)
     if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
         raise ValueError(f"need one finite value per {unit or 'unit'}, got {x.tolist()}")
     n, mean = int(x.size), float(x.mean())
     if n < 2:
-        return Effect(mean, math.nan, math.nan, math.nan, n, unit, bound, direction, math.nan, math.nan)
+        return Effect(mean, math.nan, math.nan, math.nan, n, unit, bound, direction, math.nan, math.nan, searched)
+    if np.allclose(x, mean, rtol=IDENTICAL_RTOL, atol=0):  # identical units (to rounding): the sign decides
+        p_value = 1.0 if math.isclose(mean, bound, rel_tol=IDENTICAL_RTOL) else 0.0
+        return Effect(mean, mean, mean, 0.0, n, unit, bound, direction, p_value, 0.0, searched)
     sd = float(x.std(ddof=1))
-    if sd == 0:  # identical units: the sign decides, no test statistic exists
-        p_value = 1.0 if mean == bound else 0.0
-        return Effect(mean, mean, mean, 0.0, n, unit, bound, direction, p_value, 0.0)
-    low, high = stats.t.interval(1 - ALPHA, df=n - 1, loc=mean, scale=sd / math.sqrt(n))
-    p_value = float(stats.ttest_1samp(x, popmean=bound).pvalue)
-    d = TTestPower().solve_power(nobs=n, alpha=ALPHA, power=POWER, alternative="two-sided")
-    return Effect(mean, float(low), float(high), sd, n, unit, bound, direction, p_value, float(d) * sd)
+    alpha = ALPHA / searched
+    low, high = stats.t.interval(1 - alpha, df=n - 1, loc=mean, scale=sd / math.sqrt(n))
+    p_value = min(1.0, searched * float(stats.ttest_1samp(x, popmean=bound).pvalue))
+    d = TTestPower().solve_power(nobs=n, alpha=alpha, power=POWER, alternative="two-sided")
+    return Effect(mean, float(low), float(high), sd, n, unit, bound, direction, p_value, float(d) * sd, searched)
 
 
 def paired_effect(treatment: Sequence[float], control: Sequence[float], *, unit: str, direction: str = "higher",
-                  margin: float = 0.0) -> Effect:
+                  margin: float = 0.0, searched: int = 1) -> Effect:
     """The effect of treatment - control over paired units (e.g. seeds), against `margin` (0: any difference)."""
     t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
     if t.shape != c.shape:
         raise ValueError(f"need paired values per {unit or 'unit'}, got {t.size} treatment and {c.size} control values")
-    return bound_effect(t - c, unit=unit, bound=margin, direction=direction)
+    return bound_effect(t - c, unit=unit, bound=margin, direction=direction, searched=searched)
 
 
 def cluster_means(values: Sequence[float], clusters: Sequence[Any]) -> np.ndarray:
@@ -153,17 +175,85 @@ def cluster_means(values: Sequence[float], clusters: Sequence[Any]) -> np.ndarra
     return frame.groupby("cluster", sort=False)["value"].mean().to_numpy()
 
 
+def holm_p_values(effects: Sequence[Effect]) -> list[float]:
+    """Holm-adjusted p-values of one notebook's family of tests (NaN where an effect has no test)."""
+    testable = [i for i, e in enumerate(effects) if not math.isnan(e.p_value)]
+    adjusted = [math.nan] * len(effects)
+    if testable:
+        values = multipletests([effects[i].p_value for i in testable], alpha=ALPHA, method="holm")[1]
+        for i, value in zip(testable, values):
+            adjusted[i] = float(value)
+    return adjusted
+
+
 def judge(effects: Sequence[Effect]) -> list[str]:
     """Verdicts for one notebook's family of tests, Holm-adjusted: confirmed / refuted when the adjusted
     test rejects on the paper's / the other side, else inconclusive (also for fewer than 2 units)."""
-    testable = [i for i, e in enumerate(effects) if not math.isnan(e.p_value)]
-    verdicts = ["inconclusive"] * len(effects)
-    if testable:
-        reject = multipletests([effects[i].p_value for i in testable], alpha=ALPHA, method="holm")[0]
-        for i, rejected in zip(testable, reject):
-            if rejected:
-                verdicts[i] = "confirmed" if effects[i].on_papers_side else "refuted"
-    return verdicts
+    return [_verdict(e, p) for e, p in zip(effects, holm_p_values(effects))]
+
+
+def _verdict(effect: Effect, adjusted_p: float) -> str:
+    if math.isnan(adjusted_p) or adjusted_p > ALPHA:
+        return "inconclusive"
+    return "confirmed" if effect.on_papers_side else "refuted"
+
+
+@dataclass(frozen=True)
+class ClaimTest:
+    """One test of a claim: on `network` (or "" when the claim is not per network), one `condition`."""
+
+    claim_id: str
+    network: str
+    effect: Effect
+    condition: str = ""
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A `ClaimTest` with its Holm-adjusted p-value and verdict."""
+
+    test: ClaimTest
+    p_holm: float
+    verdict: str
+
+    def text(self, digits: int = 2, detail: str = "") -> str:
+        """'network condition: [detail] effect, p (Holm) -> verdict', with the MDE next to an inconclusive
+        effect; `detail` (e.g. the two means compared) goes before the effect."""
+        label = " ".join(part for part in (self.test.network, self.test.condition) if part)
+        effect = self.test.effect
+        words = detail + effect.describe(digits)
+        if label:
+            words = f"{label}: {words}"
+        if not math.isnan(self.p_holm):
+            words += f", p(Holm) {self.p_holm:.2g}"
+        if self.verdict == "inconclusive" and not math.isnan(effect.mde):
+            words += f", MDE {effect.mde:.{digits}f}"
+        return f"{words} -> {self.verdict}"
+
+
+def judge_tests(tests: Sequence[ClaimTest]) -> list[Judged]:
+    """Every test of one notebook judged as one Holm family (see the module docstring)."""
+    effects = [t.effect for t in tests]
+    return [Judged(t, p, _verdict(t.effect, p)) for t, p in zip(tests, holm_p_values(effects))]
+
+
+def conjunction(verdicts: Sequence[str]) -> str:
+    """One network's verdict on a claim with several conditions: confirmed when every condition is,
+    refuted when one is refuted, else inconclusive."""
+    if not verdicts:
+        raise ValueError("conjunction of no conditions")
+    if "refuted" in verdicts:
+        return "refuted"
+    return "confirmed" if all(v == "confirmed" for v in verdicts) else "inconclusive"
+
+
+def network_verdicts(judged: Sequence[Judged], claim_id: str) -> dict[str, str]:
+    """Per network, the `conjunction` of the conditions of `claim_id` (networks in first-seen order)."""
+    by_network: dict[str, list[str]] = {}
+    for j in judged:
+        if j.test.claim_id == claim_id:
+            by_network.setdefault(j.test.network, []).append(j.verdict)
+    return {network: conjunction(verdicts) for network, verdicts in by_network.items()}
 
 
 def combine(verdicts: Sequence[str]) -> str:
@@ -182,47 +272,10 @@ def combine(verdicts: Sequence[str]) -> str:
     return "partly confirmed" if "confirmed" in kinds else "partly refuted"
 
 
-def mean_std(values: Iterable[float], digits: int = 2) -> str:
-    """'m ± s SD (n=k)' for a list of per-seed values (`mean_spread` with the SD)."""
-    return mean_spread(values, "SD", digits)
-
-
-def directional_verdict(
-    treatment: Sequence[float],
-    control: Sequence[float],
-    *,
-    direction: str = "higher",
-    min_seeds: int = 3,
-    min_relative_effect: float = 0.05,
-) -> str:
-    """The older rule, kept until every paper judges through `judge`.
-
-    Rule [I]: with at least `min_seeds` paired seeds, take the per-seed differences in the claimed
-    direction. 'refuted' when their mean is below minus its standard error; otherwise 'confirmed' when
-    it exceeds its standard error and is at least `min_relative_effect` of the control's mean magnitude;
-    'not confirmed' when it is beyond the noise but smaller than that (a consistent but negligible
-    effect); else 'inconclusive'. Fewer seeds give 'inconclusive' whatever the means say.
-    """
-    t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
-    if t.shape != c.shape or t.size == 0:
-        raise ValueError(f"need paired per-seed values, got {t.size} treatment and {c.size} control values")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'higher' or 'lower', not {direction!r}")
-    diff = (t - c) if direction == "higher" else (c - t)
-    if diff.size < min_seeds:
-        return "inconclusive"
-    stderr = diff.std(ddof=1) / math.sqrt(diff.size)
-    if diff.mean() < -stderr:
-        return "refuted"
-    if diff.mean() > stderr:
-        return "confirmed" if diff.mean() >= min_relative_effect * abs(c.mean()) else "not confirmed"
-    return "inconclusive"
-
-
 def claims_table(rows: Iterable[ClaimResult]) -> pd.DataFrame:
     """A DataFrame with one row per claim, columns in reading order."""
     frame = pd.DataFrame([asdict(r) for r in rows])
-    return frame[["claim_id", "claim", "paper", "ours", "verdict", "note", "seeds"]]
+    return frame[["claim_id", "claim", "paper", "ours", "verdict", "note", "unit", "seeds"]]
 
 
 def write_claims(folder: str | Path, table: pd.DataFrame, *, paper: str, profile: str) -> Path:

@@ -17,10 +17,10 @@ Modules, in pipeline order (this file only re-exports their public names):
 - `experiment`: the notebook's convention: `NADSettings` (profile [nad]) and the run steps
   `prepare_network`, `search_paths_cached`, `analyse_architecture` (-> `ArchitectureResult`),
   `class_groups`, `similarity_by_group`, `misclassification_table`, `dissect_locations`;
-- `claims`: the verdict rules N1-N7 (`claim_rows`) and `claim_results` (the claims table);
+- `claims`: the tests of N1-N7 through the claims kit (`claim_tests`) and `claim_results` (the claims table);
 - `figures`: `plot_hit_rates`, `plot_units_kept`, `plot_similarity`.
 """
-from replication.methods.gated_paths.claims import claim_results, claim_rows
+from replication.methods.gated_paths.claims import CONNECTION_TYPES, claim_results, claim_tests
 from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, NADSettings,
                                                         analyse_architecture, class_groups, dissect_locations,
                                                         misclassification_table, prepare_network,
@@ -30,7 +30,8 @@ from replication.methods.gated_paths.gates import (GATE_FUNCTIONS, GateHooks, Ga
                                                    gate_values, gated, ones_gates)
 from replication.methods.gated_paths.images import (Mosaic, image_and_label, images_by_class, mosaic_tensor,
                                                     sample_mosaics)
-from replication.methods.gated_paths.metrics import (curve_distance, hit_rates, largest_dip, path_accuracy,
+from replication.methods.gated_paths.metrics import (class_hit_rates, curve_distance, deep_hit_rates, hit_rates,
+                                                     largest_dip, path_accuracy,
                                                      quadrant_share, summarize_hit_rates, top_fraction_mask)
 from replication.methods.gated_paths.search import (BETA_ARCH_OF_FAMILY, OFFICIAL_BETA, ORIGINAL_CACHE_BYTES,
                                                     SEEDINGS, PathSearchConfig, PathSet, class_path_loss,
@@ -41,13 +42,13 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
                                                         path_similarity)
 
 __all__ = [
-    "claim_results", "claim_rows",
+    "CONNECTION_TYPES", "claim_results", "claim_tests",
     "ArchitectureResult", "ClassGroups", "NADSettings", "analyse_architecture", "class_groups", "dissect_locations",
     "misclassification_table", "prepare_network", "search_paths_cached", "similarity_by_group",
     "plot_hit_rates", "plot_similarity", "plot_units_kept",
     "GATE_FUNCTIONS", "GateHooks", "GateLocation", "gate_locations", "gate_values", "gated", "ones_gates",
     "Mosaic", "image_and_label", "images_by_class", "mosaic_tensor", "sample_mosaics",
-    "curve_distance", "hit_rates", "largest_dip", "path_accuracy", "quadrant_share", "summarize_hit_rates",
+    "class_hit_rates", "curve_distance", "deep_hit_rates", "hit_rates", "largest_dip", "path_accuracy", "quadrant_share", "summarize_hit_rates",
     "top_fraction_mask",
     "BETA_ARCH_OF_FAMILY", "OFFICIAL_BETA", "ORIGINAL_CACHE_BYTES", "SEEDINGS", "PathSearchConfig", "PathSet",
     "class_path_loss", "find_paths_sequential", "official_beta", "search_copy", "search_paths",

@@ -1,110 +1,168 @@
-"""NAD's claims N1-N7: the verdict rules (`claim_rows`) and the claims table rows (`claim_results`)."""
+"""NAD's claims N1-N7 judged through the claims kit: `claim_tests` (the tests) and `claim_results` (the table).
+
+The unit of replication is the class (one network per connection type is searched once, so seeds are
+not the unit): per class, its path's accuracy drop and share of units kept (N1), the share of its
+rule concepts detected on its path against same-size random unit sets (N2), its deep hit rate against
+chance and against another class's path (N4), its hit-rate drop between the layer pair that falls most
+(N5, corrected for the pairs searched), its hit-rate curve's distance between networks of different
+connection types against networks of one type (N6); misclassified images are clustered by their true
+class (N7). One Holm family over every test; networks combined by `reporting.claims.combine`.
+"""
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from collections import Counter
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
 from replication.methods.gated_paths.experiment import ArchitectureResult
-from replication.methods.gated_paths.metrics import curve_distance, largest_dip
-from replication.methods.gated_paths.similarity import path_diversity_se
-from replication.reporting.claims import ClaimResult
+from replication.methods.gated_paths.metrics import class_hit_rates, curve_distance, deep_hit_rates, largest_dip
+from replication.reporting.claims import (ClaimResult, ClaimTest, Judged, bound_effect, cluster_means, combine,
+                                          judge_tests, network_verdicts, paired_effect)
 
-def _deep_hit(summary: pd.DataFrame, last: int = 3) -> tuple[float, float]:
-    """Mean hit rate over the last `last` gate locations (the number `cam_2x2.py` prints) and its SE."""
-    tail = summary.tail(last)
-    se = (tail["hit_std"] / np.sqrt(tail["n_mosaics"])).to_numpy()
-    return float(tail["hit_rate"].mean()), float(np.sqrt(np.sum(se ** 2)) / len(tail))
+CONNECTION_TYPES = ("plain", "residual", "dense", "nas")  # the paper's four (v1 abstract): handcrafted to autoML
+UNIT = "classes"
 
 
-def _overall(holds: Sequence[bool]) -> str:
-    return "confirmed" if all(holds) else ("refuted" if not any(holds) else "not confirmed")
+def _n6_test(results: Mapping[str, ArchitectureResult]) -> tuple[ClaimTest | None, str, str]:
+    """N6 on classes: per class, the mean hit-rate curve distance between networks of different connection
+    types minus that between networks of one type (the null: how far networks of one type differ).
+    Returns the test (None when it cannot be run), the reason it cannot, and the means compared."""
+    curves = {arch: class_hit_rates(r.hits) for arch, r in results.items()}
+    families = {arch: r.family for arch, r in results.items()}
+    archs = list(results)
+    pairs = [(a, b) for i, a in enumerate(archs) for b in archs[i + 1:]]
+    within = [p for p in pairs if families[p[0]] == families[p[1]]]
+    between = [p for p in pairs if families[p[0]] != families[p[1]]]
+    if not within or not between:
+        counts = ", ".join(f"{family} {n}" for family, n in Counter(families.values()).items())
+        return None, (f"networks per connection type: {counts}; the null needs two networks of one type "
+                      "trained alike, and a second type to compare"), ""
+    classes = sorted(set.intersection(*(set(c.index) for c in curves.values())))
+
+    def mean_distance(pair_list: list[tuple[str, str]], class_id: int) -> float:
+        return float(np.mean([curve_distance(curves[a].loc[class_id].to_numpy(), curves[b].loc[class_id].to_numpy())
+                              for a, b in pair_list]))
+
+    complete = [c for c in classes if all(curves[a].loc[c].notna().all() for a in archs)]
+    b = [mean_distance(between, c) for c in complete]
+    w = [mean_distance(within, c) for c in complete]
+    effect = paired_effect(b, w, unit=UNIT, direction="higher")
+    return ClaimTest("N6", "", effect), "", f"between types {np.mean(b):.3f} vs within a type {np.mean(w):.3f}, diff "
 
 
-def claim_rows(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None = None, *,
-               chance: float = 0.25, max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5) -> list[dict]:
-    """Claims N1-N7 with our numbers and a verdict by the stated rule (spec section 2; rules [I]).
+def claim_tests(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None = None, *,
+                chance: float = 0.25, max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5,
+                deep_layers: int = 3) -> tuple[list[ClaimTest], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Every test of N1-N7 (one per claim, network and condition), the networks a claim cannot be tested
+    on with the reason (`{claim: {network: reason}}`, network "" for a claim on all networks), and the
+    numbers shown before each effect (`{claim: {network: text}}`).
 
-    N1/N3: per network, path accuracy within `max_accuracy_drop` of the original and fewer than
-    `max_units_kept` of the units kept. N4: deep hit rate (last three locations) above `chance` by
-    more than 2 SE and above the shifted-path control. N5: some network's largest dip is significant
-    (`largest_dip`). N6: some pair of curves differs by more than twice the mean per-layer SE.
-    N7: mean normalised rank of misclassified images above 0.5 by more than 2 SE (below: refuted).
-    N2: diversity (1 - mean path similarity) differs between networks by more than twice the largest
-    jackknife SE. All-network rules: 'confirmed' if every network passes, 'refuted' if none does.
+    N1: per class, accuracy drop (original - path) below `max_accuracy_drop` and units kept below
+    `max_units_kept`. N2: per class, own rule concepts found on the path minus on random unit sets of
+    the same per-layer sizes (needs `concepts`, the `path_concepts` tables). N3: N1 on networks of all
+    four `CONNECTION_TYPES`. N4: per class, deep hit rate (last `deep_layers` locations) above `chance`
+    and above the control (another class's path on the same quadrants). N5: per class, the drop of
+    the largest dip, corrected for the layer pairs searched. N6: `_n6_test`. N7: the rank of
+    s(true, predicted) among s(true, .), per true class, above 0.5 (chance).
     """
-    rows, archs = [], list(results)
+    tests: list[ClaimTest] = []
+    untestable: dict[str, dict[str, str]] = {cid: {} for cid in ("N2", "N3", "N6", "N7")}
+    details: dict[str, dict[str, str]] = {cid: {} for cid in ("N2", "N5", "N6")}
+    for arch, r in results.items():
+        drop = r.accuracy["original_accuracy"] - r.accuracy["path_accuracy"]
+        tests.append(ClaimTest("N1", arch, bound_effect(drop, unit=UNIT, bound=max_accuracy_drop, direction="lower"),
+                               "accuracy drop"))
+        tests.append(ClaimTest("N1", arch, bound_effect(r.accuracy["units_kept"], unit=UNIT, bound=max_units_kept,
+                                                        direction="lower"), "units kept"))
+        table = (concepts or {}).get(arch)
+        if table is None or not table["own_concepts_found_all_units"].any():
+            untestable["N2"][arch] = "no unit of the network detects a rule concept of any class (or no concept labels)"
+        else:
+            details["N2"][arch] = (f"own concepts on the path {table['own_concepts_found'].mean():.2f} vs same-size "
+                                   f"random {table['own_concepts_found_random'].mean():.2f}, diff ")
+            tests.append(ClaimTest("N2", arch, paired_effect(table["own_concepts_found"],
+                                                             table["own_concepts_found_random"], unit=UNIT)))
+        own = deep_hit_rates(r.hits, deep_layers)
+        control = deep_hit_rates(r.control_hits, deep_layers).reindex(own.index)
+        kept = own.notna() & control.notna()
+        tests.append(ClaimTest("N4", arch, bound_effect(own[kept], unit=UNIT, bound=chance), "vs chance"))
+        tests.append(ClaimTest("N4", arch, paired_effect(own[kept], control[kept], unit=UNIT), "vs control"))
+        dip = largest_dip(class_hit_rates(r.hits))
+        details["N5"][arch] = f"layers {dip['from_layer']}->{dip['to_layer']} of {dip['searched']} pairs, drop "
+        tests.append(ClaimTest("N5", arch, bound_effect(dip["drops"], unit=UNIT, searched=dip["searched"])))
+        wrong = r.misclassification
+        if len(wrong) == 0:
+            untestable["N7"][arch] = "no misclassified val image"
+        else:
+            ranks = cluster_means(wrong["rank"], wrong["true"])
+            tests.append(ClaimTest("N7", arch, bound_effect(ranks, unit="true classes", bound=0.5)))
+    missing = [t for t in CONNECTION_TYPES if t not in {r.family for r in results.values()}]
+    if missing:
+        untestable["N3"][""] = f"no {', '.join(missing)} network here; the claim is about all four connection types"
+    n6, reason, detail = _n6_test(results)
+    if n6 is None:
+        untestable["N6"][""] = reason
+    else:
+        tests.append(n6)
+        details["N6"][""] = detail
+    return tests, untestable, details
 
-    def row(claim_id, ours, verdict, note=""):
-        rows.append({"claim_id": claim_id, "ours": ours, "verdict": verdict, "note": note})
 
-    n1 = {}
-    for arch, r in results.items():
-        drop = float((r.accuracy["original_accuracy"] - r.accuracy["path_accuracy"]).mean())
-        kept = float(r.accuracy["units_kept"].mean())
-        n1[arch] = (drop, kept, drop <= max_accuracy_drop and kept < max_units_kept)
-    row("N1", "; ".join(f"{a}: acc drop {d:+.3f}, kept {k:.2f}" for a, (d, k, _) in n1.items()),
-        _overall([h for *_, h in n1.values()]),
-        f"rule: mean over classes, drop <= {max_accuracy_drop}, kept < {max_units_kept}")
-    diversity = {a: (r.diversity, path_diversity_se(r.similarity)) for a, r in results.items()}
-    spread = max(d for d, _ in diversity.values()) - min(d for d, _ in diversity.values())
-    largest_se = max((s for _, s in diversity.values() if not math.isnan(s)), default=float("nan"))
-    concept_text = ""
-    if concepts:
-        concept_text = "; distinct concepts per path " + ", ".join(
-            f"{a}: {t['distinct_concepts'].mean():.1f}" for a, t in concepts.items())
-    row("N2", "diversity " + ", ".join(f"{a}: {d:.3f}±{s:.3f}" for a, (d, s) in diversity.items()) + concept_text,
-        "confirmed" if spread > 2 * largest_se else "inconclusive",
-        "metric reconstructed [I]; rule: spread between networks > 2 x largest jackknife SE")
-    row("N3", f"paths learned for {', '.join(f'{a} ({results[a].family})' for a in archs)}",
-        _overall([n1[a][2] for a in archs]),
-        "ConceptWorld instead of ImageNet/Places365; no NAS-cell (DARTS) network; rule: N1 per network")
-    n4 = {}
-    for arch, r in results.items():
-        mean, se = _deep_hit(r.hit_summary)
-        control, _ = _deep_hit(r.control_summary)
-        n4[arch] = (mean, se, control, mean - chance > 2 * se and mean > control)
-    row("N4", "; ".join(f"{a}: {m:.3f}±{s:.3f} (control {c:.3f})" for a, (m, s, c, _) in n4.items()),
-        _overall([h for *_, h in n4.values()]), f"last three gate locations; chance {chance}")
-    dips = {a: largest_dip(r.hit_summary) for a, r in results.items()}
-    row("N5", "; ".join(f"{a}: drop {d['drop']:.3f} (layer {d['from_layer']}->{d['to_layer']}"
-                        f"{', significant' if d['significant'] else ''})" for a, d in dips.items()),
-        "confirmed" if any(d["significant"] for d in dips.values()) else "not confirmed",
-        "rule: some network's hit rate falls significantly from a shallower to a deeper layer")
-    distances, noise = {}, []
-    for i, a in enumerate(archs):
-        noise.append(float((results[a].hit_summary["hit_std"] / np.sqrt(results[a].hit_summary["n_mosaics"])).mean()))
-        for b in archs[i + 1:]:
-            distances[f"{a}/{b}"] = curve_distance(results[a].hit_summary, results[b].hit_summary)
-    threshold = 2 * float(np.mean(noise)) if noise else float("nan")
-    row("N6", "curve distance " + ", ".join(f"{k}: {v:.3f}" for k, v in distances.items()) + f" (2 SE = {threshold:.3f})",
-        "confirmed" if distances and max(distances.values()) > threshold else "not confirmed",
-        "rule: some pair of hit-rate curves (normalised depth) differs by more than 2 x mean per-layer SE")
-    n7 = {}
-    for arch, r in results.items():
-        ranks = r.misclassification["rank"].to_numpy()
-        if len(ranks) < 2:
-            n7[arch] = (float("nan"), float("nan"), len(ranks), None)
-            continue
-        mean, se = float(ranks.mean()), float(ranks.std(ddof=1) / np.sqrt(len(ranks)))
-        n7[arch] = (mean, se, len(ranks), mean - 0.5 > 2 * se if abs(mean - 0.5) > 2 * se else None)
-    decided = [h for *_, h in n7.values() if h is not None]
-    verdict = "inconclusive" if len(decided) < len(n7) else _overall(decided)
-    row("N7", "; ".join(f"{a}: rank {m:.2f}±{s:.2f} (n={n})" for a, (m, s, n, _) in n7.items()), verdict,
-        "rank of s(true, predicted) among s(true, .), 0.5 = chance; rule: |mean - 0.5| > 2 SE per network")
-    return rows
+def _ours(judged: list[Judged], blocked: Mapping[str, str], details: Mapping[str, str]) -> str:
+    parts = [j.text(3, details.get(j.test.network, "")) for j in judged]
+    parts += [f"{network}: not testable here ({reason})" if network else f"not testable here ({reason})"
+              for network, reason in blocked.items()]
+    return "; ".join(parts)
+
+
+def _verdict(claim_id: str, judged: list[Judged], blocked: Mapping[str, str]) -> str:
+    per_network = network_verdicts(judged, claim_id)
+    return combine(list(per_network.values()) + ["not testable here"] * len(blocked))
 
 
 def claim_results(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None,
-                  reference: Mapping[str, Any], *, profile: str, seed: int) -> list[ClaimResult]:
-    """The claims table of notebook 05: `claim_rows` with each claim's text and paper value from
-    `reference` (`reporting.claims.load_reference`), a reduced-run note under every profile but
-    `paper`, and the seed of the networks."""
+                  reference: Mapping[str, Any], *, profile: str, seed: int, chance: float = 0.25,
+                  max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5) -> list[ClaimResult]:
+    """The claims table of notebook 05: each claim's text and paper value from `reference`
+    (`reporting.claims.load_reference`), our judged effects (`claim_tests`, one Holm family), the unit
+    and n, a reduced-run note under every profile but `paper`, and the seed of the networks."""
     claims = {c["id"]: c for c in reference["claims"]}
+    tests, untestable, details = claim_tests(results, concepts, chance=chance, max_accuracy_drop=max_accuracy_drop,
+                                             max_units_kept=max_units_kept)
+    judged = judge_tests(tests)
     reduced = "" if profile == "paper" else f"REDUCED RUN ({profile}); "
-    return [ClaimResult(claim_id=row["claim_id"], claim=claims[row["claim_id"]]["claim"], paper=claims[row["claim_id"]]["paper"],
-                        ours=row["ours"], verdict=row["verdict"], note=reduced + row["note"],
-                        seeds=f"seed {seed}, one network per arch")
-            for row in claim_rows(results, concepts)]
+    family = f"; Holm over the notebook's {len(tests)} tests"
+    n_classes = ", ".join(f"{arch} n={len(r.accuracy)}" for arch, r in results.items())
+    n_true = ", ".join(f"{arch} n={r.misclassification['true'].nunique()}" for arch, r in results.items())
+    notes = {
+        "N1": (f"per class: accuracy drop (original - path) below {max_accuracy_drop} and share of units kept below "
+               f"{max_units_kept}, both needed", f"classes: {n_classes}"),
+        "N2": ("our reading [I]: the class's rule concepts detected (Network Dissection) on its path vs on random "
+               "unit sets of the same per-layer sizes", f"classes: {n_classes}"),
+        "N3": ("N1 on a network of each of the four connection types (plain, residual, dense, NAS-derived)",
+               "networks (connection types)"),
+        "N4": (f"per class: mean hit rate at the last 3 gate locations vs chance {chance} and vs another class's "
+               "path on the same quadrants (control), both needed", f"classes: {n_classes}"),
+        "N5": ("per class: hit-rate drop between the layer pair whose mean falls most; interval and p corrected "
+               "(Bonferroni) for the pairs searched", f"classes: {n_classes}"),
+        "N6": ("per class: hit-rate curve distance (normalised depth) between networks of different connection "
+               "types minus between networks of one type", "classes"),
+        "N7": ("rank of s(true, predicted) among s(true, .), 0.5 = chance; misclassified val images averaged per "
+               "true class", f"true classes: {n_true}"),
+    }
+    rows = []
+    for cid, (note, unit) in notes.items():
+        mine = [j for j in judged if j.test.claim_id == cid]
+        blocked = untestable.get(cid, {})
+        if cid == "N3" and not blocked:  # all four types present: N3 is N1 on them
+            verdict = combine(list(network_verdicts(judged, "N1").values()))
+            ours = "N1 per network: " + "; ".join(f"{a} ({results[a].family}): {v}"
+                                                   for a, v in network_verdicts(judged, "N1").items())
+        else:
+            verdict, ours = _verdict(cid, mine, blocked), _ours(mine, blocked, details.get(cid, {}))
+        rows.append(ClaimResult(claim_id=cid, claim=claims[cid]["claim"], paper=claims[cid]["paper"], ours=ours,
+                                verdict=verdict, note=reduced + note + family, unit=unit,
+                                seeds=f"seed {seed}, one network per arch"))
+    return rows

@@ -136,9 +136,10 @@ class ArchitectureResult:
     family: str
     paths: PathSet
     accuracy: pd.DataFrame          # per class: original vs path accuracy, units kept (N1)
-    hits: pd.DataFrame              # per (mosaic, quadrant, layer) hit, own paths (N4)
-    hit_summary: pd.DataFrame       # per layer mean/std, depth (N4-N6)
-    control_summary: pd.DataFrame   # the same with another mosaic class's path (control)
+    hits: pd.DataFrame              # per (mosaic, quadrant, layer) hit and class, own paths (N4-N6)
+    control_hits: pd.DataFrame      # the same with another mosaic class's path (the control of N4)
+    hit_summary: pd.DataFrame       # per layer mean/std, depth
+    control_summary: pd.DataFrame   # the same for the control
     similarity: torch.Tensor        # (K, K) path similarity (N7, hierarchy)
     empty_layers: int               # class pairs x layers where both paths were empty (IoU := empty_iou)
     misclassification: pd.DataFrame  # per misclassified val image: true, predicted, normalised rank (N7)
@@ -165,7 +166,7 @@ def analyse_architecture(model: nn.Module, arch: str, paths: PathSet, val_images
         if wrong and len(paths.classes) >= 3 else np.zeros(0)
     misclassified = pd.DataFrame({"true": [t for t, _ in wrong], "predicted": [p for _, p in wrong], "rank": ranks})
     off_diagonal = ~torch.eye(len(paths.classes), dtype=torch.bool)
-    return ArchitectureResult(arch, connection_family(model), paths, accuracy.drop(columns="predicted"), hits,
+    return ArchitectureResult(arch, connection_family(model), paths, accuracy.drop(columns="predicted"), hits, control,
                               summarize_hit_rates(hits), summarize_hit_rates(control), similarity,
                               int(empty[:, off_diagonal].sum()) // 2, misclassified)
 

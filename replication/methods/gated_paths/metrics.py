@@ -1,6 +1,6 @@
 """What the hard-gated paths do: path accuracy (claim N1) and the hit rate of path activation maps on
-2x2 mosaics (spec section 6.1, as `cam_2x2.py`), its per-layer summary, largest dip (N5) and the
-distance between two networks' hit-rate curves (N6)."""
+2x2 mosaics (spec section 6.1, as `cam_2x2.py`), its per-layer and per-class summaries, the largest
+dip (N5) and the distance between two hit-rate curves (N6)."""
 from __future__ import annotations
 
 import math
@@ -141,27 +141,38 @@ def summarize_hit_rates(hits: pd.DataFrame) -> pd.DataFrame:
     return summary.rename(columns={"mean": "hit_rate", "std": "hit_std", "count": "n_mosaics"})
 
 
-def largest_dip(summary: pd.DataFrame) -> dict[str, Any]:
-    """Claim N5: the largest drop of the hit rate from any shallower layer to a deeper one.
+def class_hit_rates(hits: pd.DataFrame) -> pd.DataFrame:
+    """Per class (rows, by class id) and layer (columns): the mean hit rate over the quadrants that show
+    the class (empty maps skipped), the unit of replication of the hit-rate claims N4-N6."""
+    return hits.groupby(["class_id", "layer"], sort=True)["hit"].mean().unstack("layer")
 
-    `significant` when the drop exceeds the combined standard error sqrt(se_a^2 + se_b^2) with
-    se = std over mosaics / sqrt(n_mosaics) (spec: 'larger than the std over mosaics / sqrt(100)') [I].
+
+def deep_hit_rates(hits: pd.DataFrame, last: int = 3) -> pd.Series:
+    """Per class: the mean of its hit rates at the last `last` gate locations (the number `cam_2x2.py` prints)."""
+    table = class_hit_rates(hits)
+    return table[table.columns[-last:]].mean(axis=1)
+
+
+def largest_dip(class_hits: pd.DataFrame) -> dict[str, Any]:
+    """Claim N5: the pair of layers (shallow, deep) whose mean hit rate falls most with depth.
+
+    `class_hits` is `class_hit_rates`; returns the layers, the per-class drops hit(shallow) - hit(deep)
+    (classes with an empty map at either layer left out) and how many pairs were searched (for the
+    correction of the chosen pair's test). Without any fall, the pair that rises least.
     """
-    means = summary["hit_rate"].to_numpy()
-    se = (summary["hit_std"] / np.sqrt(summary["n_mosaics"])).to_numpy()
-    best = {"drop": 0.0, "from_layer": None, "to_layer": None, "significant": False}
-    for deep in range(1, len(means)):
-        shallow = int(np.nanargmax(means[:deep]))
-        drop = float(means[shallow] - means[deep])
-        if drop > best["drop"]:
-            best = {"drop": drop, "from_layer": shallow, "to_layer": deep,
-                    "significant": bool(drop > math.hypot(se[shallow], se[deep]))}
-    return best
+    layers = list(class_hits.columns)
+    if len(layers) < 2:
+        raise ValueError(f"a dip needs at least two gate locations, got {len(layers)}")
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i + 1:]]
+    drops = {pair: (class_hits[pair[0]] - class_hits[pair[1]]).dropna() for pair in pairs}
+    shallow, deep = max(pairs, key=lambda pair: drops[pair].mean() if len(drops[pair]) else -math.inf)
+    return {"from_layer": shallow, "to_layer": deep, "drops": drops[(shallow, deep)].to_numpy(), "searched": len(pairs)}
 
 
-def curve_distance(a: pd.DataFrame, b: pd.DataFrame, *, grid: int = 21) -> float:
-    """Claim N6: mean absolute difference of two hit-rate curves on normalised depth [0, 1] (linear interpolation)."""
+def curve_distance(a: Sequence[float], b: Sequence[float], *, grid: int = 21) -> float:
+    """Claim N6: mean absolute difference of two per-layer hit-rate curves on normalised depth [0, 1]
+    (layer l of L at depth l / (L - 1), linear interpolation), so networks of different depths compare."""
     depth = np.linspace(0, 1, grid)
-    ya = np.interp(depth, a["depth"].to_numpy(), a["hit_rate"].to_numpy())
-    yb = np.interp(depth, b["depth"].to_numpy(), b["hit_rate"].to_numpy())
+    ya = np.interp(depth, np.linspace(0, 1, len(a)), np.asarray(a, dtype=float))
+    yb = np.interp(depth, np.linspace(0, 1, len(b)), np.asarray(b, dtype=float))
     return float(np.mean(np.abs(ya - yb)))
