@@ -432,3 +432,38 @@ def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world
     alone = train_world_classifier(tiny_world, BackboneConfig(arch="alexnet", small_input=True, width=0.0625),
                                    dataclasses.replace(config, seed=1), device="cpu")
     assert_same_state(alone.model, models["alexnet", 1])
+
+
+def test_flip_crop_moves_and_mirrors_images_exactly():
+    """With padding 0 only flips remain; with padding 1 a crop shifts by at most one pixel, filling zeros."""
+    image = torch.arange(2 * 3 * 3, dtype=torch.float32).reshape(1, 2, 3, 3).repeat(64, 1, 1, 1)
+    flipped = loop.flip_crop(image, torch.Generator().manual_seed(0), padding=0)
+    is_flipped = (flipped == image.flip(-1)).flatten(1).all(1)
+    assert ((flipped == image).flatten(1).all(1) | is_flipped).all() and 10 < int(is_flipped.sum()) < 54
+    shifted = loop.flip_crop(image, torch.Generator().manual_seed(1), padding=1)
+    padded = nn.functional.pad(image[:1], (1, 1, 1, 1))
+    candidates = [padded[..., r:r + 3, c:c + 3] for r in range(3) for c in range(3)]
+    candidates += [c.flip(-1) for c in candidates]
+    assert all(any(torch.equal(s[None], c) for c in candidates) for s in shifted)
+    again = loop.flip_crop(image, torch.Generator().manual_seed(1), padding=1)
+    assert torch.equal(shifted, again)
+
+
+def test_augmented_training_is_reproducible_and_resumes_bit_exact(tmp_path):
+    """Augmentation draws from the epoch's own generator: two runs agree, a killed run resumes exactly,
+    and the draws leave the shuffle order (the sampler's stream) untouched."""
+    config = dataclasses.replace(CONFIG, augment="flip_crop", crop_padding=1)
+    first, second = run(config=config), run(config=config)
+    assert_same_state(first.model, second.model)
+    assert not torch.equal(first.model[6].weight, run().model[6].weight)  # augmentation changes training
+    reference = run(tmp_path / "reference", config=config)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", data=KilledAfter(make_data(), limit=32 + 13), config=config)
+    assert_same_state(run(tmp_path / "killed", config=config, model_seed=99).model, reference.model)
+    plain, augmented = loop._seed_epoch(3, 1), loop._seed_epoch(3, 1)
+    loop.flip_crop(torch.zeros(8, 1, 4, 4), augmented.augment, padding=2)
+    assert torch.equal(torch.randperm(10, generator=plain.sampler), torch.randperm(10, generator=augmented.sampler))
+    with pytest.raises(ValueError, match="augment='mixup'"):
+        TrainConfig(epochs=1, batch_size=2, lr=0.1, augment="mixup")
+    with pytest.raises(ValueError, match="crop_padding must be >= 0"):
+        TrainConfig(epochs=1, batch_size=2, lr=0.1, crop_padding=-1)

@@ -37,6 +37,7 @@ from replication.models.surgery import eval_mode
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
+AUGMENTATIONS = ("none", "flip_crop")
 CHECKPOINT_NAME = "last.pt"
 HISTORY_NAME = "history.csv"
 MODEL_NAME = "model.pt"
@@ -48,6 +49,10 @@ class TrainConfig:
 
     `schedule`: "cosine" anneals the lr to 0 over `epochs`; "step" multiplies it by `gamma` every
     `step_size` epochs (the CGL code's 0.1 every 30); "none" keeps it constant. Schedules step per epoch.
+    `optimizer` "adam" adds `weight_decay` as an L2 term (torch's Adam). `augment` "flip_crop": every
+    training image is flipped left-right with probability 1/2 and cropped back to its size after
+    zero-padding by `crop_padding` pixels (zero = the normalised mean colour), drawn from the epoch's
+    own generator, so augmentation never shifts the shuffle order or any other random draw.
     """
 
     epochs: int
@@ -63,19 +68,25 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False
     num_workers: int = 0
+    augment: str = "none"
+    crop_padding: int = 4
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}.")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"TrainConfig.augment={self.augment!r}; choose one of {AUGMENTATIONS}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}.")
-        for name in ("epochs", "batch_size", "step_size", "seed", "num_workers"):
+        for name in ("epochs", "batch_size", "step_size", "seed", "num_workers", "crop_padding"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}.")
         for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.crop_padding < 0:
+            raise ValueError(f"TrainConfig.crop_padding must be >= 0, got {self.crop_padding}.")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}.")
 
@@ -314,6 +325,8 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks
     with capture_activations(model, layers, detach=False, clone=clone) as activations:
         for index, (images, labels) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if config.augment == "flip_crop":
+                images = flip_crop(images, generators.augment, padding=config.crop_padding)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 logits = model(images)
                 task_loss = _task_loss(logits, labels, config.label_smoothing)
@@ -423,20 +436,38 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.op
 
 @dataclass(frozen=True)
 class EpochGenerators:
-    """An epoch's two torch generators: `sampler` draws the shuffle order, `loader` the DataLoader's
-    base seed (for worker seeding). Separate streams, so neither can shift the other's draws."""
+    """An epoch's torch generators: `sampler` draws the shuffle order, `loader` the DataLoader's base
+    seed (for worker seeding), `augment` the data augmentation. Separate streams, so none can shift
+    another's draws."""
 
     sampler: torch.Generator
     loader: torch.Generator
+    augment: torch.Generator
 
 
 def _seed_epoch(seed: int, epoch: int) -> EpochGenerators:
     """Seed every global RNG from (seed, epoch) and return the epoch's own generators."""
-    global_seed, sampler_seed, loader_seed = (
-        int(s % 2**63) for s in np.random.SeedSequence([seed, epoch]).generate_state(3, dtype=np.uint64)
+    global_seed, sampler_seed, loader_seed, augment_seed = (
+        int(s % 2**63) for s in np.random.SeedSequence([seed, epoch]).generate_state(4, dtype=np.uint64)
     )
     runtime.seed_everything(global_seed)
-    return EpochGenerators(torch.Generator().manual_seed(sampler_seed), torch.Generator().manual_seed(loader_seed))
+    return EpochGenerators(*(torch.Generator().manual_seed(s) for s in (sampler_seed, loader_seed, augment_seed)))
+
+
+def flip_crop(images: torch.Tensor, generator: torch.Generator, *, padding: int) -> torch.Tensor:
+    """Each image (N, C, H, W) flipped left-right with probability 1/2, then cropped at a random
+    offset from its zero-padded copy (`padding` pixels each side) back to H x W. Draws from
+    `generator` (on the CPU, whatever the images' device): 1 + 2 numbers per image."""
+    n, channels, height, width = images.shape
+    flips = torch.rand(n, generator=generator) < 0.5
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    rows = offsets[:, :1] + torch.arange(height)
+    cols = offsets[:, 1:] + torch.arange(width)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    padded = nn.functional.pad(images, (padding,) * 4)
+    device = images.device
+    return padded[torch.arange(n, device=device)[:, None, None, None], torch.arange(channels, device=device)[None, :, None, None],
+                  rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
 
 
 def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scaler) -> list[dict[str, Any]]:
