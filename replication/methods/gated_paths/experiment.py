@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from replication import cache, runtime
+from replication.analysis.dissection import DissectionConfig
 from replication.analysis.features import dissect_layers
 from replication.data.classification import ClassificationDataset
 from replication.methods.gated_paths.gates import GateLocation, gate_locations
@@ -301,29 +302,28 @@ def misclassification_table(results: Mapping[str, ArchitectureResult], groups: C
     return pd.DataFrame(rows)
 
 
-def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, quantile: float = 0.005,
-                      iou_threshold: float = 0.04, batch_size: int = 64, device: str | torch.device | None = None,
+def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, dissection: DissectionConfig,
+                      device: str | torch.device | None = None,
                       feature_budget_bytes: int = 1 << 29) -> dict[str, pd.DataFrame]:
     """Network Dissection unit tables (label, iou, detector per channel) at every gate location, keyed by name.
 
-    `analysis.features.dissect_layers` with locations for layers: one forward pass per group of
-    locations whose features fit `feature_budget_bytes`.
+    `analysis.features.dissect_layers` with locations for layers and the `dissection` settings: one
+    forward pass per group of locations whose features fit `feature_budget_bytes`.
     """
-    dissections = dissect_layers(model, [loc.name for loc in locations], dataset, quantile=quantile,
-                                 iou_threshold=iou_threshold, batch_size=batch_size, device=device,
+    dissections = dissect_layers(model, [loc.name for loc in locations], dataset, config=dissection, device=device,
                                  max_bytes=feature_budget_bytes)
     return {name: result.units for name, result in dissections.items()}
 
 
 def concepts_on_paths(networks: Mapping[str, Network], paths: Mapping[str, PathSet], dataset, groups: ClassGroups,
-                      settings: NADSettings, *, seed: int, quantile: float = 0.005, iou_threshold: float = 0.04,
-                      batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, pd.DataFrame]:
+                      settings: NADSettings, *, seed: int, dissection: DissectionConfig,
+                      device: str | torch.device | None = None) -> dict[str, pd.DataFrame]:
     """Per network, `path_concepts` of its class paths (v1's concepts along paths, N2): its
-    `settings.dissected_locations` dissected on the Broden-format `dataset`, each class's own concepts
-    from `groups`, `settings.n_random_paths` random unit sets drawn with `seed`."""
+    `settings.dissected_locations` dissected on the Broden-format `dataset` with the `dissection`
+    settings, each class's own concepts from `groups`, `settings.n_random_paths` random unit sets
+    drawn with `seed`."""
     units = {arch: dissect_locations(networks[arch].model, settings.dissected_locations(networks[arch].locations),
-                                     dataset, quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size,
-                                     device=device)
+                                     dataset, dissection=dissection, device=device)
              for arch in paths}
     return {arch: path_concepts(paths[arch], units[arch], groups.concepts, n_random=settings.n_random_paths, seed=seed)
             for arch in paths}
