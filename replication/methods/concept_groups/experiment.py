@@ -56,8 +56,8 @@ class CGLSettings:
     reported [U]: they are chosen from `lambda_grid` (spec 9.1) on `sweep_arch` by `select_lambda`,
     using a `tuning_fraction` of the training split held out (never the reported val split).
     `train_images` / `synthetic_train_images` cap the training splits and `dissection_images` the
-    dissected val split (seeded subsets, None = all; a cap makes the run reduced); `seeds` /
-    `synthetic_seeds` how many of the profile's runtime seeds each experiment uses.
+    dissected val split (seeded subsets, None = all; a cap makes the run reduced); `n_seeds` /
+    `n_synthetic_seeds` how many of the profile's runtime seeds each experiment uses (the first ones).
     """
 
     synthetic_widths: tuple[int, int] = (128, 256)
@@ -65,7 +65,7 @@ class CGLSettings:
     synthetic_lr: float = 0.01
     synthetic_lambda_bn: float = 5e-3
     synthetic_global_pool: str = "max"
-    synthetic_seeds: int = 3
+    n_synthetic_seeds: int = 3
     synthetic_train_images: int | None = None
     archs: tuple[str, ...] = ("alexnet", "vgg16")
     widths: tuple[float, ...] = (1.0, 1.0)
@@ -79,7 +79,7 @@ class CGLSettings:
     tuning_fraction: float = 0.2
     accuracy_tolerance: float = 1.5
     train_images: int | None = None
-    seeds: int = 3
+    n_seeds: int = 3
     groups: int = GROUPS
     analysis_images: int = 256
     dissection_images: int | None = None
