@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from replication import runtime
-from replication.analysis.dissection import dissect
+from replication.analysis.dissection import DissectionConfig, dissect
 from replication.analysis.features import dissect_layers
 from replication.data.broden import BrodenDataset
 from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
@@ -529,10 +529,10 @@ def test_dissection_tables_stack_the_layers_tables(tmp_path):
     broden = InMemoryItems(seeded_subset(BrodenDataset(tmp_path), 10, seed=0))
     torch.manual_seed(0)
     model = TwoLayerCNN(widths=(6, 8))
-    settings = dict(quantile=0.05, iou_threshold=0.04, batch_size=4, device="cpu")
-    table, units = dissection_tables(dissect_layers(model, ["conv1", "conv2"], broden, **settings))
+    config = DissectionConfig(batch_size=4, quantile=0.05, iou_threshold=0.04)
+    table, units = dissection_tables(dissect_layers(model, ["conv1", "conv2"], broden, config=config, device="cpu"))
     for layer in ("conv1", "conv2"):
-        expected = dissect(model, layer, broden, **settings)
+        expected = dissect(model, layer, broden, device="cpu", **config.dissect_keywords())
         got = table[table.layer == layer].drop(columns=["layer", "units"]).reset_index(drop=True)
         assert got.equals(expected.summary), (layer, got, expected.summary)
         got_units = units[units.layer == layer].drop(columns="layer").reset_index(drop=True)

@@ -1,6 +1,8 @@
 """Several layers in one pass: hand-set model with known activations, exact equality with single-layer runs."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replication.analysis.dissection import Dissection, dissect
+from replication.analysis.dissection import Dissection, DissectionConfig, dissect
 from replication.analysis.features import dissect_layers, feature_shapes, layer_features, layer_groups
 from replication.data.broden import BrodenDataset
 from replication.data.subsets import AttributeSubset, InMemoryItems
@@ -127,21 +129,29 @@ def test_layer_groups_fill_each_group_up_to_the_budget():
 
 
 # ---------------------------------------------------------------- dissection
-SETTINGS = dict(quantile=0.05, iou_threshold=0.04, batch_size=BATCH, device="cpu")
+CONFIG = DissectionConfig(batch_size=BATCH, quantile=0.05, iou_threshold=0.04)
+SETTINGS = dict(**CONFIG.dissect_keywords(), device="cpu")  # the same settings as keywords of `dissect`
 LAYERS = ["relu", "brightness", "pool", "split"]
 
 
 def test_dissect_layers_equals_per_layer_dissect_exactly(dataset):
     model = KnownStages()
-    results = dissect_layers(model, LAYERS, dataset, **SETTINGS)
+    results = dissect_layers(model, LAYERS, dataset, config=CONFIG, device="cpu")
     assert list(results) == LAYERS
     for layer in LAYERS:
         assert_same_dissection(results[layer], dissect(model, layer, dataset, **SETTINGS))
     assert results["pool"].units["detector"].any()  # the comparison covers detectors, not only empty tables
     options = dict(categories=["color", "object"], upsample="nearest", denominator="union")
-    chosen = dissect_layers(model, ["pool", "brightness"], dataset, **SETTINGS, **options)
+    chosen = dissect_layers(model, ["pool", "brightness"], dataset, config=CONFIG, device="cpu", **options)
     for layer in ("pool", "brightness"):
         assert_same_dissection(chosen[layer], dissect(model, layer, dataset, **SETTINGS, **options))
+
+
+def test_dissect_layers_takes_quantile_and_threshold_from_the_config(dataset):
+    assert CONFIG.dissect_keywords() == {"quantile": 0.05, "iou_threshold": 0.04, "batch_size": BATCH}
+    config = DissectionConfig(batch_size=BATCH, split=None, quantile=0.1, iou_threshold=0.2)
+    recorded = dissect_layers(KnownStages(), ["pool"], dataset, config=config, device="cpu")["pool"].config
+    assert (recorded["quantile"], recorded["iou_threshold"]) == (0.1, 0.2)
 
 
 def per_layer_bytes(shape: tuple[int, ...]) -> int:
@@ -157,9 +167,9 @@ def test_grouped_passes_under_a_tiny_budget_equal_one_pass(dataset, budget, pass
     model = KnownStages()
     largest = per_layer_bytes((2, IMAGE_SIZE, IMAGE_SIZE))
     max_bytes = {"all": 4 * largest, "largest": largest, "none": 1}[budget]
-    reference = dissect_layers(model, LAYERS, dataset, **SETTINGS, max_bytes=4 * largest)
+    reference = dissect_layers(model, LAYERS, dataset, config=CONFIG, device="cpu", max_bytes=4 * largest)
     calls = forward_calls(model)
-    grouped = dissect_layers(model, LAYERS, dataset, **SETTINGS, max_bytes=max_bytes)
+    grouped = dissect_layers(model, LAYERS, dataset, config=CONFIG, device="cpu", max_bytes=max_bytes)
     assert calls[0] == 1 + passes * BATCHES  # the shape probe, then one pass per group
     assert list(grouped) == LAYERS
     for layer in LAYERS:
@@ -180,10 +190,10 @@ def test_training_flags_are_restored_also_after_errors(dataset):
     model.split.eval()  # a mixed state must come back as it was
     flags = [m.training for m in model.modules()]
     layer_features(model, ["pool"], dataset, batch_size=BATCH, device="cpu")
-    dissect_layers(model, ["split", "pool"], dataset, **SETTINGS, max_bytes=1)
+    dissect_layers(model, ["split", "pool"], dataset, config=CONFIG, device="cpu", max_bytes=1)
     feature_shapes(model, ["relu"], dataset, device="cpu")
     with pytest.raises(ValueError, match="unknown layer"):
-        dissect_layers(model, ["pool", "nope"], dataset, **SETTINGS)
+        dissect_layers(model, ["pool", "nope"], dataset, config=CONFIG, device="cpu")
     assert [m.training for m in model.modules()] == flags and hook_count(model) == 0
 
 
@@ -194,17 +204,17 @@ def test_bad_input_fails_with_clear_messages_before_any_pass(dataset):
     empty = AttributeSubset(dataset.dataset, [])
     cases = [
         (lambda: layer_features(model, ["pool", "nope"], dataset, batch_size=BATCH, device="cpu"), "unknown layer 'nope'"),
-        (lambda: dissect_layers(model, ["nope"], dataset, **SETTINGS), "unknown layer 'nope'"),
+        (lambda: dissect_layers(model, ["nope"], dataset, config=CONFIG, device="cpu"), "unknown layer 'nope'"),
         (lambda: layer_features(model, ["pool"], dataset, batch_size=0, device="cpu"), "batch_size must be at least 1; got 0"),
-        (lambda: dissect_layers(model, ["pool"], dataset, **{**SETTINGS, "batch_size": 0}), "batch_size must be at least 1"),
+        (lambda: dissect_layers(model, ["pool"], dataset, config=replace(CONFIG, batch_size=0), device="cpu"), "batch_size must be at least 1"),
         (lambda: layer_features(model, ["pool"], empty, batch_size=BATCH, device="cpu"), "the dataset is empty"),
-        (lambda: dissect_layers(model, ["pool"], empty, **SETTINGS), "the dataset is empty"),
+        (lambda: dissect_layers(model, ["pool"], empty, config=CONFIG, device="cpu"), "the dataset is empty"),
         (lambda: feature_shapes(model, ["pool"], empty, device="cpu"), "the dataset is empty"),
         (lambda: layer_features(model, [], dataset, batch_size=BATCH, device="cpu"), "no layers given"),
-        (lambda: dissect_layers(model, ["pool", "relu", "pool"], dataset, **SETTINGS), r"\['pool'\] are listed more than once"),
-        (lambda: dissect_layers(model, ["pool"], dataset, **SETTINGS, treshold=0.1), r"unknown dissection option\(s\) \['treshold'\]"),
-        (lambda: dissect_layers(model, ["pool"], dataset, **SETTINGS, categories=["smell"]), r"categories \['smell'\] are not in"),
-        (lambda: dissect_layers(model, ["pool"], dataset, **{**SETTINGS, "quantile": 2.0}), "quantile must lie in"),
+        (lambda: dissect_layers(model, ["pool", "relu", "pool"], dataset, config=CONFIG, device="cpu"), r"\['pool'\] are listed more than once"),
+        (lambda: dissect_layers(model, ["pool"], dataset, config=CONFIG, device="cpu", treshold=0.1), r"unknown dissection option\(s\) \['treshold'\]"),
+        (lambda: dissect_layers(model, ["pool"], dataset, config=CONFIG, device="cpu", categories=["smell"]), r"categories \['smell'\] are not in"),
+        (lambda: dissect_layers(model, ["pool"], dataset, config=replace(CONFIG, quantile=2.0), device="cpu"), "quantile must lie in"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -219,7 +229,7 @@ def test_bad_input_fails_with_clear_messages_before_any_pass(dataset):
 def test_layers_without_maps_cannot_be_dissected(dataset):
     model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten())
     with pytest.raises(ValueError, match=r"layers \['1'\] give outputs of per-image shape \[\(2048,\)\]"):
-        dissect_layers(model, ["0", "1"], dataset, **SETTINGS)
+        dissect_layers(model, ["0", "1"], dataset, config=CONFIG, device="cpu")
     assert layer_features(model, ["1"], dataset, batch_size=BATCH, device="cpu")["1"].shape == (N_IMAGES, 2048)
 
 
@@ -234,12 +244,12 @@ def test_a_layer_the_forward_never_calls_is_an_error(dataset):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_features_and_dissections_match_single_layer_runs(dataset):
     model = KnownStages()
-    cuda = {**SETTINGS, "device": "cuda"}
+    cuda = {**CONFIG.dissect_keywords(), "device": "cuda"}
     features = layer_features(model, LAYERS, dataset, batch_size=BATCH, device="cuda")
     on_cpu = layer_features(model, LAYERS, dataset, batch_size=BATCH, device="cpu")
     for layer in LAYERS:
         assert features[layer].device.type == "cpu"
         assert_close(features[layer], on_cpu[layer], atol=1e-5)
-    results = dissect_layers(model, LAYERS, dataset, **cuda, max_bytes=per_layer_bytes((2, IMAGE_SIZE, IMAGE_SIZE)))
+    results = dissect_layers(model, LAYERS, dataset, config=CONFIG, device="cuda", max_bytes=per_layer_bytes((2, IMAGE_SIZE, IMAGE_SIZE)))
     for layer in LAYERS:
         assert_same_dissection(results[layer], dissect(model, layer, dataset, **cuda))

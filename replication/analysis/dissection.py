@@ -372,6 +372,11 @@ class DissectionConfig:
     quantile: float = 0.005
     iou_threshold: float = 0.04
 
+    def dissect_keywords(self) -> dict[str, float | int]:
+        """`quantile`, `iou_threshold` and `batch_size` as keywords of `dissect` and `dissect_features`
+        (`split` is not one of them: it chose the dataset)."""
+        return {"quantile": self.quantile, "iou_threshold": self.iou_threshold, "batch_size": self.batch_size}
+
 
 @dataclass(frozen=True)
 class DissectionOptions:

@@ -6,9 +6,10 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 from torch import nn
 
-from replication.analysis.dissection import Dissection, dissect
+from replication.analysis.dissection import Dissection, DissectionConfig, dissect
 from replication.analysis.features import feature_shapes
 from replication.analysis.rotation import fractional_rotation, random_rotation
 
@@ -35,19 +36,21 @@ def plot_layer_summary(summary: pd.DataFrame, *, title: str = "", ax=None):
 
 
 def rotation_study(
-    model: nn.Module, layer: str, dataset, *, alphas: Sequence[float], seed: int, **dissect_kwargs
+    model: nn.Module, layer: str, dataset, *, alphas: Sequence[float], seed: int, config: DissectionConfig,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
-    """Unique detectors of `layer` in the basis Q^α for each α (Network Dissection's rotation test).
+    """Unique detectors of `layer` in the basis Q^α for each α (Network Dissection's rotation test),
+    each dissected with `config`'s quantile, IoU threshold and batch size.
 
     Q is a seeded Haar-random rotation of the layer's channel space; thresholds are recomputed in
     every basis. α = 0 is the natural (unit) basis, α = 1 the fully rotated one.
     """
-    channels = feature_shapes(model, [layer], dataset, device=dissect_kwargs.get("device"))[layer][0]
+    channels = feature_shapes(model, [layer], dataset, device=device)[layer][0]
     rotation = random_rotation(channels, seed)
     rows = []
     for alpha in alphas:
         basis = fractional_rotation(rotation, alpha).float()
-        result = dissect(model, layer, dataset, basis=basis, **dissect_kwargs)
+        result = dissect(model, layer, dataset, basis=basis, device=device, **config.dissect_keywords())
         summary = result.summary.set_index("category")
         rows.append(
             {

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from replication.analysis.dissection import (Dissection, DissectionOptions, dissect, dissect_features, quantile_level,
-                                             scored_categories)
+from replication.analysis.dissection import (Dissection, DissectionConfig, DissectionOptions, dissect, dissect_features,
+                                             quantile_level, scored_categories)
 from replication.data.broden import broden_loader
 from replication.models.hooks import forward_until
 from replication.models.surgery import eval_mode
@@ -128,28 +128,26 @@ def dissect_layers(
     layers: Sequence[str],
     dataset,
     *,
+    config: DissectionConfig,
     categories: Sequence[str] | None = None,
-    quantile: float = 0.005,
-    iou_threshold: float = 0.04,
-    batch_size: int = 64,
     device: str | torch.device | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     **options,
 ) -> dict[str, Dissection]:
-    """Network Dissection of each of `layers`, keyed and ordered as `layers`, equal to per-layer `dissect`.
+    """Network Dissection of each of `layers`, keyed and ordered as `layers`, equal to per-layer `dissect`
+    with `config`'s quantile, IoU threshold and batch size (a profile's [dissection] section).
 
     Layers are taken in groups whose features fit `max_bytes` (`layer_groups`), one forward pass over
     `dataset` per group; a layer too large for the budget alone is streamed by `dissect`. `options`:
     the fields of `analysis.dissection.DissectionOptions`, as for `dissect`.
     """
     names = _layer_list(layers)
-    _check_data(dataset, batch_size)
+    _check_data(dataset, config.batch_size)
     chosen = DissectionOptions.from_keywords(options)  # bad settings fail before any forward pass
-    quantile_level(quantile, chosen.quantile_rule)
+    quantile_level(config.quantile, chosen.quantile_rule)
     scored_categories(dataset, categories)
     device = resolve_device(device)
-    settings = dict(categories=categories, quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size,
-                    device=device, **options)
+    settings = dict(categories=categories, device=device, **config.dissect_keywords(), **options)
     shapes, sizes = _shapes_and_bytes(model, names, dataset, device)
     not_maps = {name: shape for name, shape in shapes.items() if len(shape) != 3}
     if not_maps:
@@ -160,7 +158,7 @@ def dissect_layers(
         if sizes[group[0]] > max_bytes:
             results[group[0]] = dissect(model, group[0], dataset, **settings)
             continue
-        features = _gather(model, group, dataset, batch_size=batch_size, device=device,
+        features = _gather(model, group, dataset, batch_size=config.batch_size, device=device,
                            num_workers=chosen.num_workers)
         for name in group:
             results[name] = dissect_features(features.pop(name), dataset, layer=name, **settings)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from replication import cache
+from replication.analysis.dissection import DissectionConfig
 from replication.analysis.features import dissect_layers
 from replication.data.subsets import split_indices
 from replication.methods.concept_groups.groups import GROUPS
@@ -55,8 +56,8 @@ class CGLSettings:
     reported [U]: they are chosen from `lambda_grid` (spec 9.1) on `sweep_arch` by `select_lambda`,
     using a `tuning_fraction` of the training split held out (never the reported val split).
     `train_images` / `synthetic_train_images` cap the training splits and `dissection_images` the
-    dissected val split (seeded subsets, None = all; a cap makes the run reduced); `seeds` /
-    `synthetic_seeds` how many of the profile's runtime seeds each experiment uses.
+    dissected val split (seeded subsets, None = all; a cap makes the run reduced); `n_seeds` /
+    `n_synthetic_seeds` how many of the profile's runtime seeds each experiment uses (the first ones).
     """
 
     synthetic_widths: tuple[int, int] = (128, 256)
@@ -64,7 +65,7 @@ class CGLSettings:
     synthetic_lr: float = 0.01
     synthetic_lambda_bn: float = 5e-3
     synthetic_global_pool: str = "max"
-    synthetic_seeds: int = 3
+    n_synthetic_seeds: int = 3
     synthetic_train_images: int | None = None
     archs: tuple[str, ...] = ("alexnet", "vgg16")
     widths: tuple[float, ...] = (1.0, 1.0)
@@ -78,7 +79,7 @@ class CGLSettings:
     tuning_fraction: float = 0.2
     accuracy_tolerance: float = 1.5
     train_images: int | None = None
-    seeds: int = 3
+    n_seeds: int = 3
     groups: int = GROUPS
     analysis_images: int = 256
     dissection_images: int | None = None
@@ -186,20 +187,19 @@ def _unique_by_category(summary: pd.DataFrame) -> dict[str, int]:
 
 
 def run_synthetic(train_set: Dataset, broden: Dataset, *, settings: CGLSettings, seeds: Sequence[int], lam: float,
-                  num_classes: int, quantile: float, iou_threshold: float, batch_size: int,
-                  device: str | torch.device | None = None
+                  num_classes: int, dissection: DissectionConfig, device: str | torch.device | None = None
                   ) -> tuple[pd.DataFrame, dict[tuple[str, int], nn.Module]]:
-    """Table 1: the two-layer CNN per variant and seed, conv1/conv2 dissected on color, object (shape)
-    and part (colour-shape). Returns (one row per seed x variant x layer, {(variant, seed): model})."""
+    """Table 1: the two-layer CNN per variant and seed, conv1/conv2 dissected (`dissection` settings) on
+    color, object (shape) and part (colour-shape). Returns (one row per seed x variant x layer,
+    {(variant, seed): model})."""
     rows, models = [], {}
     for seed in seeds:
         for variant in VARIANTS:
             trained = train_variant("two_layer_cnn", variant, train_set, num_classes=num_classes, settings=settings,
                                     seed=seed, lam=lam, device=device, epochs=settings.synthetic_epochs, lr=settings.synthetic_lr)
             models[(variant, seed)] = trained.model
-            table, _ = dissection_tables(dissect_layers(
-                trained.model, ["conv1", "conv2"], broden, categories=list(SYNTHETIC_CATEGORIES), quantile=quantile,
-                iou_threshold=iou_threshold, batch_size=batch_size, device=device))
+            table, _ = dissection_tables(dissect_layers(trained.model, ["conv1", "conv2"], broden, config=dissection,
+                                                        categories=list(SYNTHETIC_CATEGORIES), device=device))
             for layer, summary in table.groupby("layer", sort=False):
                 counts = _unique_by_category(summary)
                 rows.append({"variant": variant, "seed": seed, "layer": layer,
@@ -232,11 +232,11 @@ def run_sweep(train_set: Dataset, *, settings: CGLSettings, num_classes: int, se
 
 
 def run_main(train_set: Dataset, val_set: Dataset, broden: Dataset, *, settings: CGLSettings, seeds: Sequence[int],
-             lam: float, num_classes: int, quantile: float, iou_threshold: float, batch_size: int,
+             lam: float, num_classes: int, dissection: DissectionConfig, batch_size: int,
              device: str | torch.device | None = None
              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[tuple[str, str, int], nn.Module]]:
-    """Tables 2-3: every arch x variant x seed trained, evaluated (top-1 on val) and dissected (all six
-    categories) at the paper's layers. Returns (detectors: one row per model and layer with unique
+    """Tables 2-3: every arch x variant x seed trained, evaluated (top-1 on val, `batch_size` images a
+    batch) and dissected (all six categories, `dissection` settings) at the paper's layers. Returns (detectors: one row per model and layer with unique
     detectors and filters, models: one row per model with top-1 and RUD, purity: `group_purity` of
     every dissected layer's groups per model (G8), {(arch, variant, seed): model})."""
     layer_rows, model_rows, purity, models = [], [], [], {}
@@ -247,8 +247,7 @@ def run_main(train_set: Dataset, val_set: Dataset, broden: Dataset, *, settings:
                                         lam=lam, device=device)
                 models[(arch, variant, seed)] = trained.model
                 layers = dissected_layers(arch, trained.model)
-                table, units = dissection_tables(dissect_layers(trained.model, layers, broden, quantile=quantile,
-                                                                iou_threshold=iou_threshold, batch_size=batch_size,
+                table, units = dissection_tables(dissect_layers(trained.model, layers, broden, config=dissection,
                                                                 device=device))
                 purity.extend(group_purity(units, trained.model, layer, groups=settings.groups).assign(
                     arch=arch, variant=variant, seed=seed) for layer in layers)

@@ -14,17 +14,23 @@ Modules, in pipeline order (this file only re-exports their public names):
 - `images`: class image tensors (`images_by_class`) and 2x2 mosaics;
 - `similarity`: path IoU, similarity, diversity, misclassification ranks, concepts on paths;
 - `metrics`: path accuracy and the mosaic hit rate (per layer, dips, curve distance);
-- `experiment`: the notebook's convention: `NADSettings` (profile [nad]) and the run steps
-  `prepare_network`, `search_paths_cached`, `analyse_architecture` (-> `ArchitectureResult`),
-  `class_groups`, `similarity_by_group`, `misclassification_table`, `dissect_locations`;
+- `experiment`: the notebook's convention: `NADSettings` (profile [nad]), the run steps
+  `load_class_images` (-> `ClassImages`), `prepare_network` / `prepare_networks` (-> `Network`),
+  `search_paths_cached` / `search_networks`, `analyse_architecture` / `analyse_networks`
+  (-> `ArchitectureResult`), `class_groups`, `dissect_locations`, `concepts_on_paths`, `save_paths`,
+  and the notebook's tables `placement_table`, `training_table`, `path_accuracy_table`,
+  `hit_rate_table`, `similarity_by_group`, `misclassification_table`, `diversity_table`;
 - `claims`: the tests of N1-N7 through the claims kit (`claim_tests`) and `claim_results` (the claims table);
 - `figures`: `plot_hit_rates`, `plot_units_kept`, `plot_similarity`.
 """
 from replication.methods.gated_paths.claims import CONNECTION_TYPES, claim_results, claim_tests
-from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, NADSettings,
-                                                        analyse_architecture, class_groups, dissect_locations,
-                                                        misclassification_table, prepare_network,
-                                                        search_paths_cached, similarity_by_group)
+from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, ClassImages, NADSettings,
+                                                        Network, analyse_architecture, analyse_networks, class_groups,
+                                                        concepts_on_paths, dissect_locations, diversity_table,
+                                                        hit_rate_table, load_class_images, misclassification_table,
+                                                        path_accuracy_table, placement_table, prepare_network,
+                                                        prepare_networks, save_paths, search_networks,
+                                                        search_paths_cached, similarity_by_group, training_table)
 from replication.methods.gated_paths.figures import plot_hit_rates, plot_similarity, plot_units_kept
 from replication.methods.gated_paths.gates import (GATE_FUNCTIONS, GateHooks, GateLocation, gate_locations,
                                                    gate_values, gated, ones_gates)
@@ -43,8 +49,11 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
 
 __all__ = [
     "CONNECTION_TYPES", "claim_results", "claim_tests",
-    "ArchitectureResult", "ClassGroups", "NADSettings", "analyse_architecture", "class_groups", "dissect_locations",
-    "misclassification_table", "prepare_network", "search_paths_cached", "similarity_by_group",
+    "ArchitectureResult", "ClassGroups", "ClassImages", "NADSettings", "Network", "analyse_architecture",
+    "analyse_networks", "class_groups", "concepts_on_paths", "dissect_locations", "diversity_table", "hit_rate_table",
+    "load_class_images", "misclassification_table", "path_accuracy_table", "placement_table", "prepare_network",
+    "prepare_networks", "save_paths", "search_networks", "search_paths_cached", "similarity_by_group",
+    "training_table",
     "plot_hit_rates", "plot_similarity", "plot_units_kept",
     "GATE_FUNCTIONS", "GateHooks", "GateLocation", "gate_locations", "gate_values", "gated", "ones_gates",
     "Mosaic", "image_and_label", "images_by_class", "mosaic_tensor", "sample_mosaics",

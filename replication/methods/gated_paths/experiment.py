@@ -1,14 +1,19 @@
 """Notebook 05's experiment: `NADSettings` (profile section [nad]) and the run steps, in order.
 
-`prepare_network` (train or load one network per arch through the shared cache),
-`search_paths_cached` (`search_paths` behind the configuration cache), `analyse_architecture`
-(everything measured on one network: an `ArchitectureResult`), `class_groups` with
-`similarity_by_group` and `misclassification_table` (the class hierarchy), and `dissect_locations`
-(Network Dissection at the gate locations, for `similarity.path_concepts`).
+`load_class_images` (the searched classes and their images: `ClassImages`), `prepare_network` (train
+or load one network per arch through the shared cache) and `prepare_networks` (every arch, with its
+gate locations: `Network`), `search_paths_cached` (`search_paths` behind the configuration cache) and
+`search_networks` (every network, timed), `analyse_architecture` (everything measured on one network:
+an `ArchitectureResult`) and `analyse_networks`, `class_groups` with `similarity_by_group` and
+`misclassification_table` (the class hierarchy), `dissect_locations` (Network Dissection at the gate
+locations) and `concepts_on_paths` (`similarity.path_concepts` per network), and `save_paths`.
+The notebook's tables, one function each: `placement_table`, `training_table`, `path_accuracy_table`,
+`hit_rate_table`, `similarity_by_group`, `misclassification_table`, `diversity_table`.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,14 +24,15 @@ import torch
 from torch import nn
 
 from replication import cache, runtime
+from replication.analysis.dissection import DissectionConfig
 from replication.analysis.features import dissect_layers
 from replication.data.classification import ClassificationDataset
-from replication.methods.gated_paths.gates import GateLocation
-from replication.methods.gated_paths.images import Mosaic
+from replication.methods.gated_paths.gates import GateLocation, gate_locations
+from replication.methods.gated_paths.images import Mosaic, images_by_class
 from replication.methods.gated_paths.metrics import hit_rates, path_accuracy, summarize_hit_rates
 from replication.methods.gated_paths.search import PathSearchConfig, PathSet, official_beta, search_paths
-from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_diversity,
-                                                        path_iou)
+from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
+                                                        path_diversity, path_diversity_se, path_iou)
 from replication.models.anatomy import connection_family
 from replication.models.backbones import BackboneConfig
 from replication.runtime import resolve_device
@@ -86,6 +92,36 @@ class NADSettings:
         return list(locations[max(len(locations) - self.dissect_layers, 0):])
 
 
+@dataclass(frozen=True)
+class ClassImages:
+    """The classes NAD searches and their images: the `train_set` / `val_set` splits, the searched
+    `classes` and, per class, its `train` images (read by the search) and `val` images (path
+    accuracy); `val_set` is also the source of the mosaics' tiles."""
+
+    train_set: ClassificationDataset
+    val_set: ClassificationDataset
+    classes: list[int]
+    train: dict[int, torch.Tensor]
+    val: dict[int, torch.Tensor]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image (C, H, W): what the gate locations are placed for."""
+        return tuple(self.train[self.classes[0]].shape[1:])
+
+
+def load_class_images(settings: NADSettings, root: str | Path, *, batch_size: int) -> ClassImages:
+    """The first `settings.max_classes` classes of the dataset at `root` with their images, capped at
+    `train_images_per_class` / `val_images_per_class` per class."""
+    train_set, val_set = ClassificationDataset(root, "train"), ClassificationDataset(root, "val")
+    classes = list(range(len(train_set.classes)))[: settings.max_classes]
+    return ClassImages(train_set, val_set, classes,
+                       train=images_by_class(train_set, train_set.targets, classes, batch_size=batch_size,
+                                             max_per_class=settings.train_images_per_class),
+                       val=images_by_class(val_set, val_set.targets, classes, batch_size=batch_size,
+                                           max_per_class=settings.val_images_per_class))
+
+
 def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model_config: BackboneConfig,
                     train_config: TrainConfig, seed: int,
                     device: str | torch.device | None = None) -> tuple[nn.Module, dict[str, Any], pd.DataFrame | None]:
@@ -112,6 +148,29 @@ def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model
     return model, key, history
 
 
+@dataclass(frozen=True)
+class Network:
+    """One network NAD disentangles: the frozen `model`, the `key` identifying it (for
+    `search_paths_cached`), its training `history` (None for pretrained weights) and its gate `locations`."""
+
+    model: nn.Module
+    key: dict[str, Any]
+    history: pd.DataFrame | None
+    locations: list[GateLocation]
+
+
+def prepare_networks(settings: NADSettings, root: str | Path, image_shape: Sequence[int], *,
+                     model_config: BackboneConfig, train_config: TrainConfig, seed: int,
+                     device: str | torch.device | None = None) -> dict[str, Network]:
+    """`prepare_network` for every arch of `settings`, each with its gate locations for images of `image_shape`."""
+    networks = {}
+    for arch in settings.archs:
+        model, key, history = prepare_network(settings, arch, root, model_config=model_config,
+                                              train_config=train_config, seed=seed, device=device)
+        networks[arch] = Network(model, key, history, gate_locations(model, image_shape))
+    return networks
+
+
 def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                         classes: Sequence[int], *, config: PathSearchConfig, key: Any,
                         device: str | torch.device | None = None, class_chunk: int | None = None) -> PathSet:
@@ -126,6 +185,21 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
     paths.save(folder / "paths.pt")
     cache.mark_done(folder, {"config": config, "classes": list(classes)})
     return paths
+
+
+def search_networks(networks: Mapping[str, Network], images: ClassImages, settings: NADSettings, *,
+                    device: str | torch.device | None = None) -> tuple[dict[str, PathSet], dict[str, float]]:
+    """The class paths of every network (`search_paths_cached` on the training images, each arch with
+    its `settings.search_config`) and the seconds each search took (about 0 when cached)."""
+    paths, seconds = {}, {}
+    for arch, network in networks.items():
+        start = time.perf_counter()
+        paths[arch] = search_paths_cached(network.model, network.locations, images.train, images.classes,
+                                          config=settings.search_config(arch),
+                                          key={**network.key, "images_per_class": settings.train_images_per_class},
+                                          device=device, class_chunk=settings.class_chunk)
+        seconds[arch] = time.perf_counter() - start
+    return paths, seconds
 
 
 @dataclass
@@ -169,6 +243,16 @@ def analyse_architecture(model: nn.Module, arch: str, paths: PathSet, val_images
     return ArchitectureResult(arch, connection_family(model), paths, accuracy.drop(columns="predicted"), hits, control,
                               summarize_hit_rates(hits), summarize_hit_rates(control), similarity,
                               int(empty[:, off_diagonal].sum()) // 2, misclassified)
+
+
+def analyse_networks(networks: Mapping[str, Network], paths: Mapping[str, PathSet], images: ClassImages,
+                     mosaics: Sequence[Mosaic], settings: NADSettings, *, mosaic_size: int, batch_size: int,
+                     device: str | torch.device | None = None) -> dict[str, ArchitectureResult]:
+    """`analyse_architecture` of every network whose `paths` were searched: path accuracy on the
+    validation images, hit rates on `mosaics` of validation images."""
+    return {arch: analyse_architecture(networks[arch].model, arch, paths[arch], images.val, images.val_set, mosaics,
+                                       settings, mosaic_size=mosaic_size, batch_size=batch_size, device=device)
+            for arch in paths}
 
 
 @dataclass(frozen=True)
@@ -219,15 +303,78 @@ def misclassification_table(results: Mapping[str, ArchitectureResult], groups: C
     return pd.DataFrame(rows)
 
 
-def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, quantile: float = 0.005,
-                      iou_threshold: float = 0.04, batch_size: int = 64, device: str | torch.device | None = None,
+def dissect_locations(model: nn.Module, locations: Sequence[GateLocation], dataset, *, dissection: DissectionConfig,
+                      device: str | torch.device | None = None,
                       feature_budget_bytes: int = 1 << 29) -> dict[str, pd.DataFrame]:
     """Network Dissection unit tables (label, iou, detector per channel) at every gate location, keyed by name.
 
-    `analysis.features.dissect_layers` with locations for layers: one forward pass per group of
-    locations whose features fit `feature_budget_bytes`.
+    `analysis.features.dissect_layers` with locations for layers and the `dissection` settings: one
+    forward pass per group of locations whose features fit `feature_budget_bytes`.
     """
-    dissections = dissect_layers(model, [loc.name for loc in locations], dataset, quantile=quantile,
-                                 iou_threshold=iou_threshold, batch_size=batch_size, device=device,
+    dissections = dissect_layers(model, [loc.name for loc in locations], dataset, config=dissection, device=device,
                                  max_bytes=feature_budget_bytes)
     return {name: result.units for name, result in dissections.items()}
+
+
+def concepts_on_paths(networks: Mapping[str, Network], paths: Mapping[str, PathSet], dataset, groups: ClassGroups,
+                      settings: NADSettings, *, seed: int, dissection: DissectionConfig,
+                      device: str | torch.device | None = None) -> dict[str, pd.DataFrame]:
+    """Per network, `path_concepts` of its class paths (v1's concepts along paths, N2): its
+    `settings.dissected_locations` dissected on the Broden-format `dataset` with the `dissection`
+    settings, each class's own concepts from `groups`, `settings.n_random_paths` random unit sets
+    drawn with `seed`."""
+    units = {arch: dissect_locations(networks[arch].model, settings.dissected_locations(networks[arch].locations),
+                                     dataset, dissection=dissection, device=device)
+             for arch in paths}
+    return {arch: path_concepts(paths[arch], units[arch], groups.concepts, n_random=settings.n_random_paths, seed=seed)
+            for arch in paths}
+
+
+def save_paths(paths: Mapping[str, PathSet], folder: str | Path) -> None:
+    """Each network's class paths as `folder/paths_<arch>.pt`."""
+    for arch, path_set in paths.items():
+        path_set.save(Path(folder) / f"paths_{arch}.pt")
+
+
+def placement_table(networks: Mapping[str, Network]) -> pd.DataFrame:
+    """Per network: its connection family, the number of gates, the units they gate, and each gate's
+    channels and spatial size (space-separated, in forward order)."""
+    return pd.DataFrame([{"arch": arch, "family": connection_family(network.model), "gates": len(network.locations),
+                          "units": sum(loc.channels for loc in network.locations),
+                          "channels": " ".join(str(loc.channels) for loc in network.locations),
+                          "spatial": " ".join(str(loc.height) for loc in network.locations)}
+                         for arch, network in networks.items()])
+
+
+def training_table(networks: Mapping[str, Network]) -> pd.DataFrame:
+    """Per network: the last epoch's validation accuracy (rounded to 3 places) and the epochs trained
+    (NaN and 0 for pretrained weights)."""
+    return pd.DataFrame([{"arch": arch, "val_accuracy": round(float(network.history["val_acc"].iloc[-1]), 3)
+                          if network.history is not None else np.nan,
+                          "epochs": len(network.history) if network.history is not None else 0}
+                         for arch, network in networks.items()])
+
+
+def path_accuracy_table(results: Mapping[str, ArchitectureResult]) -> pd.DataFrame:
+    """N1 / N3 per network, means over classes: accuracy of the original network and of the class
+    paths, the fraction of units kept, and the class pairs x layers whose paths were both empty."""
+    return pd.DataFrame([{"arch": arch, "original_accuracy": r.accuracy["original_accuracy"].mean(),
+                          "path_accuracy": r.accuracy["path_accuracy"].mean(),
+                          "units_kept": r.accuracy["units_kept"].mean(), "empty_layer_pairs": r.empty_layers}
+                         for arch, r in results.items()])
+
+
+def hit_rate_table(results: Mapping[str, ArchitectureResult]) -> pd.DataFrame:
+    """N4-N6: every network's hit-rate summary per gate location, with the shifted-path control's
+    hit rate beside it (`control`); rows keep each summary's index."""
+    return pd.concat([r.hit_summary.assign(arch=arch, control=r.control_summary["hit_rate"])
+                      for arch, r in results.items()])[
+        ["arch", "layer", "location", "depth", "hit_rate", "hit_std", "control", "n_mosaics", "empty_maps"]]
+
+
+def diversity_table(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """N2 per network of `concepts` (`concepts_on_paths`): path diversity with its jackknife SE and
+    the per-class means of the concepts-on-paths columns."""
+    return pd.DataFrame([{"arch": arch, "path_diversity": results[arch].diversity,
+                          "diversity_se": path_diversity_se(results[arch].similarity),
+                          **table.drop(columns="class_id").mean().to_dict()} for arch, table in concepts.items()])
