@@ -6,6 +6,7 @@ import math
 import random
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -16,7 +17,10 @@ from torch.utils.data import Dataset, TensorDataset
 from replication import cache, io
 from replication.models.backbones import BackboneConfig
 from replication.training import loop
-from replication.training.classifiers import BaselineSettings, train_baselines, train_world_classifier
+from replication.data.classification import ClassificationDataset
+from replication.training import classifiers
+from replication.training.classifiers import (BaselineSettings, RecipeSearch, accuracy_report, plateaued, select_recipe,
+                                              train_baselines, train_world_classifier)
 from replication.training.loop import TrainConfig, evaluate, train, train_cached
 from tests.helpers import assert_close
 
@@ -467,3 +471,62 @@ def test_augmented_training_is_reproducible_and_resumes_bit_exact(tmp_path):
         TrainConfig(epochs=1, batch_size=2, lr=0.1, augment="mixup")
     with pytest.raises(ValueError, match="crop_padding must be >= 0"):
         TrainConfig(epochs=1, batch_size=2, lr=0.1, crop_padding=-1)
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each image id (the image's first pixel)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", logits)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+class RuledSet(TensorDataset):
+    def __init__(self, labels, scenes):
+        super().__init__(torch.arange(len(labels), dtype=torch.float32).reshape(-1, 1, 1, 1), torch.tensor(labels))
+        self.rules = [{"scene": s} if s else {} for s in scenes]
+
+
+def test_accuracy_report_known_answer():
+    # classes 0, 1 in scene "a", class 2 in scene "b"; four images with true labels 0, 1, 2, 2
+    logits = torch.tensor([[0.0, 1.0, 5.0],   # true 0: predicted 2 (wrong scene); within scene a: 1 (wrong)
+                           [0.0, 1.0, 5.0],   # true 1: predicted 2; within scene a: 1 (right)
+                           [0.0, 0.0, 1.0],   # true 2: right
+                           [9.0, 0.0, 1.0]])  # true 2: predicted 0; within scene b: 2 (right)
+    report = accuracy_report(FixedLogits(logits), RuledSet([0, 1, 2, 2], ["a", "a", "b"]), batch_size=3, device="cpu")
+    assert report["accuracy"] == 0.25 and report["within_scene_accuracy"] == 0.75
+    assert report["per_class"].tolist() == [0.0, 0.0, 0.5]
+    assert report["confusion"].tolist() == [[0, 0, 1], [0, 0, 1], [1, 0, 1]]
+    no_rules = accuracy_report(FixedLogits(logits), RuledSet([0, 1, 2, 2], ["", "", ""]), batch_size=4, device="cpu")
+    assert math.isnan(no_rules["within_scene_accuracy"])
+
+
+def test_plateau_rule():
+    flat = pd.DataFrame({"val_acc": [0.2, 0.5, 0.90, 0.91, 0.905, 0.92, 0.915]})
+    rising = pd.DataFrame({"val_acc": [0.2, 0.5, 0.80, 0.85, 0.88, 0.90, 0.92]})
+    assert plateaued(flat) and not plateaued(rising) and not plateaued(flat.head(4))
+
+
+def test_select_recipe_scores_candidates_on_a_held_out_part_of_train(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    model, train_config = BackboneConfig(small_input=True, width=0.0625), TrainConfig(epochs=1, batch_size=4, lr=0.01)
+    search = RecipeSearch(candidates={"slow": {"lr": 1e-6}, "fast": {"lr": 0.05, "epochs": 2}}, tuning_seed=7,
+                          tuning_fraction=0.5, tie_points=100.0)
+    chosen, table = select_recipe(tiny_world, model, train_config, search, device="cpu")
+    assert table["candidate"].tolist() == ["slow", "fast"] and table["epochs"].tolist() == [1, 2]
+    assert chosen == dataclasses.replace(train_config, lr=1e-6)  # everything ties at 100 points: the first listed
+    assert table["chosen"].tolist() == [True, False]
+    scored = []
+    monkeypatch.setattr(classifiers, "train_cached", lambda kind, recipe, fit, *, config, val_set, device: scored.append(
+        (kind, config.seed, len(fit), len(val_set))) or SimpleNamespace(history=pd.DataFrame(
+            {"val_acc": [0.5 if config.lr == 1e-6 else 0.9], "train_acc": [1.0], "seconds": [6.0]})))
+    chosen, table = select_recipe(tiny_world, model, train_config, dataclasses.replace(search, tie_points=0.5), device="cpu")
+    assert chosen.lr == 0.05 and table["tuning_acc"].tolist() == [50.0, 90.0] and table["minutes"].tolist() == [0.1, 0.1]
+    n_train = len(ClassificationDataset(tiny_world, "train"))
+    assert scored[0] == ("recipe_tuning", 7, n_train - round(n_train / 2), round(n_train / 2))
+    assert select_recipe(tiny_world, model, train_config, RecipeSearch(), device="cpu")[0] is train_config
+    with pytest.raises(ValueError, match="tuning_fraction = 1"):
+        RecipeSearch(tuning_fraction=1)

@@ -10,21 +10,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from replication.data.classification import ClassificationDataset
+from replication.data.subsets import InMemoryDataset, seeded_indices
 from replication.models.backbones import BackboneConfig
-from replication.training.loop import Recipe, TrainConfig, TrainResult, train_cached
+from replication.training.loop import Recipe, TrainConfig, TrainResult, predict, train_cached
+
+PLATEAU_EPOCHS = 5  # a learning curve has plateaued when its last 5 val accuracies lie within PLATEAU_POINTS
+PLATEAU_POINTS = 2.0
+
+
+@dataclass(frozen=True)
+class RecipeSearch:
+    """How notebook 00 chooses the baselines' training recipe [I] (the table [baselines.recipe_search]).
+
+    Each candidate (name -> `TrainConfig` fields over the profile's [train]) trains every arch once
+    with `tuning_seed` (never a reported seed) on the train split minus a seeded `tuning_fraction`,
+    and is scored on that held-out part; the val split, whose numbers are reported, is never used.
+    Per arch, the recipe with the highest tuning accuracy wins; candidates within `tie_points` of the
+    best tie and the first listed of them wins (list cheaper recipes first). No candidates: [train].
+    """
+
+    candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tuning_seed: int = 100
+    tuning_fraction: float = 0.2
+    tie_points: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tuning_fraction < 1:
+            raise ValueError(f"[baselines.recipe_search] tuning_fraction = {self.tuning_fraction}: give a share in (0, 1).")
 
 
 @dataclass(frozen=True)
 class BaselineSettings:
     """Notebook 00's [baselines] section: the backbones trained from scratch on the world's task
     (`archs`, each the profile's [model] with `model_overrides[arch]` applied), the `layers` of each
-    arch dissected across depth, and the rotation study's `rotation_layer`, `rotation_alphas` and
-    `rotation_seed`."""
+    arch dissected across depth, the rotation study's `rotation_layer`, `rotation_alphas` and
+    `rotation_seed`, and how their training recipe is chosen (`recipe_search`)."""
 
     archs: tuple[str, ...]
     layers: Mapping[str, Sequence[str]]
@@ -32,6 +58,7 @@ class BaselineSettings:
     rotation_alphas: tuple[float, ...]
     rotation_seed: int = 0
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    recipe_search: RecipeSearch = RecipeSearch()
 
     def __post_init__(self) -> None:
         missing = [arch for arch in self.archs if arch not in self.layers]
@@ -60,11 +87,68 @@ def train_world_classifier(
     *,
     device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train (or load from the cache) `model` on the dataset at `root`, validating on its val split."""
+    """Train (or load from the cache) `model` on the dataset at `root`, validating on its val split
+    (both decoded once into memory: a PNG decode per image and epoch would dominate small models)."""
     train_set = ClassificationDataset(root, "train")
-    val_set = ClassificationDataset(root, "val")
     recipe = ClassifierRecipe(model, len(train_set.classes))
-    return train_cached("classifier", recipe, train_set, config=config, val_set=val_set, device=device)
+    return train_cached("classifier", recipe, InMemoryDataset(train_set), config=config,
+                        val_set=InMemoryDataset(ClassificationDataset(root, "val")), device=device)
+
+
+def select_recipe(root: str | Path, model: BackboneConfig, train: TrainConfig, search: RecipeSearch, *,
+                  device: str | torch.device | None = None) -> tuple[TrainConfig, pd.DataFrame]:
+    """The training recipe for `model` chosen by `search`'s rule (see `RecipeSearch`), and one row per
+    candidate: tuning accuracy (last epoch), train accuracy, epochs, minutes, chosen. Trained through
+    the cache (kind "recipe_tuning"), so the search runs once per world, arch and candidate."""
+    if not search.candidates:
+        return train, pd.DataFrame(columns=["arch", "candidate", "tuning_acc", "train_acc", "epochs", "minutes", "chosen"])
+    split = ClassificationDataset(root, "train")
+    tuning = seeded_indices(len(split), round(search.tuning_fraction * len(split)), seed=search.tuning_seed) or []
+    held_out = set(tuning)
+    fit = InMemoryDataset(split, [i for i in range(len(split)) if i not in held_out])
+    score = InMemoryDataset(split, tuning)
+    recipe = ClassifierRecipe(model, len(split.classes))
+    configs, rows = {}, []
+    for name, overrides in search.candidates.items():
+        configs[name] = dataclasses.replace(train, **overrides)
+        history = train_cached("recipe_tuning", recipe, fit, config=dataclasses.replace(configs[name], seed=search.tuning_seed),
+                               val_set=score, device=device).history
+        rows.append({"arch": model.arch, "candidate": name, "tuning_acc": 100 * float(history["val_acc"].iloc[-1]),
+                     "train_acc": 100 * float(history["train_acc"].iloc[-1]), "epochs": len(history),
+                     "minutes": float(history["seconds"].sum()) / 60})
+    table = pd.DataFrame(rows)
+    best = table["tuning_acc"].max()
+    chosen = table.loc[table["tuning_acc"] >= best - search.tie_points, "candidate"].iloc[0]
+    table["chosen"] = table["candidate"] == chosen
+    return configs[chosen], table
+
+
+def accuracy_report(model: nn.Module, dataset: ClassificationDataset, *, batch_size: int,
+                    device: str | torch.device | None = None) -> dict[str, Any]:
+    """What a trained classifier gets right on `dataset`: `accuracy`, `within_scene_accuracy` (the
+    arg max over the classes that share the true class's scene: the task left once the scene is known;
+    NaN without scene rules), `per_class` (accuracy per class id) and `confusion` (true x predicted counts)."""
+    labels, logits = predict(model, dataset, batch_size=batch_size, device=device)
+    predicted = logits.argmax(1)
+    k = logits.shape[1]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
+    scenes = [rule.get("scene") for rule in dataset.rules]
+    within = float("nan")
+    if all(scenes):
+        same_scene = torch.tensor([[a == b for b in scenes] for a in scenes])[labels]
+        within = float((logits.masked_fill(~same_scene, -torch.inf).argmax(1) == labels).float().mean())
+    totals = confusion.sum(1)
+    per_class = np.divide(np.diag(confusion), totals, out=np.full(k, np.nan), where=totals > 0)
+    return {"accuracy": float((predicted == labels).float().mean()), "within_scene_accuracy": within,
+            "per_class": per_class, "confusion": confusion}
+
+
+def plateaued(history: pd.DataFrame) -> bool:
+    """Whether a learning curve has levelled off: the last `PLATEAU_EPOCHS` val accuracies lie within
+    `PLATEAU_POINTS` points of each other [I]."""
+    tail = 100 * history["val_acc"].tail(PLATEAU_EPOCHS)
+    return len(tail) == PLATEAU_EPOCHS and float(tail.max() - tail.min()) <= PLATEAU_POINTS
 
 
 def train_baselines(

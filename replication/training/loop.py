@@ -243,6 +243,21 @@ def evaluate(
     return {"loss": loss_sum / count, "accuracy": correct / count, "n": int(count)}
 
 
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, *, batch_size: int,
+            device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, logits) of `model` (in eval mode) over `(image, class_id)` samples, on the CPU."""
+    device = runtime.resolve_device(device)
+    labels, logits = [], []
+    with eval_mode(model):
+        for images, batch_labels in runtime.progress(DataLoader(dataset, batch_size=batch_size), desc="predict"):
+            logits.append(model(images.to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch_labels))
+    if not labels:
+        raise ValueError("predict() got an empty dataset; pass at least one (image, class_id) sample.")
+    return torch.cat(labels), torch.cat(logits)
+
+
 def train_cached(
     kind: str,
     recipe: Recipe,
