@@ -425,10 +425,17 @@ def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world
     settings = BaselineSettings(archs=("resnet18", "alexnet"), layers={"resnet18": ["layer4"], "alexnet": ["features.0"]},
                                 rotation_layer="layer4", rotation_alphas=(0.0,), model_overrides={"alexnet": {"width": 0.0625}})
     model, config = BackboneConfig(small_input=True, width=0.125), TrainConfig(epochs=1, batch_size=8, lr=0.01)
-    models, accuracy = train_baselines(tiny_world, settings, model=model, train=config, seeds=(0, 1), device="cpu")
+    baselines = train_baselines(tiny_world, settings, model=model, train=config, seeds=(0, 1), batch_size=4, device="cpu")
+    models, accuracy = baselines.models, baselines.accuracy
     assert list(models) == [("resnet18", 0), ("resnet18", 1), ("alexnet", 0), ("alexnet", 1)]
     assert accuracy[["arch", "seed", "epochs"]].values.tolist() == [["resnet18", 0, 1], ["resnet18", 1, 1], ["alexnet", 0, 1], ["alexnet", 1, 1]]
-    assert accuracy[["train_acc", "val_acc"]].stack().between(0, 1).all()
+    assert accuracy[["train_acc", "val_acc", "within_scene_acc"]].stack().between(0, 100).all()
+    assert not accuracy["plateaued"].any()  # one epoch is no plateau
+    assert baselines.recipes == {"resnet18": config, "alexnet": config} and baselines.tuning.empty
+    assert baselines.histories.groupby(["arch", "seed"]).size().tolist() == [1, 1, 1, 1]
+    report = baselines.reports["alexnet", 1]
+    assert report["confusion"].sum() == len(ClassificationDataset(tiny_world, "val"))
+    assert accuracy["val_acc"].iloc[-1] == pytest.approx(100 * report["accuracy"])
     assert models["alexnet", 0].features[0].out_channels == 4  # 64 x the override's width 1/16
     assert not torch.equal(models["resnet18", 0].conv1.weight, models["resnet18", 1].conv1.weight)
 

@@ -151,6 +151,62 @@ def plateaued(history: pd.DataFrame) -> bool:
     return len(tail) == PLATEAU_EPOCHS and float(tail.max() - tail.min()) <= PLATEAU_POINTS
 
 
+def select_recipe(root: str | Path, model: BackboneConfig, train: TrainConfig, search: RecipeSearch, *,
+                  device: str | torch.device | None = None) -> tuple[TrainConfig, pd.DataFrame]:
+    """The training recipe for `model` chosen by `search`'s rule (see `RecipeSearch`), and one row per
+    candidate: tuning accuracy (last epoch), train accuracy, epochs, minutes, chosen. Trained through
+    the cache (kind "recipe_tuning"), so the search runs once per world, arch and candidate."""
+    if not search.candidates:
+        return train, pd.DataFrame(columns=["arch", "candidate", "tuning_acc", "train_acc", "epochs", "minutes", "chosen"])
+    split = ClassificationDataset(root, "train")
+    tuning = seeded_indices(len(split), round(search.tuning_fraction * len(split)), seed=search.tuning_seed) or []
+    held_out = set(tuning)
+    fit = InMemoryDataset(split, [i for i in range(len(split)) if i not in held_out])
+    score = InMemoryDataset(split, tuning)
+    recipe = ClassifierRecipe(model, len(split.classes))
+    configs, rows = {}, []
+    for name, overrides in search.candidates.items():
+        configs[name] = dataclasses.replace(train, **overrides)
+        history = train_cached("recipe_tuning", recipe, fit, config=dataclasses.replace(configs[name], seed=search.tuning_seed),
+                               val_set=score, device=device).history
+        rows.append({"arch": model.arch, "candidate": name, "tuning_acc": 100 * float(history["val_acc"].iloc[-1]),
+                     "train_acc": 100 * float(history["train_acc"].iloc[-1]), "epochs": len(history),
+                     "minutes": float(history["seconds"].sum()) / 60})
+    table = pd.DataFrame(rows)
+    best = table["tuning_acc"].max()
+    chosen = table.loc[table["tuning_acc"] >= best - search.tie_points, "candidate"].iloc[0]
+    table["chosen"] = table["candidate"] == chosen
+    return configs[chosen], table
+
+
+def accuracy_report(model: nn.Module, dataset: ClassificationDataset, *, batch_size: int,
+                    device: str | torch.device | None = None) -> dict[str, Any]:
+    """What a trained classifier gets right on `dataset`: `accuracy`, `within_scene_accuracy` (the
+    arg max over the classes that share the true class's scene: the task left once the scene is known;
+    NaN without scene rules), `per_class` (accuracy per class id) and `confusion` (true x predicted counts)."""
+    labels, logits = predict(model, dataset, batch_size=batch_size, device=device)
+    predicted = logits.argmax(1)
+    k = logits.shape[1]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
+    scenes = [rule.get("scene") for rule in dataset.rules]
+    within = float("nan")
+    if all(scenes):
+        same_scene = torch.tensor([[a == b for b in scenes] for a in scenes])[labels]
+        within = float((logits.masked_fill(~same_scene, -torch.inf).argmax(1) == labels).float().mean())
+    totals = confusion.sum(1)
+    per_class = np.divide(np.diag(confusion), totals, out=np.full(k, np.nan), where=totals > 0)
+    return {"accuracy": float((predicted == labels).float().mean()), "within_scene_accuracy": within,
+            "per_class": per_class, "confusion": confusion}
+
+
+def plateaued(history: pd.DataFrame) -> bool:
+    """Whether a learning curve has levelled off: the last `PLATEAU_EPOCHS` val accuracies lie within
+    `PLATEAU_POINTS` points of each other [I]."""
+    tail = 100 * history["val_acc"].tail(PLATEAU_EPOCHS)
+    return len(tail) == PLATEAU_EPOCHS and float(tail.max() - tail.min()) <= PLATEAU_POINTS
+
+
 def train_baselines(
     root: str | Path,
     settings: BaselineSettings,
@@ -176,3 +232,53 @@ def train_baselines(
             rows.append({"arch": arch, "seed": seed, "epochs": int(last["epoch"]),
                          "train_acc": last["train_acc"], "val_acc": last["val_acc"]})
     return models, pd.DataFrame(rows)
+
+
+@dataclass
+class Baselines:
+    """Notebook 00's trained baselines: `models[arch, seed]`, their val `reports[arch, seed]`
+    (`accuracy_report`), `accuracy` (one row per run: epochs, train/val/within-scene accuracy in %,
+    plateaued), `histories` (one row per run and epoch), the chosen `recipes[arch]` and the recipe
+    search's `tuning` table."""
+
+    models: dict[tuple[str, int], nn.Module]
+    reports: dict[tuple[str, int], dict[str, Any]]
+    accuracy: pd.DataFrame
+    histories: pd.DataFrame
+    recipes: dict[str, TrainConfig]
+    tuning: pd.DataFrame
+
+
+def train_baselines(
+    root: str | Path,
+    settings: BaselineSettings,
+    *,
+    model: BackboneConfig,
+    train: TrainConfig,
+    seeds: Sequence[int],
+    batch_size: int,
+    device: str | torch.device | None = None,
+) -> Baselines:
+    """Every arch of `settings` x every seed trained (or loaded from the cache) on the world at `root`.
+
+    `model` and `train` are the profile's [model] and [train] sections; each arch gets its
+    `model_overrides`, its recipe from `select_recipe` (the [train] section without candidates) and
+    each run its seed. Each model is then scored on the val split (`accuracy_report`).
+    """
+    val_set = ClassificationDataset(root, "val")
+    models, reports, rows, histories, recipes, tuning = {}, {}, [], [], {}, []
+    for arch in settings.archs:
+        arch_config = dataclasses.replace(model, arch=arch, **settings.model_overrides.get(arch, {}))
+        recipes[arch], table = select_recipe(root, arch_config, train, settings.recipe_search, device=device)
+        tuning.append(table)
+        for seed in seeds:
+            result = train_world_classifier(root, arch_config, dataclasses.replace(recipes[arch], seed=seed), device=device)
+            models[arch, seed] = result.model
+            reports[arch, seed] = report = accuracy_report(result.model, val_set, batch_size=batch_size, device=device)
+            last = result.history.iloc[-1]
+            rows.append({"arch": arch, "seed": seed, "epochs": int(last["epoch"]), "train_acc": 100 * last["train_acc"],
+                         "val_acc": 100 * report["accuracy"], "within_scene_acc": 100 * report["within_scene_accuracy"],
+                         "plateaued": plateaued(result.history)})
+            histories.append(result.history.assign(arch=arch, seed=seed))
+    return Baselines(models, reports, pd.DataFrame(rows), pd.concat(histories, ignore_index=True), recipes,
+                     pd.concat(tuning, ignore_index=True))

@@ -1,0 +1,44 @@
+"""Notebook 00's figures of training and its rotation claim, on hand-made tables."""
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from replication.reporting.claims import load_reference
+from replication.reporting.dissection_claims import rotation_claim
+from replication.reporting.training_figures import plot_confusion, plot_learning_curves
+
+matplotlib.use("agg")
+REFERENCE = load_reference("00_concept_world")
+
+
+def rotation(falls) -> pd.DataFrame:
+    """Unique detectors 10 at alpha 0 and 10 - fall at alpha 1, one model per fall (seed = position)."""
+    return pd.DataFrame([{"model_seed": seed, "alpha": alpha, "unique_detectors": 10 - fall * alpha, "detectors": 12}
+                         for seed, fall in enumerate(falls) for alpha in (0.0, 0.5, 1.0)])
+
+
+@pytest.mark.parametrize("falls, verdict", [
+    ((4, 5, 6), "confirmed"),
+    ((-4, -5, -6), "refuted"),
+    ((3, -3, 0), "inconclusive"),
+    ((4,), "inconclusive"),  # one seed: no interval
+])
+def test_rotation_claim_each_branch(falls, verdict):
+    row = rotation_claim(rotation(falls), REFERENCE, profile="ci")
+    assert row.verdict == verdict and row.claim_id == "D1" and row.note.startswith("REDUCED")
+    assert row.unit == f"training seeds, n={len(falls)}"
+    assert row.ours.startswith(f"unique detectors at alpha 0: 10.00, at alpha 1: {10 - np.mean(falls):.2f}; fall ")
+
+
+def test_training_figures_draw_every_run_and_class():
+    histories = pd.DataFrame([{"arch": arch, "seed": seed, "epoch": e, "train_acc": 0.1 * e, "val_acc": 0.09 * e}
+                              for arch in ("a", "b") for seed in (0, 1) for e in (1, 2, 3)])
+    figure = plot_learning_curves(histories)
+    assert [len(ax.lines) for ax in figure.axes] == [4, 4]
+    confusion = np.array([[3, 1], [0, 4]])
+    figure = plot_confusion(confusion, ["x", "y"], title="t")
+    texts = sorted(t.get_text() for t in figure.axes[0].texts)
+    assert texts == ["1", "3", "4"]  # zero cells stay blank
