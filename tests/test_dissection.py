@@ -104,7 +104,7 @@ def test_category_restricted_denominator_by_hand():
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 1.0  # the 8 'top' pixels of image 0
     fires[1, 0, 4:, 4:] = 1.0  # the 16 square pixels of image 1, which has no part labels
-    restricted = dissect_features(fires, world, batch_size=2, device="cpu")
+    restricted = dissect_features(fires, world, batch_size=2, device="cpu")  # Lite's "overlap" rule
     union = dissect_features(fires, world, batch_size=2, device="cpu", denominator="union")
     top, square, disk, beach = 4, 3, 2, 6
     # part: active pixels counted only on image 0 (8) -> 8 / (8 + 8 - 8) = 1; union: 8 / (24 + 8 - 8)
@@ -121,6 +121,41 @@ def test_category_restricted_denominator_by_hand():
     counts = restricted.counts
     assert counts["label_pixels"][[disk, square, top, beach]].tolist() == [16, 16, 8, 64]
     assert counts["unit_category"][0].tolist() == [0, 24, 8, 16]  # no color labels anywhere
+
+
+def overlap_world() -> PlantedBroden:
+    """hand_world plus image 2: a disk with its top half as a part in the lower-right quarter."""
+    disk, top = box(2, 4, 4, 4), box(4, 4, 4, 4)
+    top[6:] = 0
+    world = hand_world()
+    return PlantedBroden([*world.planes, np.stack([disk, top])], [*world.scenes, []])
+
+
+def test_activation_term_counts_only_images_where_the_unit_touches_the_category():
+    """Lite's tally_units_cat: an image's active pixels count for category c only when some of them lie
+    on a label of c (or the image has a whole-image label of c), not whenever the image carries c."""
+    world = overlap_world()
+    fires = torch.zeros(3, 1, SIZE, SIZE)
+    fires[0, 0, :2, :4] = 1.0  # the 8 'top' pixels of image 0
+    fires[1, 0, 4:, 4:] = 1.0  # the 16 square pixels of image 1 (no part labels, a scene)
+    fires[2, 0, :2, :4] = 1.0  # 8 unlabelled pixels of image 2, which carries a disk and a 'top' elsewhere
+    settings = dict(quantile=0.25, mask_comparison=">", batch_size=2, device="cpu")  # T = 0: exactly the 1s fire
+    lite = dissect_features(fires, world, **settings)
+    top, square, disk, beach = 4, 3, 2, 6
+    # part: only image 0's 8 pixels touch a part -> 8 / (8 + 16 - 8); object: images 0 and 1 (24 pixels)
+    assert lite.iou[0, top] == 0.5
+    assert lite.iou[0, square] == pytest.approx(16 / (24 + 16 - 16), abs=1e-15)
+    assert lite.iou[0, disk] == pytest.approx(8 / (24 + 32 - 8), abs=1e-15)
+    assert lite.iou[0, beach] == pytest.approx(16 / (16 + 64 - 16), abs=1e-15)  # whole-image label of image 1
+    assert lite.counts["unit_category"][0].tolist() == [0, 24, 8, 16]
+    assert lite.units.loc[0, "part-label"] == "top" and lite.config["denominator"] == "overlap"
+    # the looser rule (any image carrying the category) and the plain union, kept as options
+    image = dissect_features(fires, world, denominator="image", **settings)
+    assert image.iou[0, top] == pytest.approx(8 / (16 + 16 - 8), abs=1e-15)
+    assert image.iou[0, disk] == pytest.approx(8 / (32 + 32 - 8), abs=1e-15)
+    assert image.counts["unit_category"][0].tolist() == [0, 32, 16, 16]
+    union = dissect_features(fires, world, denominator="union", **settings)
+    assert union.iou[0, top] == pytest.approx(8 / (32 + 16 - 8), abs=1e-15)
 
 
 def test_detector_and_mask_comparisons_are_exposed():
@@ -188,7 +223,14 @@ def reference_iou(features, world, thresholds, denominator):
         for k in range(units):
             mask = (up[k] >= thresholds[k]).numpy()
             active[k] += mask.sum()
-            active_cat[k] += mask.sum() * item["category_present"].numpy()
+            if denominator == "image":  # the image carries some label of the category
+                active_cat[k] += mask.sum() * item["category_present"].numpy()
+            else:  # Lite: some active pixel lies on a label of the category, or a whole-image label
+                touched = np.zeros(len(CATEGORIES), dtype=bool)
+                for label in [*np.unique(item["pixel_labels"].numpy()[:, mask]), *item["image_labels"].tolist()]:
+                    if PRIMARY[label] >= 0:
+                        touched[PRIMARY[label]] = True
+                active_cat[k] += mask.sum() * touched
             for label in range(1, num_labels):
                 for plane in item["pixel_labels"].numpy():
                     inter[k, label] += (mask & (plane == label)).sum()
@@ -201,13 +243,13 @@ def reference_iou(features, world, thresholds, denominator):
     for label in range(1, num_labels):
         if PRIMARY[label] < 0:
             continue
-        unit_term = active_cat[:, PRIMARY[label]] if denominator == "category" else active
+        unit_term = active if denominator == "union" else active_cat[:, PRIMARY[label]]
         denom = unit_term + label_pixels[label] - inter[:, label]
         iou[:, label] = np.where(denom > 0, inter[:, label] / np.maximum(denom, 1), 0)
     return iou
 
 
-@pytest.mark.parametrize("denominator", ["category", "union"])
+@pytest.mark.parametrize("denominator", ["overlap", "image", "union"])
 def test_vectorised_tally_matches_brute_force(denominator):
     world = random_world(n=8, seed=4)
     features = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(5))

@@ -5,9 +5,13 @@ For every unit k of a layer (or every direction of a `basis` applied to its chan
 1. threshold T_k = the (1 − quantile) quantile of the unit's activations over all positions of all
    images (`quantile=0.005`: the top 0.5%);
 2. the activation map is upsampled to the annotation resolution and binarised, M_k = S_k ≥ T_k;
-3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset; by default the unit's
-   term of the union only counts images carrying some label of l's primary category (Lite's
-   category-restricted denominator); whole-image labels (scene, texture) cover the whole mask;
+3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset, with Lite's
+   category-restricted union (`denominator="overlap"`, feature_operation.py `tally_job`): an image's
+   active pixels enter the unit's term for labels of primary category c only when some of them lie
+   on a label of c in that image, or the image has a whole-image label of c (so a unit firing where
+   no part is annotated is not penalised for part concepts); "image" counts them whenever the image
+   carries any label of c (looser: larger terms, lower IoUs), "union" always; whole-image labels
+   (scene, texture) cover the whole mask;
 4. label = argmax_l IoU (per category and overall); detector when IoU ≥ `iou_threshold`.
 
 Passes. Pass 1 runs the forward pass once, feeds the exact per-unit quantile state and counts the
@@ -65,7 +69,7 @@ UPSAMPLE_MODES = {
     "bilinear-corners": {"mode": "bilinear", "align_corners": True},
     "nearest": {"mode": "nearest"},
 }
-DENOMINATORS = ("category", "union")
+DENOMINATORS = ("overlap", "image", "union")
 COMPARISONS = (">=", ">")
 _CHUNK_ELEMENTS = 1 << 24  # upsampled values held at once by the tally (64 MiB of float32)
 
@@ -215,12 +219,23 @@ class _Labels:
 
 
 class _Tally:
-    """Integer accumulators of Lite's tally: intersections, active pixels, label pixels."""
+    """Integer accumulators of Lite's tally: intersections, active pixels, label pixels.
+
+    `unit_category[k, c]` is unit k's activation term for labels of primary category c under
+    `denominator`: "overlap" (Lite) adds an image's active pixels when some lie on a label of primary
+    category c or the image has a whole-image label of c; "image" adds them when the image carries
+    any label of c (`category_present`); "union" adds them always (every column = `unit_total`).
+    """
 
     def __init__(self, units: int, num_labels: int, num_categories: int, mask_size: tuple[int, int],
-                 upsample: str, comparison: str, device: torch.device):
-        self.L, self.mask_size, self.comparison = num_labels, mask_size, comparison
+                 upsample: str, comparison: str, denominator: str, primary_category: torch.Tensor,
+                 device: torch.device):
+        self.L, self.C, self.mask_size, self.comparison = num_labels, num_categories, mask_size, comparison
+        self.denominator = denominator
         self.interpolation = UPSAMPLE_MODES[upsample]
+        # label -> primary category, C (a sink column) for label 0 and labels of no selected category
+        primary = torch.as_tensor(primary_category).to(device=device, dtype=torch.int64)
+        self.label_category = torch.where(primary >= 0, primary, torch.full_like(primary, num_categories))
         self.intersection = torch.zeros(units, num_labels, dtype=torch.int64, device=device)
         self.unit_category = torch.zeros(units, num_categories, dtype=torch.int64, device=device)
         self.unit_total = torch.zeros(units, dtype=torch.int64, device=device)
@@ -247,6 +262,11 @@ class _Tally:
         slack = thresholds.abs() * 1e-6 + 1e-30
         image_idx, unit_idx = (peaks >= thresholds - slack).nonzero(as_tuple=True)
         active = torch.zeros(batch, units, dtype=torch.int64, device=features.device)
+        overlap = self.denominator == "overlap"
+        if overlap:  # B × C: the image has a whole-image label of primary category c
+            whole = torch.zeros(batch, self.C + 1, dtype=torch.bool, device=features.device)
+            whole.scatter_(1, self.label_category[labels.image], True)
+            whole = whole[:, : self.C]
         same_size = tuple(features.shape[2:]) == self.mask_size
         step = max(1, _CHUNK_ELEMENTS // area)
         for start in range(0, len(image_idx), step):
@@ -256,13 +276,22 @@ class _Tally:
                 maps = F.interpolate(maps[:, None], size=self.mask_size, **self.interpolation)[:, 0]
             mask = _compare(maps, thresholds[k, None, None], self.comparison).view(len(b), area)
             which, position = mask.nonzero(as_tuple=True)  # which selected map, where in it
-            active[b, k] = torch.bincount(which, minlength=len(b))
+            on_count = torch.bincount(which, minlength=len(b))
+            active[b, k] = on_count
             on_labels = labels.pixel.index_select(0, (b * area)[which] + position).long()  # on × planes
             keys = (k * self.L)[which, None] + on_labels  # label 0 (none) lands in column 0, ignored
             self.intersection += torch.bincount(keys.view(-1), minlength=units * self.L).view(units, self.L)
+            if overlap:  # per selected map: does any active pixel lie on a label of primary category c?
+                hit_keys = which[:, None] * (self.C + 1) + self.label_category[on_labels]
+                hits = torch.bincount(hit_keys.view(-1), minlength=len(b) * (self.C + 1)).view(len(b), self.C + 1)
+                touched = (hits[:, : self.C] > 0) | whole[b]
+                self.unit_category.index_add_(0, k, on_count[:, None] * touched)
         active_f = active.double()
         self.intersection += (active_f.T @ self._image_onehot(labels)).long()
-        self.unit_category += (active_f.T @ labels.present.double()).long()
+        if self.denominator == "image":
+            self.unit_category += (active_f.T @ labels.present.double()).long()
+        elif self.denominator == "union":
+            self.unit_category += active.sum(dim=0)[:, None]
         self.unit_total += active.sum(dim=0)
 
 
@@ -379,7 +408,10 @@ class DissectionOptions:
 
     `quantile_rule` "exact" (level 1 − quantile) or "lite" (994/999); `quantile_method` "exact" (top-m,
     exact), "sketch" (bounded memory) or "auto" (exact while it fits `quantile_budget_bytes`);
-    `upsample` one of UPSAMPLE_MODES; `denominator` "category" (Lite) or "union" (plain union);
+    `upsample` one of UPSAMPLE_MODES; `denominator`, the unit's activation term of a label's union:
+    "overlap" (Lite: an image's active pixels count for category c only when some of them lie on a
+    label of c or the image has a whole-image label of c), "image" (they count whenever the image
+    carries any label of c: looser, larger terms) or "union" (always: the plain union);
     `mask_comparison` ">=" (M = S ≥ T) or ">"; `detector_comparison` ">=" (IoU ≥ threshold) or ">";
     `feature_budget_bytes` bounds the features and labels kept between the passes (beyond it the
     forward pass runs twice); `sketch_capacity` the sketch's buffer size (default: from the budget).
@@ -388,7 +420,7 @@ class DissectionOptions:
     quantile_rule: str = "exact"
     quantile_method: str = "auto"
     upsample: str = "bilinear"
-    denominator: str = "category"
+    denominator: str = "overlap"
     mask_comparison: str = ">="
     detector_comparison: str = ">="
     feature_budget_bytes: int = 1 << 30
@@ -524,7 +556,7 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
             if per_image * n_images > options.feature_budget_bytes:
                 stored = None
             tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample,
-                           options.mask_comparison, device)
+                           options.mask_comparison, options.denominator, dataset.primary_category, device)
         quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
         tally.count_labels(labels)
         image_max.append(features.amax(dim=(2, 3)))
@@ -561,10 +593,7 @@ def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str],
     intersection = tally.intersection.cpu().double()
     label_pixels = tally.label_pixels.cpu().double()
     primary = torch.as_tensor(dataset.primary_category).long().cpu()
-    if config["denominator"] == "category":
-        unit_term = tally.unit_category.cpu().double()[:, primary.clamp(min=0)]
-    else:
-        unit_term = tally.unit_total.cpu().double()[:, None].expand_as(intersection)
+    unit_term = tally.unit_category.cpu().double()[:, primary.clamp(min=0)]  # the rule's activation term
     denominator = unit_term + label_pixels - intersection
     iou = torch.where(denominator > 0, intersection / denominator.clamp(min=1), torch.zeros(()))
     category_of = {c: dataset.categories.index(c) for c in scored}
