@@ -158,6 +158,44 @@ def test_activation_term_counts_only_images_where_the_unit_touches_the_category(
     assert union.iou[0, top] == pytest.approx(8 / (32 + 16 - 8), abs=1e-15)
 
 
+def test_shrinking_averages_like_pil_instead_of_sampling_points():
+    """A 32×32 map onto 8×8 masks (an early layer): Lite's PIL bilinear resize averages every map pixel
+    in; point sampling reads only rows/columns 4i+1 and 4i+2 and misses a grid of hot pixels at 4i."""
+    world = hand_world()
+    fires = torch.zeros(2, 1, 4 * SIZE, 4 * SIZE)
+    fires[0, 0, 0:16:4, 0:16:4] = 1.0  # one hot pixel in each 4×4 block of the disk (cells 0-3 × 0-3)
+    settings = dict(quantile=0.05, mask_comparison=">", device="cpu")  # T = 0: every positive position fires
+    averaged = dissect_features(fires, world, **settings)
+    top, disk = 4, 2
+    # the averaged map is positive on exactly the 16 disk cells of image 0 (the triangle filter of width
+    # 2 × 4 map pixels reaches a hot pixel from its own cell and from the cell before it, never further)
+    assert averaged.counts["unit_total"].tolist() == [16]
+    assert averaged.iou[0, disk] == 1.0 and averaged.units.loc[0, "label"] == "disk"
+    assert averaged.iou[0, top] == 0.5  # 8 / (16 + 8 - 8)
+    sampled = dissect_features(fires, world, antialias=False, **settings)
+    assert sampled.counts["unit_total"].tolist() == [0] and sampled.units.loc[0, "iou"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (13, 6), (11, 17), (8, 8), (5, 5), (3, 7)])
+def test_resizing_matches_pillow_bilinear_as_in_lite(shape):
+    """Lite resizes with scipy's imresize(map, (sh, sw), mode='F'): Pillow's float bilinear resize."""
+    from PIL import Image
+
+    from replication.analysis.dissection import resize_maps
+
+    maps = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    ours = resize_maps(maps, (SIZE, SIZE))
+    for b in range(2):
+        for k in range(3):
+            pil = Image.fromarray(maps[b, k].numpy()).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+            assert_close(ours[b, k], np.array(pil), atol=2e-6, rtol=0, msg=f"{shape} map {b},{k}")
+    plain = F.interpolate(maps, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    if shape[0] <= SIZE and shape[1] <= SIZE:  # upsampling is unchanged, bit for bit
+        assert torch.equal(ours, plain)
+    else:
+        assert torch.equal(resize_maps(maps, (SIZE, SIZE), antialias=False), plain)
+
+
 def test_detector_and_mask_comparisons_are_exposed():
     world = hand_world()
     fires = torch.zeros(2, 1, SIZE, SIZE)
@@ -219,7 +257,9 @@ def reference_iou(features, world, thresholds, denominator):
     label_pixels = np.zeros(num_labels)
     for i in range(len(world)):
         item = world[i]
-        up = F.interpolate(features[i : i + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0].double()
+        shrink = features.shape[2] > SIZE or features.shape[3] > SIZE  # PIL-style averaging when shrinking
+        up = F.interpolate(features[i : i + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False,
+                           antialias=shrink)[0].double()
         for k in range(units):
             mask = (up[k] >= thresholds[k]).numpy()
             active[k] += mask.sum()
@@ -249,10 +289,11 @@ def reference_iou(features, world, thresholds, denominator):
     return iou
 
 
+@pytest.mark.parametrize("shape", [(3, 3), (13, 11)])  # upsampled, shrunk
 @pytest.mark.parametrize("denominator", ["overlap", "image", "union"])
-def test_vectorised_tally_matches_brute_force(denominator):
+def test_vectorised_tally_matches_brute_force(denominator, shape):
     world = random_world(n=8, seed=4)
-    features = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(5))
+    features = torch.randn(8, 5, *shape, generator=torch.Generator().manual_seed(5))
     result = dissect_features(features, world, quantile=0.1, denominator=denominator, batch_size=3, device="cpu")
     expected = reference_iou(features, world, result.thresholds, denominator)
     assert_close(np.nan_to_num(result.iou, nan=-7), np.nan_to_num(expected, nan=-7), atol=1e-12)

@@ -4,7 +4,7 @@ For every unit k of a layer (or every direction of a `basis` applied to its chan
 
 1. threshold T_k = the (1 − quantile) quantile of the unit's activations over all positions of all
    images (`quantile=0.005`: the top 0.5%);
-2. the activation map is upsampled to the annotation resolution and binarised, M_k = S_k ≥ T_k;
+2. the activation map is resized to the annotation resolution (below) and binarised, M_k = S_k ≥ T_k;
 3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset, with Lite's
    category-restricted union (`denominator="overlap"`, feature_operation.py `tally_job`): an image's
    active pixels enter the unit's term for labels of primary category c only when some of them lie
@@ -30,13 +30,17 @@ keep alternate elements); its rank error is bounded by Σ 2^level over the compa
 as `config["quantile_rank_error"]` (a fraction of n), and its memory is K·capacity·4·(levels + 2)
 bytes with levels ≈ log2(n / capacity).
 
-Upsampling. `upsample="bilinear"` is `F.interpolate(..., mode="bilinear", align_corners=False)` to the
-mask size: half-pixel-centred sampling as in Lite's PIL bilinear resize (edge pixels are clamped
-rather than renormalised, which can differ from PIL on the border row/column); the original
-NetDissect anchored a spline at receptive-field centres and quick-netdissect used layer offsets, so
-IoUs differ slightly from both. "bilinear-corners" (align_corners=True) and "nearest" are options.
-Every mode is a convex combination of the map's values, so maps whose maximum is below T_k cannot
-fire and are skipped exactly (Lite's speed trick, vectorised).
+Resizing (`resize_maps`). Lite resizes each map to the mask with scipy's `imresize(..., mode='F')`, i.e.
+Pillow's float bilinear resize. `upsample="bilinear"` is `F.interpolate(..., mode="bilinear",
+align_corners=False)` when the map is not larger than the mask (half-pixel centres; equal to Pillow's
+upsampling to float rounding, border included), and with `antialias=True` (default) when it is larger
+along a dimension (early layers): Pillow's convolution resize, whose triangle filter widens with the
+scale so every map pixel is averaged in (point sampling, `antialias=False`, reads ≤ 2×2 map pixels per
+output and skips the rest of a map 4× larger). The original NetDissect anchored a spline at receptive-
+field centres and quick-netdissect used layer offsets, so IoUs differ slightly from both.
+"bilinear-corners" (align_corners=True) and "nearest" (always point-sampled) are options. Every mode
+is a convex combination of the map's values, so maps whose maximum is below T_k cannot fire and are
+skipped exactly (Lite's speed trick, vectorised).
 
 Tally, per batch: only the (image, unit) maps that can fire are upsampled, in one interpolate call per
 memory-bounded chunk; intersections with pixel labels are bincounts over (unit, label) pairs at the
@@ -194,6 +198,25 @@ def _compare(values: torch.Tensor, thresholds: torch.Tensor, comparison: str) ->
     return values >= thresholds if comparison == ">=" else values > thresholds
 
 
+def resize_maps(maps: torch.Tensor, size: Sequence[int], upsample: str = "bilinear",
+                antialias: bool = True) -> torch.Tensor:
+    """Float maps (... × h × w, 4-d) at the mask `size` (sh, sw), as the tally thresholds them.
+
+    Upsampling (h ≤ sh and w ≤ sw) interpolates between the nearest map pixels (`UPSAMPLE_MODES`).
+    When the map is larger than the mask along a dimension and `antialias` is on, the bilinear modes
+    use torch's antialiased resize: Pillow's convolution resize, whose triangle filter widens with
+    the scale so every map pixel is averaged in, as Lite's `imresize(map, (sh, sw), mode='F')` does;
+    without it each output samples ≤ 2×2 map pixels. "nearest" always samples. Same size: unchanged.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    interpolation = UPSAMPLE_MODES[upsample]
+    shrinks = maps.shape[-2] > size[0] or maps.shape[-1] > size[1]
+    average = antialias and shrinks and interpolation["mode"] == "bilinear"
+    return F.interpolate(maps, size=size, antialias=average, **interpolation)
+
+
 # ---------------------------------------------------------------- tally
 @dataclass
 class _Labels:
@@ -228,11 +251,10 @@ class _Tally:
     """
 
     def __init__(self, units: int, num_labels: int, num_categories: int, mask_size: tuple[int, int],
-                 upsample: str, comparison: str, denominator: str, primary_category: torch.Tensor,
-                 device: torch.device):
+                 upsample: str, antialias: bool, comparison: str, denominator: str,
+                 primary_category: torch.Tensor, device: torch.device):
         self.L, self.C, self.mask_size, self.comparison = num_labels, num_categories, mask_size, comparison
-        self.denominator = denominator
-        self.interpolation = UPSAMPLE_MODES[upsample]
+        self.denominator, self.upsample, self.antialias = denominator, upsample, antialias
         # label -> primary category, C (a sink column) for label 0 and labels of no selected category
         primary = torch.as_tensor(primary_category).to(device=device, dtype=torch.int64)
         self.label_category = torch.where(primary >= 0, primary, torch.full_like(primary, num_categories))
@@ -267,13 +289,10 @@ class _Tally:
             whole = torch.zeros(batch, self.C + 1, dtype=torch.bool, device=features.device)
             whole.scatter_(1, self.label_category[labels.image], True)
             whole = whole[:, : self.C]
-        same_size = tuple(features.shape[2:]) == self.mask_size
         step = max(1, _CHUNK_ELEMENTS // area)
         for start in range(0, len(image_idx), step):
             b, k = image_idx[start : start + step], unit_idx[start : start + step]
-            maps = features[b, k]
-            if not same_size:
-                maps = F.interpolate(maps[:, None], size=self.mask_size, **self.interpolation)[:, 0]
+            maps = resize_maps(features[b, k][:, None], self.mask_size, self.upsample, self.antialias)[:, 0]
             mask = _compare(maps, thresholds[k, None, None], self.comparison).view(len(b), area)
             which, position = mask.nonzero(as_tuple=True)  # which selected map, where in it
             on_count = torch.bincount(which, minlength=len(b))
@@ -386,7 +405,7 @@ def activation_masks(features: torch.Tensor, dissection: Dissection) -> torch.Te
     config = dissection.config
     thresholds = _comparison_thresholds(torch.as_tensor(dissection.thresholds, device=features.device),
                                         config["mask_comparison"])
-    maps = F.interpolate(features.float(), size=tuple(config["mask_size"]), **UPSAMPLE_MODES[config["upsample"]])
+    maps = resize_maps(features.float(), config["mask_size"], config["upsample"], config.get("antialias", False))
     return _compare(maps, thresholds[:, None, None], config["mask_comparison"])
 
 
@@ -408,7 +427,9 @@ class DissectionOptions:
 
     `quantile_rule` "exact" (level 1 − quantile) or "lite" (994/999); `quantile_method` "exact" (top-m,
     exact), "sketch" (bounded memory) or "auto" (exact while it fits `quantile_budget_bytes`);
-    `upsample` one of UPSAMPLE_MODES; `denominator`, the unit's activation term of a label's union:
+    `upsample` one of UPSAMPLE_MODES; `antialias`: maps larger than the mask (early layers) are
+    averaged down as PIL's resize does in Lite (True) or point-sampled (False; see `resize_maps`);
+    `denominator`, the unit's activation term of a label's union:
     "overlap" (Lite: an image's active pixels count for category c only when some of them lie on a
     label of c or the image has a whole-image label of c), "image" (they count whenever the image
     carries any label of c: looser, larger terms) or "union" (always: the plain union);
@@ -420,6 +441,7 @@ class DissectionOptions:
     quantile_rule: str = "exact"
     quantile_method: str = "auto"
     upsample: str = "bilinear"
+    antialias: bool = True
     denominator: str = "overlap"
     mask_comparison: str = ">="
     detector_comparison: str = ">="
@@ -439,6 +461,8 @@ class DissectionOptions:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"antialias must be True or False; got {self.antialias!r}.")
 
     @classmethod
     def from_keywords(cls, options: dict) -> "DissectionOptions":
@@ -555,7 +579,7 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
             per_image = labels.nbytes() / len(labels.present) + (0 if source.resident else units * height * width * 4)
             if per_image * n_images > options.feature_budget_bytes:
                 stored = None
-            tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample,
+            tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample, options.antialias,
                            options.mask_comparison, options.denominator, dataset.primary_category, device)
         quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
         tally.count_labels(labels)
