@@ -80,7 +80,8 @@ def test_planted_detector_gets_iou_one_and_its_label():
         features[i, 0] = torch.as_tensor(world.planes[i][1] == 3, dtype=torch.float32)  # square detector
         features[i, 1] = torch.as_tensor(world.planes[i][1] == 2, dtype=torch.float32) * 2.0  # disk detector
     features[:, 2] = torch.rand(len(world), SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 0.1
-    result = dissect_features(features, world, batch_size=4, device="cpu")
+    # quantile 0.5 > each indicator's share of positions: T = 0, and Lite's '>' keeps exactly the indicator
+    result = dissect_features(features, world, quantile=0.5, batch_size=4, device="cpu")
     units = result.units.set_index("unit")
     assert units.loc[0, "label"] == "square" and units.loc[0, "category"] == "object"
     assert units.loc[1, "label"] == "disk"
@@ -104,8 +105,9 @@ def test_category_restricted_denominator_by_hand():
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 1.0  # the 8 'top' pixels of image 0
     fires[1, 0, 4:, 4:] = 1.0  # the 16 square pixels of image 1, which has no part labels
-    restricted = dissect_features(fires, world, batch_size=2, device="cpu")  # Lite's "overlap" rule
-    union = dissect_features(fires, world, batch_size=2, device="cpu", denominator="union")
+    # quantile 0.25 > 24/128 active: T = 0, exactly the 1s fire ("overlap" = Lite's rule, the default)
+    restricted = dissect_features(fires, world, quantile=0.25, batch_size=2, device="cpu")
+    union = dissect_features(fires, world, quantile=0.25, batch_size=2, device="cpu", denominator="union")
     top, square, disk, beach = 4, 3, 2, 6
     # part: active pixels counted only on image 0 (8) -> 8 / (8 + 8 - 8) = 1; union: 8 / (24 + 8 - 8)
     assert restricted.iou[0, top] == 1.0
@@ -196,17 +198,40 @@ def test_resizing_matches_pillow_bilinear_as_in_lite(shape):
         assert torch.equal(resize_maps(maps, (SIZE, SIZE), antialias=False), plain)
 
 
+def test_ties_at_the_threshold_do_not_fire_and_mask_area_is_reported():
+    """Flat fills tie exactly at T_k. Lite keeps positions strictly above T_k (`mask > threshold`); a
+    '>=' mask takes every tied position, more than the quantile's share: at T_k = 0 the whole image."""
+    world = hand_world()
+    fires = torch.zeros(2, 1, SIZE, SIZE)
+    fires[0, 0, :2, :4] = 2.0  # the 8 'top' pixels of image 0; the other 120 of 128 positions tie at 0
+    lite = dissect_features(fires, world, quantile=0.1, device="cpu")
+    assert lite.thresholds.tolist() == [0.0] and lite.config["mask_comparison"] == ">"
+    top = 4
+    assert lite.iou[0, top] == 1.0 and lite.units.loc[0, "label"] == "top"
+    assert lite.units.loc[0, "mask_fraction"] == 8 / 128  # within the quantile's share (0.1)
+    ties = dissect_features(fires, world, quantile=0.1, device="cpu", mask_comparison=">=")
+    assert ties.units.loc[0, "mask_fraction"] == 1.0  # fires everywhere
+    assert ties.iou[0, top] == 8 / 64  # image 0's 64 active pixels touch 'top'; image 1 has no part
+    # a flat region tied at a positive threshold: 16 of 128 positions at 1.0, T = 1.0, nothing above it
+    square = torch.zeros(2, 1, SIZE, SIZE)
+    square[1, 0, 4:, 4:] = 1.0
+    flat = dissect_features(square, world, device="cpu")
+    assert flat.thresholds.tolist() == [1.0] and flat.units.loc[0, "mask_fraction"] == 0.0
+    assert list(flat.units.columns[:8]) == ["unit", "category", "label", "label_number", "iou", "detector",
+                                            "threshold", "mask_fraction"]
+
+
 def test_detector_and_mask_comparisons_are_exposed():
     world = hand_world()
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[1, 0, 4:, 4:] = 1.0
-    # threshold = 1.0 exactly: '>=' keeps the square, '>' keeps nothing
-    assert dissect_features(fires, world, device="cpu").units.loc[0, "iou"] == 1.0
-    strict = dissect_features(fires, world, device="cpu", mask_comparison=">")
+    # threshold = 1.0 exactly: '>' (Lite, the default) keeps nothing, '>=' keeps the square
+    strict = dissect_features(fires, world, device="cpu")
     assert strict.units.loc[0, "iou"] == 0.0 and not strict.units.loc[0, "detector"]
-    at = dissect_features(fires, world, device="cpu", iou_threshold=1.0)
+    assert dissect_features(fires, world, device="cpu", mask_comparison=">=").units.loc[0, "iou"] == 1.0
+    at = dissect_features(fires, world, device="cpu", iou_threshold=1.0, mask_comparison=">=")
     assert bool(at.units.loc[0, "detector"])
-    assert not bool(dissect_features(fires, world, device="cpu", iou_threshold=1.0,
+    assert not bool(dissect_features(fires, world, device="cpu", iou_threshold=1.0, mask_comparison=">=",
                                      detector_comparison=">").units.loc[0, "detector"])
 
 
@@ -261,7 +286,7 @@ def reference_iou(features, world, thresholds, denominator):
         up = F.interpolate(features[i : i + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False,
                            antialias=shrink)[0].double()
         for k in range(units):
-            mask = (up[k] >= thresholds[k]).numpy()
+            mask = (up[k] > thresholds[k]).numpy()  # Lite: strictly above T_k
             active[k] += mask.sum()
             if denominator == "image":  # the image carries some label of the category
                 active_cat[k] += mask.sum() * item["category_present"].numpy()
@@ -363,7 +388,7 @@ def test_category_subset_and_save(tmp_path):
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 1.0
     fires[1, 0, 4:, 4:] = 1.0
-    objects = dissect_features(fires, world, categories=["object"], device="cpu")
+    objects = dissect_features(fires, world, categories=["object"], quantile=0.25, device="cpu")  # T = 0
     assert objects.units.loc[0, "label"] == "square" and list(objects.summary.category) == ["object", "total"]
     assert "part-label" not in objects.units.columns
     objects.save(tmp_path)
@@ -395,7 +420,7 @@ def test_end_to_end_on_broden_fixture(tmp_path):
     disk = torch.stack([torch.as_tensor((truth.pixel_labels(im) == 10).any(0), dtype=torch.float32) for im in rows])
     indoor = torch.tensor([50 in truth.image_labels(im) for im in rows], dtype=torch.float32)
     features = torch.stack([disk, indoor[:, None, None].expand_as(disk)], dim=1)
-    result = dissect_features(features, dataset, batch_size=5, device="cpu")
+    result = dissect_features(features, dataset, quantile=0.5, batch_size=5, device="cpu")  # T = 0
     assert result.units.label.tolist() == ["disk", "indoor"]
     assert result.units.iou.tolist() == [1.0, 1.0]
     assert result.units.category.tolist() == ["object", "scene"]
@@ -418,7 +443,7 @@ def test_figures_and_unit_label_table():
     for i in range(len(world)):
         features[i, 0] = torch.as_tensor(world.planes[i][1] == 3, dtype=torch.float32)
     features[:, 1] = 0.5 * torch.rand(len(world), SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    result = dissect_features(features, world, device="cpu")
+    result = dissect_features(features, world, quantile=0.3, device="cpu")  # T = 0 for the indicator
     table = unit_label_table(result)
     assert table.loc[0, "unit"] == 0 and table.loc[0, "label"] == "square" and table.loc[0, "iou"] == 1.0
     bars = plot_detectors_per_category(result)
@@ -440,13 +465,14 @@ def test_random_rotation_destroys_planted_axis_alignment():
     for i in range(len(world)):
         for unit, label in enumerate([2, 3, 4]):  # disk, square, top: exact indicators
             features[i, unit] = torch.as_tensor((world.planes[i] == label).any(0), dtype=torch.float32)
-    natural = dissect_features(features, world, device="cpu")
+    ties = dict(mask_comparison=">=")  # the 0/1 indicators tie at T = 1: '>=' keeps each one whole
+    natural = dissect_features(features, world, device="cpu", **ties)
     assert natural.units.label[:3].tolist() == ["disk", "square", "top"] and (natural.units.iou[:3] == 1).all()
     rotation = random_rotation(6, seed=0)
-    rotated = dissect_features(features, world, device="cpu", basis=rotation)
+    rotated = dissect_features(features, world, device="cpu", basis=rotation)  # rotated directions: no ties
     best = np.nanmax(rotated.iou[:, [2, 3, 4]], axis=0)
     assert (best < 0.5).all(), best
-    identity = dissect_features(features, world, device="cpu", basis=fractional_rotation(rotation, 0.0))
+    identity = dissect_features(features, world, device="cpu", basis=fractional_rotation(rotation, 0.0), **ties)
     pd.testing.assert_frame_equal(identity.units, natural.units, check_exact=True)
 
 
@@ -454,5 +480,5 @@ def test_scene_only_dataset_without_pixel_planes():
     world = PlantedBroden([np.zeros((0, SIZE, SIZE), dtype=np.int64)] * 3, [[6], [], [6]])
     features = torch.zeros(3, 1, SIZE, SIZE)
     features[[0, 2]] = 1.0
-    result = dissect_features(features, world, device="cpu")
+    result = dissect_features(features, world, quantile=0.7, device="cpu")  # T = 0 < the scene images' 1s
     assert result.units.loc[0, "label"] == "beach" and result.units.loc[0, "iou"] == 1.0

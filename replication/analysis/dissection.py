@@ -4,7 +4,12 @@ For every unit k of a layer (or every direction of a `basis` applied to its chan
 
 1. threshold T_k = the (1 − quantile) quantile of the unit's activations over all positions of all
    images (`quantile=0.005`: the top 0.5%);
-2. the activation map is resized to the annotation resolution (below) and binarised, M_k = S_k ≥ T_k;
+2. the activation map is resized to the annotation resolution (below) and binarised, M_k = S_k > T_k
+   (Lite's strict `mask > threshold`): where activations tie exactly at T_k, as on flat synthetic
+   fills, the tied positions stay off, so at most about the quantile's share of feature positions fire
+   (resizing moves the mask's area a little); `mask_comparison=">="` lets ties fire, which can take
+   far more (a unit whose T_k is 0 then fires everywhere). The unit table reports each mask's area,
+   `mask_fraction` = active mask pixels / (N·sh·sw), next to `threshold`, to compare with `quantile`;
 3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset, with Lite's
    category-restricted union (`denominator="overlap"`, feature_operation.py `tally_job`): an image's
    active pixels enter the unit's term for labels of primary category c only when some of them lie
@@ -42,9 +47,11 @@ field centres and quick-netdissect used layer offsets, so IoUs differ slightly f
 is a convex combination of the map's values, so maps whose maximum is below T_k cannot fire and are
 skipped exactly (Lite's speed trick, vectorised).
 
-Tally, per batch: only the (image, unit) maps that can fire are upsampled, in one interpolate call per
+Tally, per batch: only the (image, unit) maps that can fire are resized, in one interpolate call per
 memory-bounded chunk; intersections with pixel labels are bincounts over (unit, label) pairs at the
-positions where the mask is on; whole-image labels add the mask's area through one matrix product.
+positions where the mask is on; whole-image labels add the mask's area through one matrix product;
+the "overlap" activation term is one more bincount, over (map, primary category) pairs at the same
+positions, plus the categories of each image's whole-image labels.
 All tallies are integers on `device`, so CPU and CUDA give identical, order-independent counts.
 """
 from __future__ import annotations
@@ -368,7 +375,9 @@ class Dissection:
     """Result of one dissection: unit table, per-category summary, thresholds, IoU matrix, config.
 
     `units`: one row per unit (0-based channel or basis direction): `unit, category, label,
-    label_number, iou, detector, threshold`, then `<category>-label` / `<category>-iou` per category.
+    label_number, iou, detector, threshold, mask_fraction` (the fraction of all mask pixels of all
+    images where the unit's mask is on: about `quantile` unless ties or resizing move it), then
+    `<category>-label` / `<category>-iou` per category.
     `summary`: per category (and `total`) the number of detectors and of unique detectors (distinct
     labels among detectors). `iou`: K × num_labels (NaN for labels outside the scored categories).
     `image_max`: N × K per-image maximum activation (for top-image figures).
@@ -433,7 +442,9 @@ class DissectionOptions:
     "overlap" (Lite: an image's active pixels count for category c only when some of them lie on a
     label of c or the image has a whole-image label of c), "image" (they count whenever the image
     carries any label of c: looser, larger terms) or "union" (always: the plain union);
-    `mask_comparison` ">=" (M = S ≥ T) or ">"; `detector_comparison` ">=" (IoU ≥ threshold) or ">";
+    `mask_comparison` ">" (M = S > T, Lite's `mask > threshold`: positions tied at T do not fire) or
+    ">=" (ties fire: on flat fills the mask can take far more than the quantile's share);
+    `detector_comparison` ">=" (IoU ≥ threshold) or ">";
     `feature_budget_bytes` bounds the features and labels kept between the passes (beyond it the
     forward pass runs twice); `sketch_capacity` the sketch's buffer size (default: from the budget).
     """
@@ -443,7 +454,7 @@ class DissectionOptions:
     upsample: str = "bilinear"
     antialias: bool = True
     denominator: str = "overlap"
-    mask_comparison: str = ">="
+    mask_comparison: str = ">"
     detector_comparison: str = ">="
     feature_budget_bytes: int = 1 << 30
     quantile_budget_bytes: int = 256 << 20
@@ -647,6 +658,7 @@ def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str],
         "iou": overall_value.clamp(min=0).numpy(),
         "detector": detector_op(overall_value).numpy() & (overall_value >= 0).numpy(),
         "threshold": thresholds.cpu().numpy(),
+        "mask_fraction": tally.unit_total.cpu().double().numpy() / (config["n_images"] * math.prod(config["mask_size"])),
     })
     frame = pd.concat([head, pd.DataFrame(table)], axis=1)
 
