@@ -205,9 +205,9 @@ def test_ties_at_the_threshold_do_not_fire_and_mask_area_is_reported():
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 2.0  # the 8 'top' pixels of image 0; the other 120 of 128 positions tie at 0
     lite = dissect_features(fires, world, quantile=0.1, device="cpu")
-    assert lite.thresholds.tolist() == [0.0] and lite.config["mask_comparison"] == ">"
     top = 4
     assert lite.iou[0, top] == 1.0 and lite.units.loc[0, "label"] == "top"
+    assert lite.thresholds.tolist() == [0.0] and lite.config["mask_comparison"] == ">"
     assert lite.units.loc[0, "mask_fraction"] == 8 / 128  # within the quantile's share (0.1)
     ties = dissect_features(fires, world, quantile=0.1, device="cpu", mask_comparison=">=")
     assert ties.units.loc[0, "mask_fraction"] == 1.0  # fires everywhere
