@@ -400,9 +400,10 @@ def test_category_subset_and_save(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("shape", [(3, 3), (13, 11)])  # upsampled, shrunk (antialiased)
+def test_cuda_matches_cpu(shape):
     world = random_world(n=8, seed=9)
-    features = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(10))
+    features = torch.randn(8, 5, *shape, generator=torch.Generator().manual_seed(10))
     cpu = dissect_features(features, world, quantile=0.1, device="cpu")
     gpu = dissect_features(features, world, quantile=0.1, device="cuda")
     pd.testing.assert_frame_equal(cpu.units, gpu.units)
