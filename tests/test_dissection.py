@@ -80,7 +80,8 @@ def test_planted_detector_gets_iou_one_and_its_label():
         features[i, 0] = torch.as_tensor(world.planes[i][1] == 3, dtype=torch.float32)  # square detector
         features[i, 1] = torch.as_tensor(world.planes[i][1] == 2, dtype=torch.float32) * 2.0  # disk detector
     features[:, 2] = torch.rand(len(world), SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 0.1
-    result = dissect_features(features, world, batch_size=4, device="cpu")
+    # quantile 0.5 > each indicator's share of positions: T = 0, and Lite's '>' keeps exactly the indicator
+    result = dissect_features(features, world, quantile=0.5, batch_size=4, device="cpu")
     units = result.units.set_index("unit")
     assert units.loc[0, "label"] == "square" and units.loc[0, "category"] == "object"
     assert units.loc[1, "label"] == "disk"
@@ -104,8 +105,9 @@ def test_category_restricted_denominator_by_hand():
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 1.0  # the 8 'top' pixels of image 0
     fires[1, 0, 4:, 4:] = 1.0  # the 16 square pixels of image 1, which has no part labels
-    restricted = dissect_features(fires, world, batch_size=2, device="cpu")
-    union = dissect_features(fires, world, batch_size=2, device="cpu", denominator="union")
+    # quantile 0.25 > 24/128 active: T = 0, exactly the 1s fire ("overlap" = Lite's rule, the default)
+    restricted = dissect_features(fires, world, quantile=0.25, batch_size=2, device="cpu")
+    union = dissect_features(fires, world, quantile=0.25, batch_size=2, device="cpu", denominator="union")
     top, square, disk, beach = 4, 3, 2, 6
     # part: active pixels counted only on image 0 (8) -> 8 / (8 + 8 - 8) = 1; union: 8 / (24 + 8 - 8)
     assert restricted.iou[0, top] == 1.0
@@ -123,17 +125,113 @@ def test_category_restricted_denominator_by_hand():
     assert counts["unit_category"][0].tolist() == [0, 24, 8, 16]  # no color labels anywhere
 
 
+def overlap_world() -> PlantedBroden:
+    """hand_world plus image 2: a disk with its top half as a part in the lower-right quarter."""
+    disk, top = box(2, 4, 4, 4), box(4, 4, 4, 4)
+    top[6:] = 0
+    world = hand_world()
+    return PlantedBroden([*world.planes, np.stack([disk, top])], [*world.scenes, []])
+
+
+def test_activation_term_counts_only_images_where_the_unit_touches_the_category():
+    """Lite's tally_units_cat: an image's active pixels count for category c only when some of them lie
+    on a label of c (or the image has a whole-image label of c), not whenever the image carries c."""
+    world = overlap_world()
+    fires = torch.zeros(3, 1, SIZE, SIZE)
+    fires[0, 0, :2, :4] = 1.0  # the 8 'top' pixels of image 0
+    fires[1, 0, 4:, 4:] = 1.0  # the 16 square pixels of image 1 (no part labels, a scene)
+    fires[2, 0, :2, :4] = 1.0  # 8 unlabelled pixels of image 2, which carries a disk and a 'top' elsewhere
+    settings = dict(quantile=0.25, mask_comparison=">", batch_size=2, device="cpu")  # T = 0: exactly the 1s fire
+    lite = dissect_features(fires, world, **settings)
+    top, square, disk, beach = 4, 3, 2, 6
+    # part: only image 0's 8 pixels touch a part -> 8 / (8 + 16 - 8); object: images 0 and 1 (24 pixels)
+    assert lite.iou[0, top] == 0.5
+    assert lite.iou[0, square] == pytest.approx(16 / (24 + 16 - 16), abs=1e-15)
+    assert lite.iou[0, disk] == pytest.approx(8 / (24 + 32 - 8), abs=1e-15)
+    assert lite.iou[0, beach] == pytest.approx(16 / (16 + 64 - 16), abs=1e-15)  # whole-image label of image 1
+    assert lite.counts["unit_category"][0].tolist() == [0, 24, 8, 16]
+    assert lite.units.loc[0, "part-label"] == "top" and lite.config["denominator"] == "overlap"
+    # the looser rule (any image carrying the category) and the plain union, kept as options
+    image = dissect_features(fires, world, denominator="image", **settings)
+    assert image.iou[0, top] == pytest.approx(8 / (16 + 16 - 8), abs=1e-15)
+    assert image.iou[0, disk] == pytest.approx(8 / (32 + 32 - 8), abs=1e-15)
+    assert image.counts["unit_category"][0].tolist() == [0, 32, 16, 16]
+    union = dissect_features(fires, world, denominator="union", **settings)
+    assert union.iou[0, top] == pytest.approx(8 / (32 + 16 - 8), abs=1e-15)
+
+
+def test_shrinking_averages_like_pil_instead_of_sampling_points():
+    """A 32×32 map onto 8×8 masks (an early layer): Lite's PIL bilinear resize averages every map pixel
+    in; point sampling reads only rows/columns 4i+1 and 4i+2 and misses a grid of hot pixels at 4i."""
+    world = hand_world()
+    fires = torch.zeros(2, 1, 4 * SIZE, 4 * SIZE)
+    fires[0, 0, 0:16:4, 0:16:4] = 1.0  # one hot pixel in each 4×4 block of the disk (cells 0-3 × 0-3)
+    settings = dict(quantile=0.05, mask_comparison=">", device="cpu")  # T = 0: every positive position fires
+    averaged = dissect_features(fires, world, **settings)
+    top, disk = 4, 2
+    # the averaged map is positive on exactly the 16 disk cells of image 0 (the triangle filter of width
+    # 2 × 4 map pixels reaches a hot pixel from its own cell and from the cell before it, never further)
+    assert averaged.counts["unit_total"].tolist() == [16]
+    assert averaged.iou[0, disk] == 1.0 and averaged.units.loc[0, "label"] == "disk"
+    assert averaged.iou[0, top] == 0.5  # 8 / (16 + 8 - 8)
+    sampled = dissect_features(fires, world, antialias=False, **settings)
+    assert sampled.counts["unit_total"].tolist() == [0] and sampled.units.loc[0, "iou"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (13, 6), (11, 17), (8, 8), (5, 5), (3, 7)])
+def test_resizing_matches_pillow_bilinear_as_in_lite(shape):
+    """Lite resizes with scipy's imresize(map, (sh, sw), mode='F'): Pillow's float bilinear resize."""
+    from PIL import Image
+
+    from replication.analysis.dissection import resize_maps
+
+    maps = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    ours = resize_maps(maps, (SIZE, SIZE))
+    for b in range(2):
+        for k in range(3):
+            pil = Image.fromarray(maps[b, k].numpy()).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+            assert_close(ours[b, k], np.array(pil), atol=2e-6, rtol=0, msg=f"{shape} map {b},{k}")
+    plain = F.interpolate(maps, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    if shape[0] <= SIZE and shape[1] <= SIZE:  # upsampling is unchanged, bit for bit
+        assert torch.equal(ours, plain)
+    else:
+        assert torch.equal(resize_maps(maps, (SIZE, SIZE), antialias=False), plain)
+
+
+def test_ties_at_the_threshold_do_not_fire_and_mask_area_is_reported():
+    """Flat fills tie exactly at T_k. Lite keeps positions strictly above T_k (`mask > threshold`); a
+    '>=' mask takes every tied position, more than the quantile's share: at T_k = 0 the whole image."""
+    world = hand_world()
+    fires = torch.zeros(2, 1, SIZE, SIZE)
+    fires[0, 0, :2, :4] = 2.0  # the 8 'top' pixels of image 0; the other 120 of 128 positions tie at 0
+    lite = dissect_features(fires, world, quantile=0.1, device="cpu")
+    top = 4
+    assert lite.iou[0, top] == 1.0 and lite.units.loc[0, "label"] == "top"
+    assert lite.thresholds.tolist() == [0.0] and lite.config["mask_comparison"] == ">"
+    assert lite.units.loc[0, "mask_fraction"] == 8 / 128  # within the quantile's share (0.1)
+    ties = dissect_features(fires, world, quantile=0.1, device="cpu", mask_comparison=">=")
+    assert ties.units.loc[0, "mask_fraction"] == 1.0  # fires everywhere
+    assert ties.iou[0, top] == 8 / 64  # image 0's 64 active pixels touch 'top'; image 1 has no part
+    # a flat region tied at a positive threshold: 16 of 128 positions at 1.0, T = 1.0, nothing above it
+    square = torch.zeros(2, 1, SIZE, SIZE)
+    square[1, 0, 4:, 4:] = 1.0
+    flat = dissect_features(square, world, device="cpu")
+    assert flat.thresholds.tolist() == [1.0] and flat.units.loc[0, "mask_fraction"] == 0.0
+    assert list(flat.units.columns[:8]) == ["unit", "category", "label", "label_number", "iou", "detector",
+                                            "threshold", "mask_fraction"]
+
+
 def test_detector_and_mask_comparisons_are_exposed():
     world = hand_world()
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[1, 0, 4:, 4:] = 1.0
-    # threshold = 1.0 exactly: '>=' keeps the square, '>' keeps nothing
-    assert dissect_features(fires, world, device="cpu").units.loc[0, "iou"] == 1.0
-    strict = dissect_features(fires, world, device="cpu", mask_comparison=">")
+    # threshold = 1.0 exactly: '>' (Lite, the default) keeps nothing, '>=' keeps the square
+    strict = dissect_features(fires, world, device="cpu")
     assert strict.units.loc[0, "iou"] == 0.0 and not strict.units.loc[0, "detector"]
-    at = dissect_features(fires, world, device="cpu", iou_threshold=1.0)
+    assert dissect_features(fires, world, device="cpu", mask_comparison=">=").units.loc[0, "iou"] == 1.0
+    at = dissect_features(fires, world, device="cpu", iou_threshold=1.0, mask_comparison=">=")
     assert bool(at.units.loc[0, "detector"])
-    assert not bool(dissect_features(fires, world, device="cpu", iou_threshold=1.0,
+    assert not bool(dissect_features(fires, world, device="cpu", iou_threshold=1.0, mask_comparison=">=",
                                      detector_comparison=">").units.loc[0, "detector"])
 
 
@@ -184,11 +282,20 @@ def reference_iou(features, world, thresholds, denominator):
     label_pixels = np.zeros(num_labels)
     for i in range(len(world)):
         item = world[i]
-        up = F.interpolate(features[i : i + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0].double()
+        shrink = features.shape[2] > SIZE or features.shape[3] > SIZE  # PIL-style averaging when shrinking
+        up = F.interpolate(features[i : i + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False,
+                           antialias=shrink)[0].double()
         for k in range(units):
-            mask = (up[k] >= thresholds[k]).numpy()
+            mask = (up[k] > thresholds[k]).numpy()  # Lite: strictly above T_k
             active[k] += mask.sum()
-            active_cat[k] += mask.sum() * item["category_present"].numpy()
+            if denominator == "image":  # the image carries some label of the category
+                active_cat[k] += mask.sum() * item["category_present"].numpy()
+            else:  # Lite: some active pixel lies on a label of the category, or a whole-image label
+                touched = np.zeros(len(CATEGORIES), dtype=bool)
+                for label in [*np.unique(item["pixel_labels"].numpy()[:, mask]), *item["image_labels"].tolist()]:
+                    if PRIMARY[label] >= 0:
+                        touched[PRIMARY[label]] = True
+                active_cat[k] += mask.sum() * touched
             for label in range(1, num_labels):
                 for plane in item["pixel_labels"].numpy():
                     inter[k, label] += (mask & (plane == label)).sum()
@@ -201,16 +308,17 @@ def reference_iou(features, world, thresholds, denominator):
     for label in range(1, num_labels):
         if PRIMARY[label] < 0:
             continue
-        unit_term = active_cat[:, PRIMARY[label]] if denominator == "category" else active
+        unit_term = active if denominator == "union" else active_cat[:, PRIMARY[label]]
         denom = unit_term + label_pixels[label] - inter[:, label]
         iou[:, label] = np.where(denom > 0, inter[:, label] / np.maximum(denom, 1), 0)
     return iou
 
 
-@pytest.mark.parametrize("denominator", ["category", "union"])
-def test_vectorised_tally_matches_brute_force(denominator):
+@pytest.mark.parametrize("shape", [(3, 3), (13, 11)])  # upsampled, shrunk
+@pytest.mark.parametrize("denominator", ["overlap", "image", "union"])
+def test_vectorised_tally_matches_brute_force(denominator, shape):
     world = random_world(n=8, seed=4)
-    features = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(5))
+    features = torch.randn(8, 5, *shape, generator=torch.Generator().manual_seed(5))
     result = dissect_features(features, world, quantile=0.1, denominator=denominator, batch_size=3, device="cpu")
     expected = reference_iou(features, world, result.thresholds, denominator)
     assert_close(np.nan_to_num(result.iou, nan=-7), np.nan_to_num(expected, nan=-7), atol=1e-12)
@@ -280,7 +388,7 @@ def test_category_subset_and_save(tmp_path):
     fires = torch.zeros(2, 1, SIZE, SIZE)
     fires[0, 0, :2, :4] = 1.0
     fires[1, 0, 4:, 4:] = 1.0
-    objects = dissect_features(fires, world, categories=["object"], device="cpu")
+    objects = dissect_features(fires, world, categories=["object"], quantile=0.25, device="cpu")  # T = 0
     assert objects.units.loc[0, "label"] == "square" and list(objects.summary.category) == ["object", "total"]
     assert "part-label" not in objects.units.columns
     objects.save(tmp_path)
@@ -292,9 +400,10 @@ def test_category_subset_and_save(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("shape", [(3, 3), (13, 11)])  # upsampled, shrunk (antialiased)
+def test_cuda_matches_cpu(shape):
     world = random_world(n=8, seed=9)
-    features = torch.randn(8, 5, 3, 3, generator=torch.Generator().manual_seed(10))
+    features = torch.randn(8, 5, *shape, generator=torch.Generator().manual_seed(10))
     cpu = dissect_features(features, world, quantile=0.1, device="cpu")
     gpu = dissect_features(features, world, quantile=0.1, device="cuda")
     pd.testing.assert_frame_equal(cpu.units, gpu.units)
@@ -312,7 +421,7 @@ def test_end_to_end_on_broden_fixture(tmp_path):
     disk = torch.stack([torch.as_tensor((truth.pixel_labels(im) == 10).any(0), dtype=torch.float32) for im in rows])
     indoor = torch.tensor([50 in truth.image_labels(im) for im in rows], dtype=torch.float32)
     features = torch.stack([disk, indoor[:, None, None].expand_as(disk)], dim=1)
-    result = dissect_features(features, dataset, batch_size=5, device="cpu")
+    result = dissect_features(features, dataset, quantile=0.5, batch_size=5, device="cpu")  # T = 0
     assert result.units.label.tolist() == ["disk", "indoor"]
     assert result.units.iou.tolist() == [1.0, 1.0]
     assert result.units.category.tolist() == ["object", "scene"]
@@ -335,7 +444,7 @@ def test_figures_and_unit_label_table():
     for i in range(len(world)):
         features[i, 0] = torch.as_tensor(world.planes[i][1] == 3, dtype=torch.float32)
     features[:, 1] = 0.5 * torch.rand(len(world), SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    result = dissect_features(features, world, device="cpu")
+    result = dissect_features(features, world, quantile=0.3, device="cpu")  # T = 0 for the indicator
     table = unit_label_table(result)
     assert table.loc[0, "unit"] == 0 and table.loc[0, "label"] == "square" and table.loc[0, "iou"] == 1.0
     bars = plot_detectors_per_category(result)
@@ -357,13 +466,14 @@ def test_random_rotation_destroys_planted_axis_alignment():
     for i in range(len(world)):
         for unit, label in enumerate([2, 3, 4]):  # disk, square, top: exact indicators
             features[i, unit] = torch.as_tensor((world.planes[i] == label).any(0), dtype=torch.float32)
-    natural = dissect_features(features, world, device="cpu")
+    ties = dict(mask_comparison=">=")  # the 0/1 indicators tie at T = 1: '>=' keeps each one whole
+    natural = dissect_features(features, world, device="cpu", **ties)
     assert natural.units.label[:3].tolist() == ["disk", "square", "top"] and (natural.units.iou[:3] == 1).all()
     rotation = random_rotation(6, seed=0)
-    rotated = dissect_features(features, world, device="cpu", basis=rotation)
+    rotated = dissect_features(features, world, device="cpu", basis=rotation)  # rotated directions: no ties
     best = np.nanmax(rotated.iou[:, [2, 3, 4]], axis=0)
     assert (best < 0.5).all(), best
-    identity = dissect_features(features, world, device="cpu", basis=fractional_rotation(rotation, 0.0))
+    identity = dissect_features(features, world, device="cpu", basis=fractional_rotation(rotation, 0.0), **ties)
     pd.testing.assert_frame_equal(identity.units, natural.units, check_exact=True)
 
 
@@ -371,5 +481,5 @@ def test_scene_only_dataset_without_pixel_planes():
     world = PlantedBroden([np.zeros((0, SIZE, SIZE), dtype=np.int64)] * 3, [[6], [], [6]])
     features = torch.zeros(3, 1, SIZE, SIZE)
     features[[0, 2]] = 1.0
-    result = dissect_features(features, world, device="cpu")
+    result = dissect_features(features, world, quantile=0.7, device="cpu")  # T = 0 < the scene images' 1s
     assert result.units.loc[0, "label"] == "beach" and result.units.loc[0, "iou"] == 1.0

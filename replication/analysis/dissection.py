@@ -4,10 +4,19 @@ For every unit k of a layer (or every direction of a `basis` applied to its chan
 
 1. threshold T_k = the (1 − quantile) quantile of the unit's activations over all positions of all
    images (`quantile=0.005`: the top 0.5%);
-2. the activation map is upsampled to the annotation resolution and binarised, M_k = S_k ≥ T_k;
-3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset; by default the unit's
-   term of the union only counts images carrying some label of l's primary category (Lite's
-   category-restricted denominator); whole-image labels (scene, texture) cover the whole mask;
+2. the activation map is resized to the annotation resolution (below) and binarised, M_k = S_k > T_k
+   (Lite's strict `mask > threshold`): where activations tie exactly at T_k, as on flat synthetic
+   fills, the tied positions stay off, so at most about the quantile's share of feature positions fire
+   (resizing moves the mask's area a little); `mask_comparison=">="` lets ties fire, which can take
+   far more (a unit whose T_k is 0 then fires everywhere). The unit table reports each mask's area,
+   `mask_fraction` = active mask pixels / (N·sh·sw), next to `threshold`, to compare with `quantile`;
+3. IoU_{k,l} = Σ_x |M_k ∩ L_l| / Σ_x |M_k ∪ L_l| accumulated over the dataset, with Lite's
+   category-restricted union (`denominator="overlap"`, feature_operation.py `tally_job`): an image's
+   active pixels enter the unit's term for labels of primary category c only when some of them lie
+   on a label of c in that image, or the image has a whole-image label of c (so a unit firing where
+   no part is annotated is not penalised for part concepts); "image" counts them whenever the image
+   carries any label of c (looser: larger terms, lower IoUs), "union" always; whole-image labels
+   (scene, texture) cover the whole mask;
 4. label = argmax_l IoU (per category and overall); detector when IoU ≥ `iou_threshold`.
 
 Passes. Pass 1 runs the forward pass once, feeds the exact per-unit quantile state and counts the
@@ -26,17 +35,23 @@ keep alternate elements); its rank error is bounded by Σ 2^level over the compa
 as `config["quantile_rank_error"]` (a fraction of n), and its memory is K·capacity·4·(levels + 2)
 bytes with levels ≈ log2(n / capacity).
 
-Upsampling. `upsample="bilinear"` is `F.interpolate(..., mode="bilinear", align_corners=False)` to the
-mask size: half-pixel-centred sampling as in Lite's PIL bilinear resize (edge pixels are clamped
-rather than renormalised, which can differ from PIL on the border row/column); the original
-NetDissect anchored a spline at receptive-field centres and quick-netdissect used layer offsets, so
-IoUs differ slightly from both. "bilinear-corners" (align_corners=True) and "nearest" are options.
-Every mode is a convex combination of the map's values, so maps whose maximum is below T_k cannot
-fire and are skipped exactly (Lite's speed trick, vectorised).
+Resizing (`resize_maps`). Lite resizes each map to the mask with scipy's `imresize(..., mode='F')`, i.e.
+Pillow's float bilinear resize. `upsample="bilinear"` is `F.interpolate(..., mode="bilinear",
+align_corners=False)` when the map is not larger than the mask (half-pixel centres; equal to Pillow's
+upsampling to float rounding, border included), and with `antialias=True` (default) when it is larger
+along a dimension (early layers): Pillow's convolution resize, whose triangle filter widens with the
+scale so every map pixel is averaged in (point sampling, `antialias=False`, reads ≤ 2×2 map pixels per
+output and skips the rest of a map 4× larger). The original NetDissect anchored a spline at receptive-
+field centres and quick-netdissect used layer offsets, so IoUs differ slightly from both.
+"bilinear-corners" (align_corners=True) and "nearest" (always point-sampled) are options. Every mode
+is a convex combination of the map's values, so maps whose maximum is below T_k cannot fire and are
+skipped exactly (Lite's speed trick, vectorised).
 
-Tally, per batch: only the (image, unit) maps that can fire are upsampled, in one interpolate call per
+Tally, per batch: only the (image, unit) maps that can fire are resized, in one interpolate call per
 memory-bounded chunk; intersections with pixel labels are bincounts over (unit, label) pairs at the
-positions where the mask is on; whole-image labels add the mask's area through one matrix product.
+positions where the mask is on; whole-image labels add the mask's area through one matrix product;
+the "overlap" activation term is one more bincount, over (map, primary category) pairs at the same
+positions, plus the categories of each image's whole-image labels.
 All tallies are integers on `device`, so CPU and CUDA give identical, order-independent counts.
 """
 from __future__ import annotations
@@ -65,7 +80,7 @@ UPSAMPLE_MODES = {
     "bilinear-corners": {"mode": "bilinear", "align_corners": True},
     "nearest": {"mode": "nearest"},
 }
-DENOMINATORS = ("category", "union")
+DENOMINATORS = ("overlap", "image", "union")
 COMPARISONS = (">=", ">")
 _CHUNK_ELEMENTS = 1 << 24  # upsampled values held at once by the tally (64 MiB of float32)
 
@@ -190,6 +205,25 @@ def _compare(values: torch.Tensor, thresholds: torch.Tensor, comparison: str) ->
     return values >= thresholds if comparison == ">=" else values > thresholds
 
 
+def resize_maps(maps: torch.Tensor, size: Sequence[int], upsample: str = "bilinear",
+                antialias: bool = True) -> torch.Tensor:
+    """Float maps (... × h × w, 4-d) at the mask `size` (sh, sw), as the tally thresholds them.
+
+    Upsampling (h ≤ sh and w ≤ sw) interpolates between the nearest map pixels (`UPSAMPLE_MODES`).
+    When the map is larger than the mask along a dimension and `antialias` is on, the bilinear modes
+    use torch's antialiased resize: Pillow's convolution resize, whose triangle filter widens with
+    the scale so every map pixel is averaged in, as Lite's `imresize(map, (sh, sw), mode='F')` does;
+    without it each output samples ≤ 2×2 map pixels. "nearest" always samples. Same size: unchanged.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    interpolation = UPSAMPLE_MODES[upsample]
+    shrinks = maps.shape[-2] > size[0] or maps.shape[-1] > size[1]
+    average = antialias and shrinks and interpolation["mode"] == "bilinear"
+    return F.interpolate(maps, size=size, antialias=average, **interpolation)
+
+
 # ---------------------------------------------------------------- tally
 @dataclass
 class _Labels:
@@ -215,12 +249,22 @@ class _Labels:
 
 
 class _Tally:
-    """Integer accumulators of Lite's tally: intersections, active pixels, label pixels."""
+    """Integer accumulators of Lite's tally: intersections, active pixels, label pixels.
+
+    `unit_category[k, c]` is unit k's activation term for labels of primary category c under
+    `denominator`: "overlap" (Lite) adds an image's active pixels when some lie on a label of primary
+    category c or the image has a whole-image label of c; "image" adds them when the image carries
+    any label of c (`category_present`); "union" adds them always (every column = `unit_total`).
+    """
 
     def __init__(self, units: int, num_labels: int, num_categories: int, mask_size: tuple[int, int],
-                 upsample: str, comparison: str, device: torch.device):
-        self.L, self.mask_size, self.comparison = num_labels, mask_size, comparison
-        self.interpolation = UPSAMPLE_MODES[upsample]
+                 upsample: str, antialias: bool, comparison: str, denominator: str,
+                 primary_category: torch.Tensor, device: torch.device):
+        self.L, self.C, self.mask_size, self.comparison = num_labels, num_categories, mask_size, comparison
+        self.denominator, self.upsample, self.antialias = denominator, upsample, antialias
+        # label -> primary category, C (a sink column) for label 0 and labels of no selected category
+        primary = torch.as_tensor(primary_category).to(device=device, dtype=torch.int64)
+        self.label_category = torch.where(primary >= 0, primary, torch.full_like(primary, num_categories))
         self.intersection = torch.zeros(units, num_labels, dtype=torch.int64, device=device)
         self.unit_category = torch.zeros(units, num_categories, dtype=torch.int64, device=device)
         self.unit_total = torch.zeros(units, dtype=torch.int64, device=device)
@@ -247,22 +291,33 @@ class _Tally:
         slack = thresholds.abs() * 1e-6 + 1e-30
         image_idx, unit_idx = (peaks >= thresholds - slack).nonzero(as_tuple=True)
         active = torch.zeros(batch, units, dtype=torch.int64, device=features.device)
-        same_size = tuple(features.shape[2:]) == self.mask_size
+        overlap = self.denominator == "overlap"
+        if overlap:  # B × C: the image has a whole-image label of primary category c
+            whole = torch.zeros(batch, self.C + 1, dtype=torch.bool, device=features.device)
+            whole.scatter_(1, self.label_category[labels.image], True)
+            whole = whole[:, : self.C]
         step = max(1, _CHUNK_ELEMENTS // area)
         for start in range(0, len(image_idx), step):
             b, k = image_idx[start : start + step], unit_idx[start : start + step]
-            maps = features[b, k]
-            if not same_size:
-                maps = F.interpolate(maps[:, None], size=self.mask_size, **self.interpolation)[:, 0]
+            maps = resize_maps(features[b, k][:, None], self.mask_size, self.upsample, self.antialias)[:, 0]
             mask = _compare(maps, thresholds[k, None, None], self.comparison).view(len(b), area)
             which, position = mask.nonzero(as_tuple=True)  # which selected map, where in it
-            active[b, k] = torch.bincount(which, minlength=len(b))
+            on_count = torch.bincount(which, minlength=len(b))
+            active[b, k] = on_count
             on_labels = labels.pixel.index_select(0, (b * area)[which] + position).long()  # on × planes
             keys = (k * self.L)[which, None] + on_labels  # label 0 (none) lands in column 0, ignored
             self.intersection += torch.bincount(keys.view(-1), minlength=units * self.L).view(units, self.L)
+            if overlap:  # per selected map: does any active pixel lie on a label of primary category c?
+                hit_keys = which[:, None] * (self.C + 1) + self.label_category[on_labels]
+                hits = torch.bincount(hit_keys.view(-1), minlength=len(b) * (self.C + 1)).view(len(b), self.C + 1)
+                touched = (hits[:, : self.C] > 0) | whole[b]
+                self.unit_category.index_add_(0, k, on_count[:, None] * touched)
         active_f = active.double()
         self.intersection += (active_f.T @ self._image_onehot(labels)).long()
-        self.unit_category += (active_f.T @ labels.present.double()).long()
+        if self.denominator == "image":
+            self.unit_category += (active_f.T @ labels.present.double()).long()
+        elif self.denominator == "union":
+            self.unit_category += active.sum(dim=0)[:, None]
         self.unit_total += active.sum(dim=0)
 
 
@@ -320,7 +375,9 @@ class Dissection:
     """Result of one dissection: unit table, per-category summary, thresholds, IoU matrix, config.
 
     `units`: one row per unit (0-based channel or basis direction): `unit, category, label,
-    label_number, iou, detector, threshold`, then `<category>-label` / `<category>-iou` per category.
+    label_number, iou, detector, threshold, mask_fraction` (the fraction of all mask pixels of all
+    images where the unit's mask is on: about `quantile` unless ties or resizing move it), then
+    `<category>-label` / `<category>-iou` per category.
     `summary`: per category (and `total`) the number of detectors and of unique detectors (distinct
     labels among detectors). `iou`: K × num_labels (NaN for labels outside the scored categories).
     `image_max`: N × K per-image maximum activation (for top-image figures).
@@ -357,7 +414,7 @@ def activation_masks(features: torch.Tensor, dissection: Dissection) -> torch.Te
     config = dissection.config
     thresholds = _comparison_thresholds(torch.as_tensor(dissection.thresholds, device=features.device),
                                         config["mask_comparison"])
-    maps = F.interpolate(features.float(), size=tuple(config["mask_size"]), **UPSAMPLE_MODES[config["upsample"]])
+    maps = resize_maps(features.float(), config["mask_size"], config["upsample"], config.get("antialias", False))
     return _compare(maps, thresholds[:, None, None], config["mask_comparison"])
 
 
@@ -384,8 +441,15 @@ class DissectionOptions:
 
     `quantile_rule` "exact" (level 1 − quantile) or "lite" (994/999); `quantile_method` "exact" (top-m,
     exact), "sketch" (bounded memory) or "auto" (exact while it fits `quantile_budget_bytes`);
-    `upsample` one of UPSAMPLE_MODES; `denominator` "category" (Lite) or "union" (plain union);
-    `mask_comparison` ">=" (M = S ≥ T) or ">"; `detector_comparison` ">=" (IoU ≥ threshold) or ">";
+    `upsample` one of UPSAMPLE_MODES; `antialias`: maps larger than the mask (early layers) are
+    averaged down as PIL's resize does in Lite (True) or point-sampled (False; see `resize_maps`);
+    `denominator`, the unit's activation term of a label's union:
+    "overlap" (Lite: an image's active pixels count for category c only when some of them lie on a
+    label of c or the image has a whole-image label of c), "image" (they count whenever the image
+    carries any label of c: looser, larger terms) or "union" (always: the plain union);
+    `mask_comparison` ">" (M = S > T, Lite's `mask > threshold`: positions tied at T do not fire) or
+    ">=" (ties fire: on flat fills the mask can take far more than the quantile's share);
+    `detector_comparison` ">=" (IoU ≥ threshold) or ">";
     `feature_budget_bytes` bounds the features and labels kept between the passes (beyond it the
     forward pass runs twice); `sketch_capacity` the sketch's buffer size (default: from the budget).
     """
@@ -393,8 +457,9 @@ class DissectionOptions:
     quantile_rule: str = "exact"
     quantile_method: str = "auto"
     upsample: str = "bilinear"
-    denominator: str = "category"
-    mask_comparison: str = ">="
+    antialias: bool = True
+    denominator: str = "overlap"
+    mask_comparison: str = ">"
     detector_comparison: str = ">="
     feature_budget_bytes: int = 1 << 30
     quantile_budget_bytes: int = 256 << 20
@@ -412,6 +477,8 @@ class DissectionOptions:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"antialias must be True or False; got {self.antialias!r}.")
 
     @classmethod
     def from_keywords(cls, options: dict) -> "DissectionOptions":
@@ -528,8 +595,8 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
             per_image = labels.nbytes() / len(labels.present) + (0 if source.resident else units * height * width * 4)
             if per_image * n_images > options.feature_budget_bytes:
                 stored = None
-            tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample,
-                           options.mask_comparison, device)
+            tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample, options.antialias,
+                           options.mask_comparison, options.denominator, dataset.primary_category, device)
         quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
         tally.count_labels(labels)
         image_max.append(features.amax(dim=(2, 3)))
@@ -566,10 +633,7 @@ def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str],
     intersection = tally.intersection.cpu().double()
     label_pixels = tally.label_pixels.cpu().double()
     primary = torch.as_tensor(dataset.primary_category).long().cpu()
-    if config["denominator"] == "category":
-        unit_term = tally.unit_category.cpu().double()[:, primary.clamp(min=0)]
-    else:
-        unit_term = tally.unit_total.cpu().double()[:, None].expand_as(intersection)
+    unit_term = tally.unit_category.cpu().double()[:, primary.clamp(min=0)]  # the rule's activation term
     denominator = unit_term + label_pixels - intersection
     iou = torch.where(denominator > 0, intersection / denominator.clamp(min=1), torch.zeros(()))
     category_of = {c: dataset.categories.index(c) for c in scored}
@@ -599,6 +663,7 @@ def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str],
         "iou": overall_value.clamp(min=0).numpy(),
         "detector": detector_op(overall_value).numpy() & (overall_value >= 0).numpy(),
         "threshold": thresholds.cpu().numpy(),
+        "mask_fraction": tally.unit_total.cpu().double().numpy() / (config["n_images"] * math.prod(config["mask_size"])),
     })
     frame = pd.concat([head, pd.DataFrame(table)], axis=1)
 
