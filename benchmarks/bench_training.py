@@ -1,57 +1,82 @@
-"""Seconds per training epoch of a profile's backbone, extrapolated from a few batches.
+"""Training throughput (images/s) of a profile's baseline on its world, with and without each CPU lever.
 
-Trains the profile's [train] backbone with `replication.training.train` for one short epoch on
-random images of the profile's [world] size, then scales the measured time to the profile's image
-count (the train split is most of it; the estimate is deliberately for all images). Also prints the
-ratio of a training step to an evaluation pass over the same images.
+Trains the profile's [model] backbone with its [train] recipe on the profile's [world] train split for
+a few batches per variant, interleaved over `--rounds` rounds, and prints images/s per variant and
+its ratio to the first ("png": the images decoded from PNG in every epoch, as a plain DataLoader
+over `ClassificationDataset` does):
+- "memory": the split decoded once into tensors (`subsets.InMemoryDataset`), as `train_world_classifier` does;
+- "memory+channels_last": the same with the model and batches in channels-last memory format;
+- "memory+augment": in memory, with the profile's augmentation (if the profile sets none, flip_crop).
 
-    python benchmarks/bench_training.py [--profile default] [--batches 10] [--device cpu]
+    python benchmarks/bench_training.py [--profile default] [--batches 8] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset
 
 import replication  # noqa: F401  (before torchvision)
 from replication import runtime
-from replication.models.backbones import build_backbone
+from replication.data.classification import ClassificationDataset
+from replication.data.concept_world import WorldConfig, ensure_world
+from replication.data.subsets import InMemoryDataset
+from replication.models.backbones import BackboneConfig
 from replication.profiles import load_profile
-from replication.training.loop import TrainConfig, evaluate, train
+from replication.training.loop import TrainConfig, train
+
+
+def _seconds(model: torch.nn.Module, data, config: TrainConfig, device: torch.device) -> float:
+    return float(train(model, data, config=config, device=device).history["seconds"].iloc[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
-    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     profile = load_profile(args.profile)
-    setup, world = profile.section("train"), profile.section("world")
-    device = runtime.resolve_device(args.device or profile.section("runtime").get("device"))
-    batch, size = setup["batch_size"], world["image_size"]
-    n = args.batches * batch
-    data = TensorDataset(torch.randn(n, 3, size, size), torch.randint(0, 10, (n,)))
-    config = TrainConfig(epochs=1, batch_size=batch, lr=setup["lr"], seed=0)
-
+    model_config = profile.build(BackboneConfig, "model")
+    train_config = profile.build(TrainConfig, "train")
+    torch.set_num_threads(profile.section("runtime")["threads"])
+    device = runtime.resolve_device(args.device)
+    root = ensure_world(profile.build(WorldConfig, "world"))
+    split = ClassificationDataset(root, "train")
+    n = min(len(split), args.batches * train_config.batch_size)
+    png = Subset(split, range(n))
+    memory = InMemoryDataset(split, range(n))
+    config = dataclasses.replace(train_config, epochs=1)
+    augment = config.augment if config.augment != "none" else "flip_crop"
+    variants = {
+        "png": (png, config, False),
+        "memory": (memory, config, False),
+        "memory+channels_last": (memory, config, True),
+        "memory+augment": (memory, dataclasses.replace(config, augment=augment), False),
+    }
     runtime.seed_everything(0)
-    model = build_backbone(setup["arch"], 10, small_input=setup["small_input"], width=setup["width"])
-    train(model, TensorDataset(*(t[:batch] for t in data.tensors)), config=config, device=device)  # warm-up
-    seconds = train(model, data, config=config, device=device).history["seconds"].iloc[0]
-    started = time.perf_counter()
-    evaluate(model, data, batch_size=batch, device=device)
-    eval_seconds = time.perf_counter() - started
-
-    per_image = seconds / n
-    print(f"profile={args.profile} arch={setup['arch']} width={setup['width']} small_input={setup['small_input']} "
-          f"image_size={size} batch={batch} device={device} threads={torch.get_num_threads()}")
-    print(f"train: {n} images in {seconds:.2f} s = {n / seconds:.0f} images/s")
-    print(f"estimated epoch over {world['n_images']} images: {per_image * world['n_images']:.1f} s "
-          f"(x {setup['epochs']} epochs = {per_image * world['n_images'] * setup['epochs'] / 60:.1f} min)")
-    print(f"train step / eval forward time ratio: {seconds / eval_seconds:.2f}")
+    model = model_config.build(len(split.classes))
+    _seconds(model, Subset(memory, range(config.batch_size)), config, device)  # warm-up
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (data, variant_config, channels_last) in variants.items():
+            model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            timings[name].append(_seconds(model, data, variant_config, device))
+    print(f"profile={args.profile} arch={model_config.arch} width={model_config.width} small_input={model_config.small_input} "
+          f"image_size={split.image_size} batch={config.batch_size} device={device} threads={torch.get_num_threads()} "
+          f"images={n} rounds={args.rounds} (best round)")
+    base = n / min(timings["png"])
+    for name, seconds in timings.items():
+        rate = n / min(seconds)
+        print(f"{name:>22}: {rate:7.0f} images/s  ({rate / base:.2f}x png)")
+    epoch_seconds = len(split) / (n / min(timings["memory"]))
+    print(f"one epoch over the {len(split)} train images in memory: {epoch_seconds:.1f} s; x {train_config.epochs} epochs = "
+          f"{epoch_seconds * train_config.epochs / 60:.1f} min per model")
 
 
 if __name__ == "__main__":
