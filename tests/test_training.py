@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -436,6 +437,11 @@ def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world
     report = baselines.reports["alexnet", 1]
     assert report["confusion"].sum() == len(ClassificationDataset(tiny_world, "val"))
     assert accuracy["val_acc"].iloc[-1] == pytest.approx(100 * report["accuracy"])
+    names = ClassificationDataset(tiny_world, "val").classes
+    per_class = baselines.per_class(names)
+    assert list(per_class.columns) == ["resnet18", "alexnet"] and list(per_class.index) == names
+    expected = 50 * (baselines.reports["alexnet", 0]["per_class"] + report["per_class"])
+    np.testing.assert_allclose(per_class["alexnet"].to_numpy(), expected)
     assert models["alexnet", 0].features[0].out_channels == 4  # 64 x the override's width 1/16
     assert not torch.equal(models["resnet18", 0].conv1.weight, models["resnet18", 1].conv1.weight)
 
@@ -537,3 +543,5 @@ def test_select_recipe_scores_candidates_on_a_held_out_part_of_train(tiny_world,
     assert select_recipe(tiny_world, model, train_config, RecipeSearch(), device="cpu")[0] is train_config
     with pytest.raises(ValueError, match="tuning_fraction = 1"):
         RecipeSearch(tuning_fraction=1)
+    with pytest.raises(ValueError, match=r"candidate 'fast' sets \['learning_rate'\], which are no TrainConfig"):
+        RecipeSearch(candidates={"fast": {"learning_rate": 0.1}})

@@ -43,6 +43,12 @@ class RecipeSearch:
     def __post_init__(self) -> None:
         if not 0 < self.tuning_fraction < 1:
             raise ValueError(f"[baselines.recipe_search] tuning_fraction = {self.tuning_fraction}: give a share in (0, 1).")
+        known = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
+        for name, overrides in self.candidates.items():
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise ValueError(f"[baselines.recipe_search] candidate {name!r} sets {unknown}, which are no TrainConfig "
+                                 f"fields (the seed is the tuning seed); known: {sorted(known)}.")
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,11 @@ class Baselines:
     histories: pd.DataFrame
     recipes: dict[str, TrainConfig]
     tuning: pd.DataFrame
+
+    def per_class(self, class_names: Sequence[str]) -> pd.DataFrame:
+        """Val accuracy (%) per class (rows, by class id) and arch (columns), mean over seeds."""
+        frame = pd.DataFrame({key: 100 * report["per_class"] for key, report in self.reports.items()}, index=list(class_names))
+        return frame.T.groupby(level=0, sort=False).mean().T.rename_axis("class")
 
 
 def train_baselines(
