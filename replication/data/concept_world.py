@@ -562,15 +562,17 @@ def _rgb(hsv: tuple[float, float, float]) -> tuple[int, int, int]:
     return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
 
 
-def background_fill(scene: Scene, band: str, rng: np.random.Generator, image_size: int) -> Fill:
-    """The fill of one band ("upper" or "lower") of `scene`: one of its textures in two tints of the
-    band's ranges on the textured band, a smooth vertical gradient between two tints on the other."""
+def background_fill(scene: Scene, band: str, rng: np.random.Generator, image_size: int,
+                    texture: int | None = None) -> Fill:
+    """The fill of one band ("upper" or "lower") of `scene`: its texture number `texture` (None: one
+    at random) in two tints of the band's ranges on the textured band, a smooth vertical gradient
+    between two tints on the other."""
     h, s, v = _tint(scene.upper if band == "upper" else scene.lower, rng)
     offset = (int(rng.integers(0, 512)), int(rng.integers(0, 512)))
     if band != scene.textured:
         step = float(rng.uniform(-0.12, 0.12))
         return Fill("gradient", tints=(_rgb((h, s, v)), _rgb((h, s * 0.8, v + step))))
-    name = scene.textures[rng.integers(len(scene.textures))]
+    name = scene.textures[rng.integers(len(scene.textures)) if texture is None else texture]
     if name in PHOTOS:
         return Fill("photo", photo=name, offset=offset, tints=(_rgb((h, s, 0.75 * v)),))
     if name == "noise":
@@ -771,15 +773,16 @@ def _compose(config: WorldConfig, class_id: int, scene: Scene, horizon: int, ban
     return rendered, bool(visible)
 
 
-def render_classification(config: WorldConfig, class_id: int, rng: np.random.Generator, cat: Catalogue) -> Rendered:
-    """One image of class `class_id`: the scene's bands, then its key object, maybe a confuser and
-    distractors, placed and drawn in random order (redrawn with the key object on top if that hid
-    its key part)."""
+def render_classification(config: WorldConfig, class_id: int, rng: np.random.Generator, cat: Catalogue,
+                          texture: int | None = None) -> Rendered:
+    """One image of class `class_id`: the scene's bands (its texture number `texture`, None: at random),
+    then its key object, maybe a confuser and distractors, placed and drawn in random order (redrawn
+    with the key object on top if that hid its key part)."""
     rule = CLASS_RULES[class_id]
     scene = SCENE_BY_NAME[rule.scene]
     size = config.image_size
     horizon = int(round(rng.uniform(*scene.horizon) * size))
-    bands = (background_fill(scene, "upper", rng, size), background_fill(scene, "lower", rng, size))
+    bands = (background_fill(scene, "upper", rng, size, texture), background_fill(scene, "lower", rng, size, texture))
     scene_rules = RULES_BY_SCENE[scene.name]
     plan = [(rule.object, rule.part, rule.colour, "key")]
     if rng.random() < config.confuser_rate:
@@ -867,14 +870,14 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     path.write_bytes(encode_png(array, PNG_COMPRESS_LEVEL))
 
 
-def _write_image(config: WorldConfig, out: Path, index: int, split: str, class_id: int) -> dict:
+def _write_image(config: WorldConfig, out: Path, index: int, split: str, class_id: int, texture: int = 0) -> dict:
     """Render image `index` with its own seed, write its PNGs, return its index/task/statistics record."""
     cat = catalogue(config.preset)
     rng = np.random.default_rng([config.seed, index])
     if config.preset == "cgl_shapes":
         rendered = render_cgl(config, rng, cat)
     else:
-        rendered = render_classification(config, class_id, rng, cat)
+        rendered = render_classification(config, class_id, rng, cat, texture)
     canvas = rendered.canvas
     canvas.dither(config.dither, rng)  # records untouched; no draw from rng when dither is 0
     stem = f"cw_{index:06d}"
@@ -945,18 +948,26 @@ def _instances(rendered: Rendered, cat: Catalogue, image: str, split: str) -> li
 
 def _write_chunk(job: tuple) -> list[dict]:
     config, out, items = job
-    return [_write_image(config, Path(out), index, split, class_id) for index, split, class_id in items]
+    return [_write_image(config, Path(out), index, split, class_id, texture) for index, split, class_id, texture in items]
 
 
 # ============================================================================ the dataset
-def _assignments(config: WorldConfig) -> tuple[list[str], list[int]]:
-    """Split per image (exactly round(val_fraction·n) val images) and balanced class ids, seeded."""
+def _assignments(config: WorldConfig) -> tuple[list[str], list[int], list[int]]:
+    """Split per image (exactly round(val_fraction·n) val images), balanced class ids and, per scene,
+    balanced texture numbers (each of a scene's textures in as many of its images as possible, so
+    texture frequencies, hence their IoU ceilings, do not scatter), seeded."""
     rng = np.random.default_rng([config.seed, 2**31 - 1])
     n = config.n_images
     splits = np.full(n, "train", dtype=object)
     splits[rng.permutation(n)[: int(round(config.val_fraction * n))]] = "val"
-    classes = rng.permutation(np.arange(n) % len(CLASS_RULES)).tolist()
-    return splits.tolist(), classes
+    classes = rng.permutation(np.arange(n) % len(CLASS_RULES))
+    textures = np.zeros(n, dtype=np.int64)
+    if config.preset == "classification":
+        scene_of = np.array([SCENES.index(SCENE_BY_NAME[r.scene]) for r in CLASS_RULES])[classes]
+        for number, scene in enumerate(SCENES):
+            members = np.flatnonzero(scene_of == number)
+            textures[members] = rng.permutation(np.arange(len(members)) % len(scene.textures))
+    return splits.tolist(), classes.tolist(), textures.tolist()
 
 
 def _format(value: float) -> str:
@@ -1103,8 +1114,8 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
     (tmp / "images").mkdir(parents=True)
     (tmp / "evidence").mkdir()
     try:
-        splits, classes = _assignments(config)
-        items = list(zip(range(config.n_images), splits, classes))
+        splits, classes, textures = _assignments(config)
+        items = list(zip(range(config.n_images), splits, classes, textures))
         chunk = 50
         jobs = [(config, str(tmp), items[i : i + chunk]) for i in range(0, len(items), chunk)]
         workers = min(2, os.cpu_count() or 1) if workers is None else workers
