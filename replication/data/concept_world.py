@@ -776,38 +776,42 @@ def _compose(config: WorldConfig, class_id: int, scene: Scene, horizon: int, ban
 def render_classification(config: WorldConfig, class_id: int, rng: np.random.Generator, cat: Catalogue,
                           texture: int | None = None) -> Rendered:
     """One image of class `class_id`: the scene's bands (its texture number `texture`, None: at random),
-    then its key object, maybe a confuser and distractors, placed and drawn in random order (redrawn
-    with the key object on top if that hid its key part)."""
+    then its key object, maybe a confuser and distractors, placed and drawn in random order.
+
+    The class must follow from the labels, so the key part must show at mask resolution: if it does
+    not, the objects are drawn again with the key object on top, and if it still does not (a tiny
+    mask), the objects are drawn anew (up to 20 times)."""
     rule = CLASS_RULES[class_id]
     scene = SCENE_BY_NAME[rule.scene]
     size = config.image_size
     horizon = int(round(rng.uniform(*scene.horizon) * size))
     bands = (background_fill(scene, "upper", rng, size, texture), background_fill(scene, "lower", rng, size, texture))
     scene_rules = RULES_BY_SCENE[scene.name]
-    plan = [(rule.object, rule.part, rule.colour, "key")]
-    if rng.random() < config.confuser_rate:
-        others = [r for r in scene_rules if r is not rule]
-        confuser = others[rng.integers(len(others))]
-        wrong = [r.colour for r in scene_rules if r is not confuser]  # another rule colour of the scene
-        plan.append((confuser.object, confuser.part, wrong[rng.integers(len(wrong))], "confuser"))
-    for _ in range(int(rng.integers(config.distractors[0], config.distractors[1] + 1))):
-        plan.append((DISTRACTOR_TYPES[rng.integers(len(DISTRACTOR_TYPES))], None, None, "distractor"))
-    instances, boxes = [], []
-    for i in rng.permutation(len(plan)):
-        name, part, colour, role = plan[i]
-        kind = OBJECT_BY_NAME[name]
-        boxes.append(_place(kind, rng, size, horizon, config, boxes))
-        avoid = [r for r in scene_rules if r is not rule] if role == "key" else scene_rules
-        instances.append(Instance(kind, boxes[-1], _sample_fills(kind, rng, size, part, colour, avoid), role))
-    _spread_key_colours(instances, [r for r in scene_rules if r is not rule], rng, size)
-    rendered, visible = _compose(config, class_id, scene, horizon, bands, instances, rule.part, cat, rng)
-    if not visible:
-        on_top = [i for i in instances if not i.key] + [i for i in instances if i.key]
-        rendered, visible = _compose(config, class_id, scene, horizon, bands, on_top, rule.part, cat, rng)
+    for _attempt in range(20):
+        plan = [(rule.object, rule.part, rule.colour, "key")]
+        if rng.random() < config.confuser_rate:
+            others = [r for r in scene_rules if r is not rule]
+            confuser = others[rng.integers(len(others))]
+            wrong = [r.colour for r in scene_rules if r is not confuser]  # another rule colour of the scene
+            plan.append((confuser.object, confuser.part, wrong[rng.integers(len(wrong))], "confuser"))
+        for _ in range(int(rng.integers(config.distractors[0], config.distractors[1] + 1))):
+            plan.append((DISTRACTOR_TYPES[rng.integers(len(DISTRACTOR_TYPES))], None, None, "distractor"))
+        instances, boxes = [], []
+        for i in rng.permutation(len(plan)):
+            name, part, colour, role = plan[i]
+            kind = OBJECT_BY_NAME[name]
+            boxes.append(_place(kind, rng, size, horizon, config, boxes))
+            avoid = [r for r in scene_rules if r is not rule] if role == "key" else scene_rules
+            instances.append(Instance(kind, boxes[-1], _sample_fills(kind, rng, size, part, colour, avoid), role))
+        _spread_key_colours(instances, [r for r in scene_rules if r is not rule], rng, size)
+        rendered, visible = _compose(config, class_id, scene, horizon, bands, instances, rule.part, cat, rng)
         if not visible:
-            raise RuntimeError(f"the key part of a {rule.object} does not show at mask size {config.mask_size}; "
-                               "raise image_size, mask_size or object_area.")
-    return rendered
+            on_top = [i for i in instances if not i.key] + [i for i in instances if i.key]
+            rendered, visible = _compose(config, class_id, scene, horizon, bands, on_top, rule.part, cat, rng)
+        if visible:
+            return rendered
+    raise RuntimeError(f"the key part of a {rule.object} does not show at mask size {config.mask_size} in 20 draws; "
+                       "raise image_size, mask_size or object_area.")
 
 
 def cgl_classes(task: str) -> list[tuple[str, str]]:
