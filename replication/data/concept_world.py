@@ -2,23 +2,34 @@
 
 Two presets (`WorldConfig.preset`):
 
-- `"classification"`: scenes (street, room, park, harbour, field) with 10 object types drawn from
-  named parts, painted in 11 named colours, patterns and scikit-image's texture photographs; parts map
-  to materials. Ten classes, each a rule "scene + object whose part has a colour or material"
-  (two per scene), grouped as urban / nature; every image also holds distractor objects, so no
-  single cue decides the class.
+- `"classification"` (ConceptWorld v2): six scenes (street, room, kitchen: urban; park, harbour,
+  field: nature), eleven object types drawn from named parts, painted in the 11 named colours, palette
+  patterns and scikit-image's texture photographs; parts map to materials. 18 classes, each a
+  conjunction "scene AND key object type whose key part has a key colour" (`CLASS_RULES`): every
+  scene hosts 3 classes, each of the 6 key object types (car, lamp, person, bird, flower, umbrella)
+  is the key of 3 classes (in 3 scenes, with 3 colours) and each of the 6 key colours (red, blue,
+  yellow, green, purple, orange) is the colour of 3 classes. An image holds its key object, with
+  probability `confuser_rate` a confuser (another key type of its scene whose key part wears another
+  rule colour of the scene, so it satisfies no rule) and `distractors` objects of the five types of
+  no rule (house, boat, bicycle, tree, bench; the same pool in every scene); free parts are then
+  repainted in the key colours the image lacks, so that most images show all six. Scene alone, the
+  set of object types alone or the set of colours alone cannot decide the class: `cue_bounds`
+  measures the best rule of each such single cue (at most about one third on a default-size world;
+  scene and object set together about 0.55-0.6, since a confuser is absent in 20% of the images).
+  The class is a function of the labels (Bayes accuracy 100%). Superclasses: urban, nature (the
+  scene's group). Objects: bounding box 8-16% of the image (`object_area`).
 - `"cgl_shapes"`: CGL's synthetic task (spec 03, section 5): two non-overlapping shapes from
   {square, circle, triangle}, each red, green or blue; label "a square is present" (`cgl_task =
   "binary"`) or the unordered pair of colour-shapes (`"combination"`, 45 classes). Its 15 concepts
   are stored as color (3 colours), object (3 shapes) and part (9 colour-shapes, each a part of its
-  shape, so a shape's mask is the union of its colour-shape masks).
+  shape, so a shape's mask is the union of its colour-shape masks). Flat fills, no dither by default.
 
 On disk (`generate_world`): `index.csv`, `label.csv`, `category.csv`, `c_<category>.csv` and
 `images/` exactly as Broden (spec `network_dissection_and_broden.md` section 3.2; images are PNG so
 colour masks are exact; masks are R + 256·G label PNGs at `mask_size`), plus `tasks.csv`,
 `classes.json`, `concept_tree.json`, `instances.csv` (visible box of every object and part
-instance, for concept image sets), `evidence/` (per image, 255 on the pixels of the objects that
-make its class) and `world.json`.
+instance, for concept image sets; role key, confuser or distractor), `evidence/` (per image, 255 on
+the pixels of the object that makes its class) and `world.json`.
 
 Annotation rules:
 - Label numbers are assigned in blocks of 100 per category (color 1.., object 101.., part 201..,
@@ -28,15 +39,24 @@ Annotation rules:
   image whose brick-painted area passes `texture_min_fraction`), the label in two categories.
 - Mask pixel (i, j) carries the labels of the image pixel under its centre,
   (floor((i + ½)·ih/sh), floor((j + ½)·iw/sw)) (nearest down-sampling of the painted records), so
-  every labelled colour-mask pixel has exactly a shade of that colour in the image there.
+  every labelled colour-mask pixel holds a shade of that colour in the image there, up to the
+  dither (`WorldConfig.dither`, at most that many levels per channel).
+- Colour labels mark object parts only: backgrounds are painted in tints off the palette (gradients,
+  tinted patterns, noise, photographs), so a colour concept is "an object part painted in this colour".
 - Part plane 1 holds object parts, plane 2 sub-parts (wheel → tire, hub; head → face, hair).
   An object's mask is the union of its parts; a material's mask the union of the parts painted
   in it. Backgrounds carry no object, part or material label.
 - Texture labels of an image: the textures painted on at least `texture_min_fraction` of its
-  pixels, largest first. Scene: one label per image.
+  pixels, largest first. Every scene paints one of its two bands (sky, ground, wall or floor) with
+  one of its four textures (24 textures, each in one scene, balanced over the scene's images) and
+  the other band as a smooth gradient (texture "plain"). Scene: one label per image.
+- Concepts whose IoU ceiling is low by design (`CAPPED_BY_DESIGN`): the six scenes (a scene label
+  covers its whole image) and the texture "plain" (in nearly every image); `concept_coverage` marks
+  them so that summaries can leave them out.
 """
 from __future__ import annotations
 
+import colorsys
 import csv
 import functools
 import hashlib
@@ -50,7 +70,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from replication import cache, io, paths
-from replication.data.broden import CATEGORIES, encode_label_mask
+from replication.data.broden import CATEGORIES, decode_label_mask, encode_label_mask
 from replication.data.drawing import (
     COLOUR_INDEX,
     COLOUR_NAMES,
@@ -71,7 +91,7 @@ from replication.data.drawing import (
 )
 from replication.runtime import progress
 
-GENERATOR_VERSION = 1  # part of every cache key, with a hash of the generator's source (see generator_identity)
+GENERATOR_VERSION = 2  # part of every cache key, with a hash of the generator's source (see generator_identity)
 PRESETS = ("classification", "cgl_shapes")
 CGL_TASKS = ("binary", "combination")
 LABEL_BLOCK = 100
@@ -80,19 +100,27 @@ TASK_HEADER = ("image", "split", "class_id", "class_name", "superclass")
 INSTANCE_HEADER = ("image", "split", "category", "concept", "label", "object", "role",
                    "top", "left", "bottom", "right", "pixels")
 PNG_COMPRESS_LEVEL = 1  # zlib level: lossless either way, level 1 is the fastest that still compresses
+DEFAULT_DITHER = {"classification": 3, "cgl_shapes": 0}
+MAX_DITHER = 16
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     """Parameters of a ConceptWorld; the field names are the keys of the [world]/[cgl_world] profiles.
 
-    `mask_size` None means image_size // 2 (Broden's rule). `distractors`: (min, max) distractor
-    objects per image; `object_area`: (min, max) bounding-box area of an object as a fraction of the
-    image (sets concept coverage, hence the IoU ceilings, see `iou_ceiling`); `confuser_rate`: chance
-    that a distractor has the type of a class-rule object of its scene (with other attributes), so
-    that object type alone does not decide the class; `texture_min_fraction`:
-    share of an image a texture must cover to become one of its texture labels; `cgl_task`: "binary"
-    or "combination"; `cgl_shape_size`: (min, max) shape side as a fraction of the image side.
+    `mask_size` None means image_size // 2 (Broden's rule). `distractors`: (min, max) objects of the
+    types of no class rule per image (drawn from one pool in every scene, so that the set of object
+    types does not tell the scene); `confuser_rate`: chance that an image also holds a confuser,
+    another key object type of its scene whose key part wears another rule colour of the scene, so
+    that neither the object types nor the colours present decide the class; `object_area`: (min, max)
+    bounding-box area of an object as a fraction of the image (with the object frequencies it sets
+    concept coverage, hence the IoU ceilings, see `iou_ceiling`); `texture_min_fraction`: share of an
+    image a texture must cover to become one of its texture labels; `dither`: amplitude of the seeded
+    per-pixel noise (an integer in [-dither, dither] added to every channel of every pixel) that keeps
+    flat fills from giving exactly equal pixels, hence exactly tied network activations at a
+    dissection threshold; None means 3 for "classification" and 0 (flat fills, as CGL's task) for
+    "cgl_shapes". `cgl_task`: "binary" or "combination"; `cgl_shape_size`: (min, max) shape side as a
+    fraction of the image side.
     """
 
     preset: str = "classification"
@@ -101,16 +129,19 @@ class WorldConfig:
     mask_size: int | None = None
     seed: int = 0
     val_fraction: float = 0.3
-    distractors: tuple[int, int] = (1, 2)
-    confuser_rate: float = 0.35
-    object_area: tuple[float, float] = (0.035, 0.055)
-    texture_min_fraction: float = 0.1
+    distractors: tuple[int, int] = (0, 2)
+    confuser_rate: float = 0.8
+    object_area: tuple[float, float] = (0.08, 0.16)
+    texture_min_fraction: float = 0.2
+    dither: int | None = None
     cgl_task: str = "binary"
     cgl_shape_size: tuple[float, float] = (0.18, 0.26)
 
     def __post_init__(self):
         if self.mask_size is None:
             object.__setattr__(self, "mask_size", self.image_size // 2)
+        if self.dither is None and self.preset in DEFAULT_DITHER:
+            object.__setattr__(self, "dither", DEFAULT_DITHER[self.preset])
         for name in ("distractors", "object_area", "cgl_shape_size"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = []
@@ -132,6 +163,8 @@ class WorldConfig:
             problems.append(f"confuser_rate = {self.confuser_rate} must lie in [0, 1]")
         if not 0 < self.texture_min_fraction <= 1:
             problems.append(f"texture_min_fraction = {self.texture_min_fraction} must lie in (0, 1]")
+        if self.dither is not None and not 0 <= self.dither <= MAX_DITHER:
+            problems.append(f"dither = {self.dither} must lie in [0, {MAX_DITHER}] (grey levels)")
         if self.cgl_task not in CGL_TASKS:
             problems.append(f"cgl_task {self.cgl_task!r} is not one of {CGL_TASKS}")
         if len(self.cgl_shape_size) != 2 or not 0 < self.cgl_shape_size[0] <= self.cgl_shape_size[1] <= 0.45:
@@ -166,65 +199,60 @@ class ObjectType:
 
 @dataclass(frozen=True)
 class Style:
-    """Allowed finishes ((kind, material) pairs), colour names and shades for a part or background."""
+    """Allowed finishes ((kind, material) pairs), colour names and shades for an object part."""
 
     finishes: tuple[tuple[str, str | None], ...]
     colours: tuple[str, ...]
     shades: tuple[int, ...] = (0, 1)
 
 
-_P, _S, _D, _C, _N, _W = "plain", "stripes", "dots", "checker", "noise", "wood"
+KEY_COLOURS = ("red", "blue", "yellow", "green", "purple", "orange")
+_P, _S, _D, _C, _N, _W = "plain", "stripes", "dots", "checker", "noise", "wood"  # wood: brown "grain" pattern
 STYLES: dict[str, Style] = {
-    # object parts
+    # key parts (the part of a class rule): plain in the rule colour when they make or confuse a
+    # class, so their palettes hold all six key colours
+    "car_body": Style(((_P, "metal"),), (*KEY_COLOURS, "white", "black", "gray")),
+    "shade": Style(((_P, "fabric"), (_P, "glass")), (*KEY_COLOURS, "white")),
+    "torso": Style(((_P, "fabric"), (_S, "fabric"), (_C, "fabric"), (_D, "fabric")), (*KEY_COLOURS, "white", "black")),
+    "bird_body": Style(((_P, None), (_N, None)), (*KEY_COLOURS, "brown", "black", "white")),
+    "petal": Style(((_P, None), (_D, None)), (*KEY_COLOURS, "pink", "white")),
+    "canopy": Style(((_P, "fabric"), (_S, "fabric")), (*KEY_COLOURS, "pink", "black", "white")),
+    # other parts; the palettes of most hold the six key colours too (see `_spread_key_colours`)
     "wall": Style(((_P, None), (_S, None), ("photo:brick", "brick"), (_W, "wood")),
-                  ("white", "yellow", "pink", "gray", "orange", "red", "blue", "green", "purple")),
-    "roof": Style(((_P, None), (_C, None)), ("red", "brown", "gray", "black", "blue", "green")),
-    "door": Style(((_W, "wood"), (_P, "wood")), ("brown", "red", "green", "blue", "black")),
+                  (*KEY_COLOURS, "white", "pink", "gray")),
+    "roof": Style(((_P, None), (_C, None)), (*KEY_COLOURS, "brown", "gray", "black")),
+    "door": Style(((_W, "wood"), (_P, "wood")), (*KEY_COLOURS, "brown", "black")),
     "window": Style(((_P, "glass"),), ("blue", "white")),
     "trunk": Style(((_P, "wood"), (_W, "wood")), ("brown",)),
     "crown": Style(((_P, "foliage"), (_D, "foliage"), (_N, "foliage")), ("green", "orange", "yellow", "red")),
-    "car_body": Style(((_P, "metal"),), ("red", "blue", "white", "black", "gray", "yellow", "green", "purple")),
     "tire": Style(((_P, "rubber"),), ("black",), (0,)),
-    "hub": Style(((_P, "metal"),), ("gray", "white")),
-    "hull": Style(((_P, "wood"), (_W, "wood"), (_P, "metal")), ("red", "white", "blue", "brown", "black", "yellow")),
-    "sail": Style(((_P, "fabric"), (_S, "fabric")), ("white", "red", "yellow", "blue", "orange", "purple")),
+    "hub": Style(((_P, "metal"),), ("gray", "white", "yellow")),
+    "hull": Style(((_P, "wood"), (_W, "wood"), (_S, "wood"), (_P, "metal")), (*KEY_COLOURS, "white", "brown", "black")),
+    "sail": Style(((_P, "fabric"), (_S, "fabric")), (*KEY_COLOURS, "white")),
     "stem": Style(((_P, "foliage"),), ("green",)),
-    "petal": Style(((_P, None), (_D, None)), ("red", "yellow", "pink", "purple", "white", "orange", "blue")),
     "face": Style(((_P, "skin"),), ("pink", "orange", "brown"), (1,)),
-    "hair": Style(((_P, None),), ("black", "brown", "yellow")),
-    "torso": Style(((_P, "fabric"), (_S, "fabric"), (_C, "fabric"), (_D, "fabric")),
-                   ("red", "blue", "green", "yellow", "white", "purple", "orange", "black")),
-    "person_leg": Style(((_P, "fabric"),), ("blue", "black", "gray", "brown")),
-    "pole": Style(((_P, "metal"),), ("gray", "black")),
-    "shade": Style(((_P, "fabric"), (_P, "glass")), ("yellow", "white", "red", "green", "orange", "purple")),
-    "frame": Style(((_P, "metal"),), ("red", "blue", "black", "green", "yellow")),
-    "bird_body": Style(((_P, None), (_N, None)), ("brown", "black", "white", "blue", "yellow", "red")),
-    "wing": Style(((_P, None), (_S, None)), ("brown", "black", "white", "blue", "gray")),
-    "seat": Style(((_W, "wood"), (_P, "metal")), ("brown", "green", "red")),
-    "bench_leg": Style(((_P, "metal"),), ("black", "gray")),
-    # backgrounds (no object, part or material label)
-    "sky": Style(((_P, None),), ("blue", "white"), (1,)),
-    "road": Style((("photo:gravel", None), (_P, None), (_N, None)), ("gray", "black")),
-    "room_wall": Style(((_P, None), (_S, None), (_D, None), (_C, None), ("photo:brick", None)),
-                       ("white", "yellow", "pink", "blue", "green", "orange"), (1,)),
-    "room_floor": Style(((_W, None), (_C, None), (_P, None)), ("brown", "black", "white", "gray")),
-    "lawn": Style((("photo:grass", None), (_P, None), (_N, None)), ("green",)),
-    "water": Style(((_S, None), (_P, None), (_N, None)), ("blue",)),
-    "farmland": Style(((_S, None), ("photo:gravel", None), (_D, None)), ("yellow", "brown", "orange", "green")),
+    "hair": Style(((_P, None),), ("black", "brown", "yellow", "orange")),
+    "person_leg": Style(((_P, "fabric"), (_S, "fabric")), (*KEY_COLOURS, "black", "gray", "brown")),
+    "pole": Style(((_P, "metal"), (_P, "wood"), (_S, "metal")), (*KEY_COLOURS, "gray", "black")),
+    "frame": Style(((_P, "metal"), (_S, "metal")), (*KEY_COLOURS, "black")),
+    "wing": Style(((_P, None), (_S, None)), (*KEY_COLOURS, "brown", "black", "white", "gray")),
+    "seat": Style(((_W, "wood"), (_P, "wood"), (_S, "wood"), (_P, "metal")), (*KEY_COLOURS, "brown")),
+    "bench_leg": Style(((_P, "metal"),), (*KEY_COLOURS, "black", "gray")),
+    "handle": Style(((_P, "metal"), (_P, "wood"), (_W, "wood")), (*KEY_COLOURS, "black", "gray", "brown")),
 }
 
 OBJECTS: tuple[ObjectType, ...] = (
     ObjectType("house", "structure", 1.0, "ground", (
         Piece("wall", rect(0.08, 0.45, 0.92, 1.0)),
         Piece("roof", poly((0.0, 0.48), (0.5, 0.0), (1.0, 0.48))),
-        Piece("door", rect(0.4, 0.6, 0.64, 1.0)),
+        Piece("door", rect(0.38, 0.58, 0.64, 1.0)),
         Piece("window", rect(0.12, 0.55, 0.34, 0.8)),
         Piece("window", rect(0.7, 0.55, 0.9, 0.8)),
     )),
-    ObjectType("lamp", "structure", 0.5, "ground", (
-        Piece("pole", rect(0.36, 0.35, 0.64, 1.0)),
-        Piece("pole", rect(0.1, 0.9, 0.9, 1.0)),
-        Piece("shade", poly((0.0, 0.42), (1.0, 0.42), (0.78, 0.0), (0.22, 0.0))),
+    ObjectType("lamp", "structure", 0.6, "ground", (
+        Piece("pole", rect(0.34, 0.35, 0.66, 1.0)),
+        Piece("pole", rect(0.1, 0.88, 0.9, 1.0)),
+        Piece("shade", poly((0.0, 0.45), (1.0, 0.45), (0.8, 0.0), (0.2, 0.0))),
     )),
     ObjectType("car", "vehicle", 1.8, "ground", (
         Piece("body", poly((0.18, 0.42), (0.28, 0.04), (0.76, 0.04), (0.88, 0.42)), style="car_body"),
@@ -233,37 +261,37 @@ OBJECTS: tuple[ObjectType, ...] = (
         Piece("window", rect(0.54, 0.11, 0.74, 0.4)),
         Piece("wheel", circle(0.24, 0.76, 0.24), subpart="tire"),
         Piece("wheel", circle(0.76, 0.76, 0.24), subpart="tire"),
-        Piece("wheel", circle(0.24, 0.76, 0.12), subpart="hub"),
-        Piece("wheel", circle(0.76, 0.76, 0.12), subpart="hub"),
+        Piece("wheel", circle(0.24, 0.76, 0.13), subpart="hub"),
+        Piece("wheel", circle(0.76, 0.76, 0.13), subpart="hub"),
     )),
     ObjectType("boat", "vehicle", 1.25, "ground", (
-        Piece("hull", poly((0.0, 0.62), (1.0, 0.62), (0.82, 1.0), (0.18, 1.0))),
-        Piece("sail", poly((0.52, 0.0), (0.52, 0.6), (0.96, 0.6))),
-        Piece("sail", poly((0.48, 0.08), (0.48, 0.6), (0.08, 0.6))),
+        Piece("hull", poly((0.0, 0.6), (1.0, 0.6), (0.82, 1.0), (0.18, 1.0))),
+        Piece("sail", poly((0.52, 0.0), (0.52, 0.58), (0.96, 0.58))),
+        Piece("sail", poly((0.48, 0.08), (0.48, 0.58), (0.08, 0.58))),
     )),
     ObjectType("bicycle", "vehicle", 1.6, "ground", (
         Piece("wheel", circle(0.22, 0.68, 0.32), subpart="tire"),
         Piece("wheel", circle(0.78, 0.68, 0.32), subpart="tire"),
-        Piece("wheel", circle(0.22, 0.68, 0.16), subpart="hub"),
-        Piece("wheel", circle(0.78, 0.68, 0.16), subpart="hub"),
-        Piece("frame", rect(0.2, 0.4, 0.8, 0.58)),
-        Piece("frame", rect(0.4, 0.1, 0.54, 0.68)),
-        Piece("frame", rect(0.7, 0.0, 0.84, 0.6)),
-        Piece("frame", rect(0.28, 0.0, 0.62, 0.16)),
+        Piece("wheel", circle(0.22, 0.68, 0.17), subpart="hub"),
+        Piece("wheel", circle(0.78, 0.68, 0.17), subpart="hub"),
+        Piece("frame", rect(0.2, 0.38, 0.8, 0.6)),
+        Piece("frame", rect(0.38, 0.08, 0.56, 0.68)),
+        Piece("frame", rect(0.68, 0.0, 0.86, 0.6)),
+        Piece("frame", rect(0.26, 0.0, 0.62, 0.2)),
     )),
     ObjectType("tree", "plant", 0.75, "ground", (
         Piece("trunk", rect(0.32, 0.45, 0.68, 1.0)),
         Piece("crown", ellipse(0.5, 0.33, 0.5, 0.33)),
     )),
-    ObjectType("flower", "plant", 0.6, "ground", (
+    ObjectType("flower", "plant", 0.65, "ground", (
         Piece("stem", rect(0.36, 0.45, 0.64, 1.0)),
         Piece("stem", ellipse(0.72, 0.74, 0.28, 0.12)),
-        Piece("petal", circle(0.5, 0.26, 0.26)),
+        Piece("petal", circle(0.5, 0.27, 0.27)),
     )),
-    ObjectType("person", "animal", 0.45, "ground", (
+    ObjectType("person", "animal", 0.5, "ground", (
         Piece("leg", rect(0.16, 0.6, 0.46, 1.0), style="person_leg"),
         Piece("leg", rect(0.54, 0.6, 0.84, 1.0), style="person_leg"),
-        Piece("torso", rect(0.06, 0.27, 0.94, 0.62)),
+        Piece("torso", rect(0.04, 0.27, 0.96, 0.62)),
         Piece("head", circle(0.5, 0.14, 0.14), subpart="face"),
         Piece("head", both(circle(0.5, 0.14, 0.14), rect(0.0, 0.0, 1.0, 0.12)), subpart="hair"),
     )),
@@ -280,27 +308,46 @@ OBJECTS: tuple[ObjectType, ...] = (
         Piece("seat", rect(0.1, 0.24, 0.22, 0.38)),
         Piece("seat", rect(0.78, 0.24, 0.9, 0.38)),
     )),
+    ObjectType("umbrella", "furniture", 1.1, "ground", (
+        Piece("canopy", both(ellipse(0.5, 0.48, 0.5, 0.46), rect(0.0, 0.0, 1.0, 0.48))),
+        Piece("handle", rect(0.44, 0.44, 0.58, 1.0)),
+        Piece("handle", rect(0.28, 0.88, 0.58, 1.0)),
+    )),
 )
 OBJECT_BY_NAME = {o.name: o for o in OBJECTS}
 MATERIALS = ("glass", "wood", "metal", "fabric", "brick", "foliage", "skin", "rubber")
 
+Tint = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]  # HSV ranges: hue (degrees), saturation, value
+_SKY: Tint = ((195, 225), (0.12, 0.35), (0.78, 0.95))
+
 
 @dataclass(frozen=True)
 class Scene:
+    """A background: two bands split at the horizon; `textured` ("upper" or "lower") is painted with
+    one of `textures`, the other as a smooth vertical gradient; each band's tints from its HSV ranges."""
+
     name: str
     superclass: str
-    upper: str  # background style above the horizon
-    lower: str  # below it
     horizon: tuple[float, float]  # (min, max) fraction of the image height
-    pool: tuple[str, ...]  # object types that may appear as distractors
+    textured: str
+    textures: tuple[str, ...]
+    upper: Tint
+    lower: Tint
 
 
 SCENES: tuple[Scene, ...] = (
-    Scene("street", "urban", "sky", "road", (0.35, 0.5), ("house", "car", "lamp", "person", "bicycle", "tree", "bird")),
-    Scene("room", "urban", "room_wall", "room_floor", (0.55, 0.7), ("person", "lamp", "flower", "bench", "bird")),
-    Scene("park", "nature", "sky", "lawn", (0.3, 0.45), ("tree", "person", "flower", "bench", "bird", "bicycle", "lamp")),
-    Scene("harbour", "nature", "sky", "water", (0.35, 0.5), ("boat", "house", "person", "lamp", "bird")),
-    Scene("field", "nature", "sky", "farmland", (0.3, 0.45), ("tree", "flower", "bird", "house", "bicycle")),
+    Scene("street", "urban", (0.35, 0.5), "lower", ("gravel", "noise", "brick", "marble"),
+          _SKY, ((0, 360), (0.0, 0.08), (0.35, 0.6))),
+    Scene("room", "urban", (0.55, 0.7), "upper", ("stripes", "dots", "diamonds", "plaid"),
+          ((20, 60), (0.2, 0.45), (0.6, 0.85)), ((15, 35), (0.35, 0.55), (0.3, 0.5))),
+    Scene("kitchen", "urban", (0.5, 0.65), "upper", ("checker", "grid", "perforated", "woven"),
+          ((150, 200), (0.15, 0.35), (0.65, 0.9)), ((0, 360), (0.02, 0.12), (0.5, 0.7))),
+    Scene("park", "nature", (0.3, 0.45), "lower", ("grass", "flecks", "blotches", "scales"),
+          _SKY, ((85, 130), (0.35, 0.6), (0.4, 0.65))),
+    Scene("harbour", "nature", (0.35, 0.5), "lower", ("waves", "rings", "zigzag", "lines"),
+          _SKY, ((195, 230), (0.4, 0.65), (0.35, 0.6))),
+    Scene("field", "nature", (0.3, 0.45), "lower", ("bands", "crosshatch", "grain", "polka"),
+          _SKY, ((30, 55), (0.4, 0.65), (0.5, 0.75))),
 )
 SCENE_BY_NAME = {s.name: s for s in SCENES}
 
@@ -326,25 +373,50 @@ class ClassRule:
         return rule
 
 
+# The class design: key object types t0..t5 and scenes s0..s5 in the orders below; scene s hosts the
+# key types s, s+1, s+2 (mod 6) and the rule colour of type t in scene s is KEY_COLOURS[(2t - s) mod 6].
+# Each scene hosts 3 classes, each key type is the key of 3 classes (3 scenes, 3 colours), each key
+# colour is the colour of 3 classes (3 scenes, 3 types), and the 3 classes of a scene differ in both
+# type and colour. Written out below; `_check_design` verifies these counts at import.
+KEY_PARTS = {"car": "body", "lamp": "shade", "person": "torso", "bird": "body", "flower": "petal", "umbrella": "canopy"}
 CLASS_RULES: tuple[ClassRule, ...] = (
     ClassRule("red car in street", "street", "car", "body", colour="red"),
-    ClassRule("brick house in street", "street", "house", "wall", material="brick"),
-    ClassRule("blue-shirted person in room", "room", "person", "torso", colour="blue"),
-    ClassRule("yellow lamp in room", "room", "lamp", "shade", colour="yellow"),
-    ClassRule("red-shirted person in park", "park", "person", "torso", colour="red"),
-    ClassRule("orange tree in park", "park", "tree", "crown", colour="orange"),
-    ClassRule("white-sailed boat in harbour", "harbour", "boat", "sail", colour="white"),
-    ClassRule("red-hulled boat in harbour", "harbour", "boat", "hull", colour="red"),
-    ClassRule("yellow flower in field", "field", "flower", "petal", colour="yellow"),
-    ClassRule("brick house in field", "field", "house", "wall", material="brick"),
+    ClassRule("yellow lamp in street", "street", "lamp", "shade", colour="yellow"),
+    ClassRule("purple-shirted person in street", "street", "person", "torso", colour="purple"),
+    ClassRule("blue lamp in room", "room", "lamp", "shade", colour="blue"),
+    ClassRule("green-shirted person in room", "room", "person", "torso", colour="green"),
+    ClassRule("orange bird in room", "room", "bird", "body", colour="orange"),
+    ClassRule("yellow-shirted person in kitchen", "kitchen", "person", "torso", colour="yellow"),
+    ClassRule("purple bird in kitchen", "kitchen", "bird", "body", colour="purple"),
+    ClassRule("red flower in kitchen", "kitchen", "flower", "petal", colour="red"),
+    ClassRule("green bird in park", "park", "bird", "body", colour="green"),
+    ClassRule("orange flower in park", "park", "flower", "petal", colour="orange"),
+    ClassRule("blue umbrella in park", "park", "umbrella", "canopy", colour="blue"),
+    ClassRule("purple flower in harbour", "harbour", "flower", "petal", colour="purple"),
+    ClassRule("red umbrella in harbour", "harbour", "umbrella", "canopy", colour="red"),
+    ClassRule("yellow car in harbour", "harbour", "car", "body", colour="yellow"),
+    ClassRule("orange umbrella in field", "field", "umbrella", "canopy", colour="orange"),
+    ClassRule("blue car in field", "field", "car", "body", colour="blue"),
+    ClassRule("green lamp in field", "field", "lamp", "shade", colour="green"),
 )
+RULES_BY_SCENE = {s.name: tuple(r for r in CLASS_RULES if r.scene == s.name) for s in SCENES}
+KEY_TYPES = tuple(KEY_PARTS)
+DISTRACTOR_TYPES = tuple(o.name for o in OBJECTS if o.name not in KEY_PARTS)  # the types of no rule
 
-# Distractor types are drawn with these weights (within the scene's pool) so that every object
-# type, key or not, ends up in a similar share of images: types that are the key of two class
-# rules (house, person, boat) are mostly drawn as keys, types of no rule (bicycle, bird, bench) only
-# as distractors. Similar frequencies give similar coverage, hence IoU ceilings (see `iou_ceiling`).
-_KEY_COUNT = {o.name: sum(r.object == o.name for r in CLASS_RULES) for o in OBJECTS}
-DISTRACTOR_WEIGHT = {name: max(0.05, 1.0 - count / max(_KEY_COUNT.values())) for name, count in _KEY_COUNT.items()}
+
+def _check_design() -> None:
+    types, scenes = list(KEY_TYPES), [s.name for s in SCENES]
+    expected = {(scenes[s], types[(s + d) % 6], KEY_COLOURS[(2 * ((s + d) % 6) - s) % 6]) for s in range(6) for d in range(3)}
+    actual = {(r.scene, r.object, r.colour) for r in CLASS_RULES}
+    if actual != expected or len(CLASS_RULES) != 18 or any(KEY_PARTS[r.object] != r.part for r in CLASS_RULES):
+        raise AssertionError("CLASS_RULES do not follow the cyclic design described above them")
+    for rule in CLASS_RULES:
+        if rule.colour not in STYLES[next(p.style_name for p in OBJECT_BY_NAME[rule.object].pieces if p.part == rule.part)].colours:
+            raise AssertionError(f"{rule.name}: the key part's palette lacks {rule.colour}")
+
+
+_check_design()
+
 
 CGL_COLOURS = ("red", "green", "blue")
 CGL_SHAPES = {"square": rect(0.0, 0.0, 1.0, 1.0), "circle": circle(0.5, 0.5, 0.5),
@@ -437,12 +509,18 @@ class PartFill:
     material: str | None
 
 
-def sample_fill(style: Style, rng: np.random.Generator, image_size: int, *,
-                colour: str | None = None, material: str | None = None) -> PartFill:
-    """A random finish of `style`; `colour` forces a plain fill of that colour, `material` a finish of it."""
+PATTERN_FINISHES = (_S, _D, _C)
+
+
+def sample_fill(style: Style, rng: np.random.Generator, image_size: int, *, colour: str | None = None,
+                material: str | None = None, pair: tuple[str, str] | None = None) -> PartFill:
+    """A random finish of `style`; `colour` forces a plain fill of that colour, `pair` a two-colour
+    pattern of these colours (the style must have a pattern finish), `material` a finish of it."""
     finishes = [f for f in style.finishes if material is None or f[1] == material]
     if colour is not None:
         finishes = [f for f in finishes if f[0] == _P] or [(_P, style.finishes[0][1])]
+    if pair is not None:
+        finishes = [f for f in finishes if f[0] in PATTERN_FINISHES]
     if not finishes:
         raise ValueError(f"style has no finish of material {material!r}")
     kind, mat = finishes[rng.integers(len(finishes))]
@@ -455,8 +533,8 @@ def sample_fill(style: Style, rng: np.random.Generator, image_size: int, *,
         name = colour or style.colours[rng.integers(len(style.colours))]
         return PartFill(Fill("plain", (name,), (shade(),)), mat)
     if kind == _W:
-        return PartFill(Fill("stripes", ("brown", "brown"), (0, 1), period=2 * scale + int(rng.integers(0, 2)),
-                             axis=0, offset=offset), mat)
+        return PartFill(Fill("grain", ("brown", "brown"), (0, 1), period=2 * scale + int(rng.integers(0, 2)),
+                             axis=int(rng.integers(0, 2)), offset=offset), mat)
     if kind.startswith("photo:"):
         return PartFill(Fill("photo", photo=kind.split(":", 1)[1], offset=offset), mat)
     if kind == _N:
@@ -464,23 +542,63 @@ def sample_fill(style: Style, rng: np.random.Generator, image_size: int, *,
         base = tuple(int(v) for v in PALETTE[name][shade()])
         return PartFill(Fill("noise", base=base, offset=offset), mat)
     # two-colour pattern: two distinct (colour, shade) pairs
-    pairs = [(c, s) for c in style.colours for s in style.shades]
-    if len(pairs) < 2:
-        pairs = [(c, s) for c in style.colours for s in (0, 1)]
-    first, second = rng.choice(len(pairs), size=2, replace=False)
-    (c1, s1), (c2, s2) = pairs[first], pairs[second]
+    if pair is not None:
+        (c1, c2), (s1, s2) = pair, (shade(), shade())
+    else:
+        pairs = [(c, s) for c in style.colours for s in style.shades]
+        if len(pairs) < 2:
+            pairs = [(c, s) for c in style.colours for s in (0, 1)]
+        first, second = rng.choice(len(pairs), size=2, replace=False)
+        (c1, s1), (c2, s2) = pairs[first], pairs[second]
     period = scale * int(rng.integers(3, 6))
     return PartFill(Fill(kind, (c1, c2), (s1, s2), period=period, axis=int(rng.integers(0, 3)), offset=offset), mat)
 
 
+def _tint(ranges: Tint, rng: np.random.Generator) -> tuple[float, float, float]:
+    (h0, h1), (s0, s1), (v0, v1) = ranges
+    return (float(rng.uniform(h0, h1)) % 360, float(rng.uniform(s0, s1)), float(rng.uniform(v0, v1)))
+
+
+def _rgb(hsv: tuple[float, float, float]) -> tuple[int, int, int]:
+    h, s, v = hsv
+    r, g, b = colorsys.hsv_to_rgb(h / 360, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
+    return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
+
+
+def background_fill(scene: Scene, band: str, rng: np.random.Generator, image_size: int,
+                    texture: int | None = None) -> Fill:
+    """The fill of one band ("upper" or "lower") of `scene`: its texture number `texture` (None: one
+    at random) in two tints of the band's ranges on the textured band, a smooth vertical gradient
+    between two tints on the other."""
+    h, s, v = _tint(scene.upper if band == "upper" else scene.lower, rng)
+    offset = (int(rng.integers(0, 512)), int(rng.integers(0, 512)))
+    if band != scene.textured:
+        step = float(rng.uniform(-0.12, 0.12))
+        return Fill("gradient", tints=(_rgb((h, s, v)), _rgb((h, s * 0.8, v + step))))
+    name = scene.textures[rng.integers(len(scene.textures)) if texture is None else texture]
+    if name in PHOTOS:
+        return Fill("photo", photo=name, offset=offset, tints=(_rgb((h, s, 0.75 * v)),))
+    if name == "noise":
+        return Fill("noise", base=_rgb((h, s, v)), offset=offset)
+    contrast = float(rng.uniform(0.18, 0.3))
+    second = (h, s, v - contrast) if v > 0.5 else (h, s, v + contrast)
+    scale = max(1, image_size // 32)
+    return Fill("tinted", pattern=name, tints=(_rgb((h, s, v)), _rgb(second)), period=scale * int(rng.integers(3, 6)),
+                axis=int(rng.integers(0, 3)), offset=offset)
+
+
 @dataclass
 class Instance:
-    """An object to draw: type, bounding box (x, y, w, h in pixels), a fill per style, key or not."""
+    """An object to draw: type, bounding box (x, y, w, h in pixels), a fill per style, role."""
 
     kind: ObjectType
     box: tuple[float, float, float, float]
     fills: dict[str, PartFill]
-    key: bool
+    role: str  # "key" (makes the class), "confuser" or "distractor"
+
+    @property
+    def key(self) -> bool:
+        return self.role == "key"
 
 
 def satisfies(rule: ClassRule, instance: Instance) -> bool:
@@ -498,35 +616,96 @@ def satisfies(rule: ClassRule, instance: Instance) -> bool:
     return False
 
 
-def _sample_instance(kind: ObjectType, rng, size: int, horizon: float, config: WorldConfig, key_rule, avoid) -> Instance:
-    area = rng.uniform(*config.object_area) * size * size
-    height = min(np.sqrt(area / kind.aspect), size * 0.95)
-    width = min(height * kind.aspect, size * 0.95)
-    x = rng.uniform(0, size - width)
-    if kind.placement == "any":
-        y = rng.uniform(0, size - height)
-    else:
-        low = min(max(horizon + 0.25 * height, height), size)
-        y = rng.uniform(low, size) - height
-    fills = {}
+def _overlap(a: tuple, b: tuple) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0.0, width) * max(0.0, height)
+
+
+def _place(kind: ObjectType, rng, size: int, horizon: float, config: WorldConfig, taken: list[tuple]) -> tuple:
+    """A bounding box (x, y, w, h) for `kind`: area from `object_area`, standing below the horizon
+    (birds anywhere), overlapping each box in `taken` by at most 10% of the smaller (30 tries, then
+    the last try)."""
+    for _ in range(30):
+        area = rng.uniform(*config.object_area) * size * size
+        height = min(np.sqrt(area / kind.aspect), size * 0.95)
+        width = min(height * kind.aspect, size * 0.95)
+        x = rng.uniform(0, size - width)
+        if kind.placement == "any":
+            y = rng.uniform(0, size - height)
+        else:
+            low = min(max(horizon + 0.25 * height, height), size)
+            y = rng.uniform(low, size) - height
+        box = (x, y, width, height)
+        if all(_overlap(box, other) <= 0.1 * min(width * height, other[2] * other[3]) for other in taken):
+            break
+    return box
+
+
+def _sample_fills(kind: ObjectType, rng, size: int, forced_part: str | None, colour: str | None,
+                  avoid: Sequence[ClassRule]) -> dict[str, PartFill]:
+    """A fill per style of `kind`: `forced_part` plain in `colour`, the others random, resampled
+    until the object satisfies none of the rules in `avoid`."""
+    fills: dict[str, PartFill] = {}
+    forced_styles = {p.style_name for p in kind.pieces if p.part == forced_part}
     for piece in kind.pieces:
         name = piece.style_name
-        if name in fills:
-            continue
-        forced = key_rule is not None and piece.part == key_rule.part
-        fills[name] = sample_fill(STYLES[name], rng, size,
-                                  colour=key_rule.colour if forced else None,
-                                  material=key_rule.material if forced else None)
-    instance = Instance(kind, (x, y, width, height), fills, key_rule is not None)
+        if name not in fills:
+            fills[name] = sample_fill(STYLES[name], rng, size, colour=colour if name in forced_styles else None)
+    probe = Instance(kind, (0, 0, 1, 1), fills, "distractor")
     for _ in range(100):  # resample the styles that make a rule of this scene true
-        offending = [r for r in avoid if satisfies(r, instance)]
+        offending = [r for r in avoid if satisfies(r, probe)]
         if not offending:
-            return instance
+            return fills
         for rule in offending:
             for piece in kind.pieces:
-                if piece.part == rule.part and not (key_rule is not None and piece.part == key_rule.part):
+                if piece.part == rule.part and piece.style_name not in forced_styles:
                     fills[piece.style_name] = sample_fill(STYLES[piece.style_name], rng, size)
-    raise RuntimeError(f"could not draw a {kind.name} that avoids rules {avoid}; widen the styles' colours.")
+            if all(p.style_name in forced_styles for p in kind.pieces if p.part == rule.part):
+                raise RuntimeError(f"a {kind.name} forced to {colour} satisfies {rule.name!r}; the class design is inconsistent.")
+    raise RuntimeError(f"could not draw a {kind.name} that avoids rules {[r.name for r in avoid]}; widen the styles' colours.")
+
+
+def _spread_key_colours(instances: list[Instance], avoid: Sequence[ClassRule], rng, size: int) -> None:
+    """Repaint free parts in the key colours an image lacks, so that (parts allowing, occlusion aside)
+    every image shows all six key colours and the set of colours present says little about the class.
+
+    A free part is any part but a key or confuser's key part, whose palette holds a missing colour and
+    which is not the only carrier of a key colour. Free parts are taken in random order; one is painted
+    plain in a missing colour, or in a two-colour pattern of two missing ones when its style has a
+    pattern finish. A repainting that would satisfy a rule of `avoid` is undone."""
+    present: dict[str, int] = {}
+    for instance in instances:
+        for painted in instance.fills.values():
+            for colour in painted.fill.named_colours:
+                present[colour] = present.get(colour, 0) + 1
+    missing = [c for c in KEY_COLOURS if c not in present]
+    missing = [missing[i] for i in rng.permutation(len(missing))]
+    free = [(instance, name) for instance in instances for name in instance.fills
+            if instance.role == "distractor" or name not in
+            {p.style_name for p in instance.kind.pieces if p.part == KEY_PARTS.get(instance.kind.name)}]
+    for choice in rng.permutation(len(free)):
+        if not missing:
+            return
+        instance, name = free[choice]
+        style, before = STYLES[name], instance.fills[name]
+        wanted = [c for c in missing if c in style.colours]
+        if not wanted or any(present.get(c, 0) == 1 for c in before.fill.named_colours if c in KEY_COLOURS):
+            continue
+        if len(wanted) >= 2 and any(kind in PATTERN_FINISHES for kind, _ in style.finishes):
+            wanted = wanted[:2]
+            instance.fills[name] = sample_fill(style, rng, size, pair=(wanted[0], wanted[1]))
+        else:
+            wanted = wanted[:1]
+            instance.fills[name] = sample_fill(style, rng, size, colour=wanted[0])
+        if any(satisfies(r, instance) for r in avoid if r.object == instance.kind.name):
+            instance.fills[name] = before
+            continue
+        for colour in before.fill.named_colours:
+            present[colour] -= 1
+        for colour in instance.fills[name].fill.named_colours:
+            present[colour] = present.get(colour, 0) + 1
+        missing = [c for c in missing if c not in wanted]
 
 
 # ============================================================================ rendering
@@ -550,17 +729,20 @@ def _new_rendered(size: int, class_id: int, scene: str | None) -> Rendered:
     return Rendered(Canvas(size), class_id, scene, [0], [0], [0], [0], [False], [-1], [])
 
 
-def _draw(rendered: Rendered, instance: Instance, cat: Catalogue, rng) -> None:
-    """Rasterise every piece of `instance`; pieces of one (part, sub-part, style) share a region id."""
+def _draw(rendered: Rendered, instance: Instance, cat: Catalogue, rng) -> dict[str, list[int]]:
+    """Rasterise every piece of `instance`; pieces of one (part, sub-part, style) share a region id.
+    Returns the region ids of each part."""
     canvas = rendered.canvas
     rows, cols, u, v = box_window(instance.box, canvas.size)
     number = len(rendered.instances)
-    rendered.instances.append((instance.kind.name, "key" if instance.key else "distractor"))
+    rendered.instances.append((instance.kind.name, instance.role))
     regions: dict[tuple, int] = {}
+    parts: dict[str, list[int]] = {}
     for piece in instance.kind.pieces:
         signature = (piece.part, piece.subpart, piece.style_name)
         if signature not in regions:
             regions[signature] = len(rendered.region_object)
+            parts.setdefault(piece.part, []).append(regions[signature])
             painted = instance.fills[piece.style_name]
             rendered.region_object.append(cat.number("object", instance.kind.name))
             rendered.region_part.append(cat.number("part", piece.part))
@@ -570,32 +752,69 @@ def _draw(rendered: Rendered, instance: Instance, cat: Catalogue, rng) -> None:
             rendered.region_instance.append(number)
         mask = shape_mask(piece.shape, u, v, instance.box[2], instance.box[3])
         canvas.paint(rows, cols, mask, instance.fills[piece.style_name].fill, regions[signature], rng)
+    return parts
 
 
-def render_classification(config: WorldConfig, class_id: int, rng: np.random.Generator, cat: Catalogue) -> Rendered:
-    """One image of class `class_id`: the scene's background, distractors, then the key object on top."""
+def _compose(config: WorldConfig, class_id: int, scene: Scene, horizon: int, bands: tuple[Fill, Fill],
+             instances: list[Instance], key_part: str, cat: Catalogue, rng) -> tuple[Rendered, bool]:
+    """Paint the bands and the instances in order; also say whether the key object's key part shows
+    on at least half of the pixels it would cover alone, and at mask resolution."""
+    size = config.image_size
+    rendered = _new_rendered(size, class_id, scene.name)
+    rendered.canvas.fill_rows(0, horizon, bands[0], rng)
+    rendered.canvas.fill_rows(horizon, size, bands[1], rng)
+    key_regions: list[int] = []
+    for instance in instances:
+        parts = _draw(rendered, instance, cat, rng)
+        if instance.key:
+            key_regions = parts.get(key_part, [])
+            alone = int(np.isin(rendered.canvas.region, key_regions).sum())
+    region = rendered.canvas.region
+    shown = np.isin(region, key_regions)
+    positions = sample_positions(size, config.mask_size)
+    visible = shown.sum() >= 0.5 * alone and shown[np.ix_(positions, positions)].any()
+    return rendered, bool(visible)
+
+
+def render_classification(config: WorldConfig, class_id: int, rng: np.random.Generator, cat: Catalogue,
+                          texture: int | None = None) -> Rendered:
+    """One image of class `class_id`: the scene's bands (its texture number `texture`, None: at random),
+    then its key object, maybe a confuser and distractors, placed and drawn in random order.
+
+    The class must follow from the labels, so the key part must show at mask resolution: if it does
+    not, the objects are drawn again with the key object on top, and if it still does not (a tiny
+    mask), the objects are drawn anew (up to 20 times)."""
     rule = CLASS_RULES[class_id]
     scene = SCENE_BY_NAME[rule.scene]
     size = config.image_size
-    rendered = _new_rendered(size, class_id, scene.name)
     horizon = int(round(rng.uniform(*scene.horizon) * size))
-    rendered.canvas.fill_rows(0, horizon, sample_fill(STYLES[scene.upper], rng, size).fill, rng)
-    rendered.canvas.fill_rows(horizon, size, sample_fill(STYLES[scene.lower], rng, size).fill, rng)
-    scene_rules = [r for r in CLASS_RULES if r.scene == scene.name]
-    confusers = sorted({r.object for r in scene_rules})
-    others = [r for r in scene_rules if r is not rule]
-    weights = np.array([DISTRACTOR_WEIGHT[name] for name in scene.pool])
-    n_distractors = int(rng.integers(config.distractors[0], config.distractors[1] + 1))
-    for _ in range(n_distractors):
+    bands = (background_fill(scene, "upper", rng, size, texture), background_fill(scene, "lower", rng, size, texture))
+    scene_rules = RULES_BY_SCENE[scene.name]
+    for _attempt in range(20):
+        plan = [(rule.object, rule.part, rule.colour, "key")]
         if rng.random() < config.confuser_rate:
-            name = confusers[rng.integers(len(confusers))]
-        else:
-            name = scene.pool[rng.choice(len(scene.pool), p=weights / weights.sum())]
-        kind = OBJECT_BY_NAME[name]
-        _draw(rendered, _sample_instance(kind, rng, size, horizon, config, None, scene_rules), cat, rng)
-    key = _sample_instance(OBJECT_BY_NAME[rule.object], rng, size, horizon, config, rule, others)
-    _draw(rendered, key, cat, rng)
-    return rendered
+            others = [r for r in scene_rules if r is not rule]
+            confuser = others[rng.integers(len(others))]
+            wrong = [r.colour for r in scene_rules if r is not confuser]  # another rule colour of the scene
+            plan.append((confuser.object, confuser.part, wrong[rng.integers(len(wrong))], "confuser"))
+        for _ in range(int(rng.integers(config.distractors[0], config.distractors[1] + 1))):
+            plan.append((DISTRACTOR_TYPES[rng.integers(len(DISTRACTOR_TYPES))], None, None, "distractor"))
+        instances, boxes = [], []
+        for i in rng.permutation(len(plan)):
+            name, part, colour, role = plan[i]
+            kind = OBJECT_BY_NAME[name]
+            boxes.append(_place(kind, rng, size, horizon, config, boxes))
+            avoid = [r for r in scene_rules if r is not rule] if role == "key" else scene_rules
+            instances.append(Instance(kind, boxes[-1], _sample_fills(kind, rng, size, part, colour, avoid), role))
+        _spread_key_colours(instances, [r for r in scene_rules if r is not rule], rng, size)
+        rendered, visible = _compose(config, class_id, scene, horizon, bands, instances, rule.part, cat, rng)
+        if not visible:
+            on_top = [i for i in instances if not i.key] + [i for i in instances if i.key]
+            rendered, visible = _compose(config, class_id, scene, horizon, bands, on_top, rule.part, cat, rng)
+        if visible:
+            return rendered
+    raise RuntimeError(f"the key part of a {rule.object} does not show at mask size {config.mask_size} in 20 draws; "
+                       "raise image_size, mask_size or object_area.")
 
 
 def cgl_classes(task: str) -> list[tuple[str, str]]:
@@ -658,15 +877,16 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     path.write_bytes(encode_png(array, PNG_COMPRESS_LEVEL))
 
 
-def _write_image(config: WorldConfig, out: Path, index: int, split: str, class_id: int) -> dict:
+def _write_image(config: WorldConfig, out: Path, index: int, split: str, class_id: int, texture: int = 0) -> dict:
     """Render image `index` with its own seed, write its PNGs, return its index/task/statistics record."""
     cat = catalogue(config.preset)
     rng = np.random.default_rng([config.seed, index])
     if config.preset == "cgl_shapes":
         rendered = render_cgl(config, rng, cat)
     else:
-        rendered = render_classification(config, class_id, rng, cat)
+        rendered = render_classification(config, class_id, rng, cat, texture)
     canvas = rendered.canvas
+    canvas.dither(config.dither, rng)  # records untouched; no draw from rng when dither is 0
     stem = f"cw_{index:06d}"
     _save_png(canvas.rgb, out / "images" / f"{stem}.png")
 
@@ -735,18 +955,26 @@ def _instances(rendered: Rendered, cat: Catalogue, image: str, split: str) -> li
 
 def _write_chunk(job: tuple) -> list[dict]:
     config, out, items = job
-    return [_write_image(config, Path(out), index, split, class_id) for index, split, class_id in items]
+    return [_write_image(config, Path(out), index, split, class_id, texture) for index, split, class_id, texture in items]
 
 
 # ============================================================================ the dataset
-def _assignments(config: WorldConfig) -> tuple[list[str], list[int]]:
-    """Split per image (exactly round(val_fraction·n) val images) and balanced class ids, seeded."""
+def _assignments(config: WorldConfig) -> tuple[list[str], list[int], list[int]]:
+    """Split per image (exactly round(val_fraction·n) val images), balanced class ids and, per scene,
+    balanced texture numbers (each of a scene's textures in as many of its images as possible, so
+    texture frequencies, hence their IoU ceilings, do not scatter), seeded."""
     rng = np.random.default_rng([config.seed, 2**31 - 1])
     n = config.n_images
     splits = np.full(n, "train", dtype=object)
     splits[rng.permutation(n)[: int(round(config.val_fraction * n))]] = "val"
-    classes = rng.permutation(np.arange(n) % len(CLASS_RULES)).tolist()
-    return splits.tolist(), classes
+    classes = rng.permutation(np.arange(n) % len(CLASS_RULES))
+    textures = np.zeros(n, dtype=np.int64)
+    if config.preset == "classification":
+        scene_of = np.array([SCENES.index(SCENE_BY_NAME[r.scene]) for r in CLASS_RULES])[classes]
+        for number, scene in enumerate(SCENES):
+            members = np.flatnonzero(scene_of == number)
+            textures[members] = rng.permutation(np.arange(len(members)) % len(scene.textures))
+    return splits.tolist(), classes.tolist(), textures.tolist()
 
 
 def _format(value: float) -> str:
@@ -837,8 +1065,12 @@ def _classes_json(config: WorldConfig, classes: list[tuple[str, str]]) -> dict:
         "preset": config.preset, "classes": table, "hierarchy": hierarchy,
         "rule_semantics": "class c iff the image's scene is rule.scene and some pixel carries object rule.object, "
                           "part rule.part and colour rule.color (or material rule.material); exactly one "
-                          "class rule holds for every image (distractors are drawn so as to satisfy none)",
-        "distractors": list(config.distractors),
+                          "class rule holds for every image (confusers and distractors are drawn so as to satisfy none)",
+        "design": "scene s hosts key types s, s+1, s+2 (mod 6) of key_types, with rule colour "
+                  "key_colours[(2t - s) mod 6] for type t: 3 classes per scene, per key type and per key colour",
+        "scenes": [s.name for s in SCENES], "key_types": list(KEY_TYPES), "key_parts": dict(KEY_PARTS),
+        "key_colours": list(KEY_COLOURS), "distractor_types": list(DISTRACTOR_TYPES),
+        "confuser_rate": config.confuser_rate, "distractors": list(config.distractors),
     }
 
 
@@ -889,8 +1121,8 @@ def generate_world(config: WorldConfig, out_dir: str | os.PathLike, *, workers: 
     (tmp / "images").mkdir(parents=True)
     (tmp / "evidence").mkdir()
     try:
-        splits, classes = _assignments(config)
-        items = list(zip(range(config.n_images), splits, classes))
+        splits, classes, textures = _assignments(config)
+        items = list(zip(range(config.n_images), splits, classes, textures))
         chunk = 50
         jobs = [(config, str(tmp), items[i : i + chunk]) for i in range(0, len(items), chunk)]
         workers = min(2, os.cpu_count() or 1) if workers is None else workers
@@ -958,8 +1190,22 @@ def iou_ceiling(coverage, quantile: float = 0.005):
     return np.where(coverage > 0, np.minimum(coverage, quantile) / np.maximum(coverage, quantile), 0.0)
 
 
+# Concepts whose IoU ceiling is low by design, with the reason: summaries of detector counts or
+# ceilings ("unique detectors over all categories") should leave them out.
+CAPPED_BY_DESIGN: dict[tuple[str, str], str] = {
+    **{("scene", s.name): f"a scene label covers its whole image: coverage = share of images (1/{len(SCENES)}), "
+                          f"ceiling about 0.005·{len(SCENES)}" for s in SCENES},
+    ("texture", "plain"): "untextured: the smooth band (sky, floor) of nearly every image and most object parts are "
+                          "plain, so its image-level label covers nearly every image",
+}
+# The IoU ceilings the classification preset is built to reach at the top-0.5% quantile rule
+# (concepts of CAPPED_BY_DESIGN aside).
+IOU_CEILING_TARGETS = {"object": 0.2, "part": 0.2, "color": 0.1, "material": 0.1, "scene": 0.1, "texture": 0.1}
+
+
 def concept_coverage(root: str | os.PathLike, quantile: float = 0.005):
-    """Per (category, concept): images, coverage as a fraction of all mask pixels, and its IoU ceiling."""
+    """Per (category, concept): images, coverage as a fraction of all mask pixels, its IoU ceiling and
+    `capped_by_design` (the reason from `CAPPED_BY_DESIGN`, "" for every other concept)."""
     import pandas as pd
 
     root = Path(root)
@@ -972,7 +1218,80 @@ def concept_coverage(root: str | os.PathLike, quantile: float = 0.005):
                                     "images": table["frequency"], "coverage": table["coverage"] / n_images}))
     frame = pd.concat(frames, ignore_index=True)
     frame["iou_ceiling"] = iou_ceiling(frame["coverage"].to_numpy(), quantile)
+    preset = io.read_json(root / "classes.json").get("preset") if (root / "classes.json").is_file() else None
+    capped = CAPPED_BY_DESIGN if preset == "classification" else {}
+    frame["capped_by_design"] = [capped.get((c, n), "") for c, n in zip(frame["category"], frame["concept"])]
     return frame
+
+
+CUE_FAMILIES = ("scene", "object set", "colour set")
+
+
+def image_cues(root: str | os.PathLike) -> "pd.DataFrame":
+    """Per image of a ConceptWorld, from its own label files: split, class_id, and the cues a single-cue
+    rule may use: `scene` (scene name, "" if none), `object set` and `colour set` (the sorted names of
+    the objects and colours present in its object and colour masks, joined by "+")."""
+    import pandas as pd
+    from PIL import Image
+
+    root = Path(root)
+    index = pd.read_csv(root / "index.csv", keep_default_na=False, dtype=str)
+    tasks = pd.read_csv(root / "tasks.csv")
+    names = pd.read_csv(root / "label.csv", keep_default_na=False).set_index("number")["name"]
+
+    def present(file: str) -> str:
+        if not file:
+            return ""
+        with Image.open(root / "images" / file) as opened:
+            labels = decode_label_mask(np.asarray(opened.convert("RGB")))
+        return "+".join(sorted(names[int(n)] for n in np.unique(labels[labels > 0])))
+
+    scenes = [names[int(cell.split(";")[0])] if cell else "" for cell in index["scene"]]
+    return pd.DataFrame({"image": index["image"], "split": index["split"], "class_id": tasks["class_id"].to_numpy(),
+                         "scene": scenes, "object set": [present(f) for f in index["object"]],
+                         "colour set": [present(f) for f in index["color"]]})
+
+
+def cue_bounds(root: str | os.PathLike, *, pairs: bool = False, cues: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+    """Best accuracy of a rule that sees a single cue family: the scene label, the set of object types
+    present, or the set of colours present (`image_cues`, from the world's own labels).
+
+    The rule maps each cue value to one class: the most frequent class of that value on the train split
+    (ties: lowest class id; a value never seen in train gets train's most frequent class). Columns:
+    `val_accuracy`: that rule scored on the val split, the number the task is built to keep <= 0.40
+    (ConceptWorld v2); `val_fit_accuracy`: the rule fitted on val itself and scored there, an upper
+    bound that rewards rare values (a value seen once is always right); `train_accuracy`; `values`:
+    distinct cue values in train; `majority`: the share of val's most frequent class. `pairs=True`
+    adds the pairs of families (information only: two cues together may well decide more).
+    """
+    import pandas as pd
+
+    cues = image_cues(root) if cues is None else cues
+    families = [f for f in CUE_FAMILIES if cues[f].astype(bool).any()]
+    combos = [(f,) for f in families]
+    if pairs:
+        combos += [(a, b) for i, a in enumerate(families) for b in families[i + 1:]]
+    train, val = cues[cues["split"] == "train"], cues[cues["split"] == "val"]
+    if train.empty or val.empty:
+        raise ValueError(f"cue_bounds needs train and val images in {root}; regenerate the world with 0 < val_fraction.")
+    fallback = int(train["class_id"].value_counts().sort_index().idxmax())
+
+    def fit(frame: pd.DataFrame, key: pd.Series) -> dict:
+        counts = pd.crosstab(key, frame["class_id"])
+        return {value: int(row.idxmax()) for value, row in counts.iterrows()}  # idxmax: first (lowest id) of ties
+
+    def score(rule: dict, frame: pd.DataFrame, key: pd.Series) -> float:
+        return float((key.map(lambda v: rule.get(v, fallback)).to_numpy() == frame["class_id"].to_numpy()).mean())
+
+    rows = []
+    for combo in combos:
+        key_train = train[list(combo)].astype(str).agg(" | ".join, axis=1)
+        key_val = val[list(combo)].astype(str).agg(" | ".join, axis=1)
+        rule, rule_val = fit(train, key_train), fit(val, key_val)
+        rows.append({"cue": " + ".join(combo), "values": len(rule), "val_accuracy": score(rule, val, key_val),
+                     "val_fit_accuracy": score(rule_val, val, key_val), "train_accuracy": score(rule, train, key_train),
+                     "majority": float(val["class_id"].value_counts(normalize=True).max())})
+    return pd.DataFrame(rows)
 
 
 def _members(tree: dict, name: str) -> list[tuple[str, str]]:
@@ -1049,6 +1368,8 @@ def concept_image_sets(root: str | os.PathLike, concepts: Sequence[str] | None =
 
 __all__ = [
     "WorldConfig", "generate_world", "ensure_world", "world_dir", "catalogue", "concept_tree", "iou_ceiling",
-    "concept_coverage", "concept_image_sets", "CLASS_RULES", "OBJECTS", "SCENES", "MATERIALS", "PRESETS",
-    "sample_positions",
+    "concept_coverage", "concept_image_sets", "image_cues", "cue_bounds", "CLASS_RULES", "OBJECTS", "SCENES",
+    "MATERIALS", "PRESETS", "KEY_COLOURS", "KEY_TYPES", "KEY_PARTS", "DISTRACTOR_TYPES", "CAPPED_BY_DESIGN",
+    "IOU_CEILING_TARGETS", "CUE_FAMILIES", "sample_positions",
 ]
+

@@ -1,9 +1,17 @@
 """Vectorised raster drawing for ConceptWorld: a palette of named colours, fills and convex shapes.
 
 A `Canvas` keeps, beside the RGB image, three per-pixel records of what was painted: the palette
-colour (index into `COLOUR_NAMES`, 0 = no named colour, e.g. a photo or noise fill), the texture
-(index into `TEXTURE_NAMES`) and a region id (0 = background). Masks are derived from these
+colour (index into `COLOUR_NAMES`, 0 = no named colour, e.g. a photo, noise or tinted fill), the
+texture (index into `TEXTURE_NAMES`) and a region id (0 = background). Masks are derived from these
 records, so they agree with the painted pixels by construction.
+
+Fills: "plain" (one palette shade), a two-colour pattern in palette shades (any name of `PATTERNS`:
+stripes, dots, checker, grid, ...; both colours are labelled), "noise" (a base colour with strong
+per-pixel jitter), "photo" (scikit-image's texture photographs), "tinted" (a pattern of `PATTERNS`
+between two tints that are not palette shades: backgrounds) and "gradient" (a vertical blend of two
+tints, texture "plain": skies, floors). Tinted, gradient, noise and photo pixels carry no colour label.
+`Canvas.dither` adds a small seeded per-pixel noise to the whole image at the end, so that flat fills
+never give exactly equal pixels (network activations would tie exactly, see `WorldConfig.dither`).
 
 Shapes are given in the unit square of an object's bounding box (u right, v down) and rasterised
 at pixel centres; all work is done with NumPy on the bounding-box window, never per pixel.
@@ -37,7 +45,13 @@ COLOUR_INDEX = {name: i + 1 for i, name in enumerate(COLOUR_NAMES)}
 # Shade table indexed by [colour index, shade]; row 0 is unused (no named colour).
 SHADES = np.array([((0, 0, 0), (0, 0, 0))] + [PALETTE[name] for name in COLOUR_NAMES], dtype=np.uint8)
 
-TEXTURE_NAMES: tuple[str, ...] = ("plain", "stripes", "dots", "checker", "noise", "brick", "grass", "gravel")
+# Procedural two-tone patterns (`_field`): painted in palette shades on object parts and in tints
+# on backgrounds. "grain" is also the wood finish of object parts.
+PATTERNS: tuple[str, ...] = ("stripes", "dots", "checker", "grid", "crosshatch", "lines", "zigzag", "waves",
+                             "rings", "diamonds", "scales", "perforated", "woven", "plaid", "bands", "polka",
+                             "flecks", "blotches", "marble", "grain")
+TEXTURE_NAMES: tuple[str, ...] = ("plain", "stripes", "dots", "checker", "noise", "brick", "grass", "gravel",
+                                  *PATTERNS[3:])
 TEXTURE_INDEX = {name: i for i, name in enumerate(TEXTURE_NAMES)}
 PHOTOS = ("brick", "grass", "gravel")  # scikit-image's bundled texture photographs (no download)
 PHOTO_TINT = {"brick": (200, 95, 65), "grass": (80, 170, 60), "gravel": (150, 150, 150)}
@@ -62,12 +76,14 @@ def photo_tile(name: str, image_size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Fill:
-    """How a region is painted. `kind`: plain, stripes, dots, checker (palette colours), noise, photo.
+    """How a region is painted. `kind`: plain, a pattern of `PATTERNS` (palette colours), noise, photo,
+    tinted or gradient (see the module docstring).
 
     `colours` holds colour names (one for plain, two for patterns: background then foreground);
     `shades` the shade of each; `period` the pattern period in pixels; `axis` 0 = horizontal bands,
     1 = vertical, 2 = diagonal; `photo` the photograph name; `base` the RGB mean of a noise fill;
-    `offset` shifts patterns and photos so neighbouring regions differ.
+    `pattern` the pattern of a tinted fill; `tints` the two RGB tints of a tinted or gradient fill
+    (a photo's tint when given); `offset` shifts patterns and photos so neighbouring regions differ.
     """
 
     kind: str
@@ -78,15 +94,23 @@ class Fill:
     photo: str = ""
     base: tuple[int, int, int] = (128, 128, 128)
     offset: tuple[int, int] = (0, 0)
+    pattern: str = ""
+    tints: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def texture(self) -> str:
-        return self.photo if self.kind == "photo" else self.kind
+        if self.kind == "photo":
+            return self.photo
+        if self.kind == "tinted":
+            return self.pattern
+        if self.kind == "gradient":
+            return "plain"
+        return self.kind
 
     @property
     def named_colours(self) -> frozenset[str]:
-        """Colour names whose exact shades this fill paints (none for noise and photos)."""
-        return frozenset(self.colours) if self.kind in ("plain", "stripes", "dots", "checker") else frozenset()
+        """Colour names whose exact shades this fill paints (none for noise, photo, tinted, gradient)."""
+        return frozenset(self.colours) if self.kind == "plain" or self.kind in PATTERNS else frozenset()
 
 
 class Canvas:
@@ -107,55 +131,149 @@ class Canvas:
         """
         window = (rows, cols)
         rgb, colour = self.rgb[window], self.colour[window]
-        if mask is None:
-            mask = np.ones(rgb.shape[:2], dtype=bool)
-        if not mask.any():
+        shape = rgb.shape[:2]
+        full = mask is None  # the whole window: slice assignment, no boolean indexing (backgrounds)
+        if (rgb.size == 0) if full else not mask.any():
             return
+        where = (slice(None), slice(None)) if full else mask
+
+        def pick(values: np.ndarray) -> np.ndarray:
+            """A window-shaped array at the painted pixels (the array itself for the whole window)."""
+            values = np.broadcast_to(values, shape)
+            return values if full else values[mask]
+
         if fill.kind == "plain":
             index = COLOUR_INDEX[fill.colours[0]]
-            rgb[mask] = SHADES[index, fill.shades[0]]
-            colour[mask] = index
+            rgb[where] = SHADES[index, fill.shades[0]]
+            colour[where] = index
         else:
             ys = np.arange(rows.start, rows.stop)[:, None]
             xs = np.arange(cols.start, cols.stop)[None, :]
             if fill.kind == "noise":
-                jitter = rng.integers(-45, 46, size=(int(mask.sum()), 3))
-                rgb[mask] = np.clip(np.asarray(fill.base) + jitter, 0, 255).astype(np.uint8)
-                colour[mask] = 0
+                jitter = rng.integers(-45, 46, size=(*shape, 3) if full else (int(mask.sum()), 3))
+                rgb[where] = np.clip(np.asarray(fill.base) + jitter, 0, 255).astype(np.uint8)
+                colour[where] = 0
             elif fill.kind == "photo":
                 tile = photo_tile(fill.photo, self.size)
                 brightness = tile[np.ix_((ys[:, 0] + fill.offset[0]) % tile.shape[0],
                                          (xs[0] + fill.offset[1]) % tile.shape[1])]
-                tint = np.asarray(PHOTO_TINT[fill.photo], dtype=np.float32)
-                rgb[mask] = np.clip(brightness[mask][:, None] * tint, 0, 255).astype(np.uint8)
-                colour[mask] = 0
+                tint = np.asarray(fill.tints[0] if fill.tints else PHOTO_TINT[fill.photo], dtype=np.float32)
+                rgb[where] = np.clip(pick(brightness)[..., None] * tint, 0, 255).astype(np.uint8)
+                colour[where] = 0
+            elif fill.kind in ("gradient", "tinted"):
+                if fill.kind == "gradient":
+                    level = ((ys - rows.start) / max(1, rows.stop - rows.start - 1)).astype(np.float32)
+                else:
+                    level = _field(fill.pattern, ys + fill.offset[0], xs + fill.offset[1], fill.period, fill.axis, rng)
+                first, second = (np.asarray(c, dtype=np.float32) for c in fill.tints)
+                rgb[where] = np.clip(np.rint(first + pick(level)[..., None] * (second - first)), 0, 255).astype(np.uint8)
+                colour[where] = 0
             else:
-                which = _pattern(ys + fill.offset[0], xs + fill.offset[1], fill)[mask]
+                field = _field(fill.kind, ys + fill.offset[0], xs + fill.offset[1], fill.period, fill.axis, rng)
+                which = pick(field >= 0.5).astype(np.intp)
                 indices = np.array([COLOUR_INDEX[c] for c in fill.colours], dtype=np.int16)[which]
                 shades = np.array(fill.shades, dtype=np.intp)[which]
-                rgb[mask] = SHADES[indices, shades]
-                colour[mask] = indices
-        self.texture[window][mask] = TEXTURE_INDEX[fill.texture]
-        self.region[window][mask] = region
+                rgb[where] = SHADES[indices, shades]
+                colour[where] = indices
+        self.texture[window][where] = TEXTURE_INDEX[fill.texture]
+        self.region[window][where] = region
 
     def fill_rows(self, top: int, bottom: int, fill: Fill, rng: np.random.Generator) -> None:
         """Paint the background band of rows [top, bottom) (region 0)."""
         self.paint(slice(top, bottom), slice(0, self.size), None, fill, 0, rng)
 
+    def dither(self, amplitude: int, rng: np.random.Generator) -> None:
+        """Add an integer in [-amplitude, amplitude] to every channel of every pixel (clipped to 0..255).
 
-def _pattern(ys: np.ndarray, xs: np.ndarray, fill: Fill) -> np.ndarray:
-    """Index (0 or 1) into `fill.colours` of each pixel of the grid ys (H×1) × xs (1×W), shape H×W."""
-    period = max(2, fill.period)
-    if fill.kind == "stripes":
-        coordinate = (ys, xs, ys + xs)[fill.axis]
-        return np.broadcast_to(((coordinate % period) < period / 2).astype(np.intp), np.broadcast_shapes(ys.shape, xs.shape))
-    if fill.kind == "checker":
-        return (((ys // max(1, period // 2)) + (xs // max(1, period // 2))) % 2).astype(np.intp)
-    if fill.kind == "dots":
-        dy = (ys % period) - (period - 1) / 2
-        dx = (xs % period) - (period - 1) / 2
-        return (dy * dy + dx * dx <= (period / 3.2) ** 2).astype(np.intp)
-    raise ValueError(f"unknown fill kind {fill.kind!r}; use plain, stripes, dots, checker, noise or photo.")
+        Records are untouched: a pixel labelled with a colour lies within `amplitude` of one of its shades.
+        """
+        if amplitude <= 0:
+            return
+        noise = rng.integers(-amplitude, amplitude + 1, size=self.rgb.shape, dtype=np.int16)
+        self.rgb[...] = np.clip(self.rgb.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def smooth_noise(height: int, width: int, cell: float, rng: np.random.Generator) -> np.ndarray:
+    """Value noise in [0, 1]: a random grid every `cell` pixels, bilinearly interpolated (float32, H×W)."""
+    cell = max(1.0, float(cell))
+    gy, gx = np.arange(height) / cell, np.arange(width) / cell
+    y0, x0 = gy.astype(np.intp), gx.astype(np.intp)
+    fy, fx = (gy - y0)[:, None].astype(np.float32), (gx - x0)[None, :].astype(np.float32)
+    grid = rng.random((int(y0[-1]) + 2, int(x0[-1]) + 2), dtype=np.float32)
+    top = grid[np.ix_(y0, x0)] * (1 - fx) + grid[np.ix_(y0, x0 + 1)] * fx
+    bottom = grid[np.ix_(y0 + 1, x0)] * (1 - fx) + grid[np.ix_(y0 + 1, x0 + 1)] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _field(kind: str, ys: np.ndarray, xs: np.ndarray, period: int, axis: int, rng: np.random.Generator) -> np.ndarray:
+    """Pattern `kind` of `PATTERNS` over the grid ys (H×1) × xs (1×W): values in [0, 1], thresholded at
+    0.5 for two palette colours. `period` in pixels; `axis` orients stripes, lines and waves."""
+    p = max(2, int(period))
+    shape = np.broadcast_shapes(ys.shape, xs.shape)
+    line = max(1, p // 4)
+    if kind == "stripes":
+        coordinate = (ys, xs, ys + xs)[axis % 3]
+        return np.broadcast_to(((coordinate % p) < p / 2).astype(np.float32), shape)
+    if kind == "lines":
+        coordinate = (ys, xs, ys + xs)[axis % 3]
+        return np.broadcast_to(((coordinate % (p + 1)) < 1).astype(np.float32), shape)
+    if kind == "checker":
+        half = max(1, p // 2)
+        return (((ys // half) + (xs // half)) % 2).astype(np.float32)
+    if kind == "dots":
+        dy, dx = (ys % p) - (p - 1) / 2, (xs % p) - (p - 1) / 2
+        return (dy * dy + dx * dx <= (p / 3.2) ** 2).astype(np.float32)
+    if kind == "polka":
+        q = 2 * p
+        dy, dx = (ys % q) - (q - 1) / 2, (xs % q) - (q - 1) / 2
+        return (dy * dy + dx * dx <= (q / 4) ** 2).astype(np.float32)
+    if kind == "perforated":
+        row = ys // p
+        dy, dx = (ys % p) - (p - 1) / 2, ((xs + (row % 2) * (p // 2)) % p) - (p - 1) / 2
+        return (dy * dy + dx * dx <= (p / 4.5) ** 2 + 0.3).astype(np.float32)
+    if kind == "grid":
+        return (((ys % p) < line) | ((xs % p) < line)).astype(np.float32)
+    if kind == "crosshatch":
+        return ((((ys + xs) % p) < line) | (((ys - xs) % p) < line)).astype(np.float32)
+    if kind == "diamonds":
+        half = max(1, p // 2)
+        return ((((ys + xs) // half) + ((ys - xs) // half)) % 2).astype(np.float32)
+    if kind == "zigzag":
+        tooth = np.abs((xs % p) - p / 2)
+        return (((ys + tooth) % p) < p / 2).astype(np.float32)
+    if kind == "waves":
+        along, across = (xs, ys) if axis % 2 == 0 else (ys, xs)
+        return (0.5 + 0.5 * np.sin(2 * np.pi * (across + 0.35 * p * np.sin(2 * np.pi * along / (2.5 * p))) / p)).astype(np.float32)
+    if kind == "rings":
+        tile = 6 * p  # concentric rings, one centre per tile
+        dy, dx = (ys % tile) - tile / 2, (xs % tile) - tile / 2
+        return (0.5 + 0.5 * np.cos(2 * np.pi * np.sqrt(dy * dy + dx * dx) / p)).astype(np.float32)
+    if kind == "scales":
+        row = ys // p
+        dx = ((xs + (row % 2) * (p // 2)) % p) - (p - 1) / 2
+        dy = (ys % p) + 0.5
+        radius = np.sqrt(dx * dx + dy * dy)
+        return (np.abs(radius - 0.75 * p) < 0.6).astype(np.float32)
+    if kind == "woven":
+        block = ((ys // (2 * p)) + (xs // (2 * p))) % 2
+        return np.where(block == 0, (ys % p) < p / 2, (xs % p) < p / 2).astype(np.float32)
+    if kind == "plaid":
+        wide = 2 * p
+        return (0.5 * ((ys % wide) < 0.6 * p) + 0.5 * ((xs % wide) < 0.6 * p)).astype(np.float32)
+    if kind == "bands":
+        return np.broadcast_to((((ys // p) % 3) / 2).astype(np.float32), shape)
+    if kind == "flecks":
+        return (rng.random(shape, dtype=np.float32) < 0.12).astype(np.float32)
+    if kind == "blotches":
+        return (smooth_noise(shape[0], shape[1], 1.5 * p, rng) > 0.5).astype(np.float32)
+    if kind == "marble":
+        warp = smooth_noise(shape[0], shape[1], 2 * p, rng)
+        return (0.5 + 0.5 * np.sin(2 * np.pi * ((xs + ys) / (2 * p) + 2 * warp))).astype(np.float32)
+    if kind == "grain":
+        across = ys if axis % 2 == 0 else xs
+        warp = smooth_noise(shape[0], shape[1], 3 * p, rng)
+        return (0.5 + 0.5 * np.sin(2 * np.pi * (across + 1.5 * warp * p) / p)).astype(np.float32)
+    raise ValueError(f"unknown pattern {kind!r}; use one of {', '.join(PATTERNS)}.")
 
 
 # ----------------------------------------------------------------------------- shapes
