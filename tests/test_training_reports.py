@@ -1,4 +1,4 @@
-"""Notebook 00's figures of training and its rotation claim, on hand-made tables."""
+"""Notebook 00's tables and figures of training and the world, and its rotation claim, on hand-made tables."""
 from __future__ import annotations
 
 import matplotlib
@@ -9,6 +9,7 @@ import pytest
 from replication.reporting.claims import load_reference
 from replication.reporting.dissection_claims import rotation_claim
 from replication.reporting.training_figures import plot_confusion, plot_learning_curves
+from replication.reporting.world_figures import coverage_summary
 
 matplotlib.use("agg")
 REFERENCE = load_reference("00_concept_world")
@@ -42,3 +43,13 @@ def test_training_figures_draw_every_run_and_class():
     figure = plot_confusion(confusion, ["x", "y"], title="t")
     texts = sorted(t.get_text() for t in figure.axes[0].texts)
     assert texts == ["1", "3", "4"]  # zero cells stay blank
+
+
+def test_coverage_summary_counts_capped_concepts_and_the_lowest_uncapped_ceiling():
+    coverage = pd.DataFrame({"category": ["part", "part", "scene", "scene"], "concept": ["a", "b", "s", "t"],
+                             "images": [10, 30, 50, 50], "coverage": [0.01, 0.03, 0.5, 0.5],
+                             "iou_ceiling": [0.5, 0.17, 0.01, 0.01], "capped_by_design": ["", "", "whole image", "whole image"]})
+    summary = coverage_summary(coverage, targets={"part": 0.2, "scene": 0.1})
+    assert list(summary.index) == ["part", "scene"]
+    assert summary.loc["part"].tolist() == [2, 0, 20.0, 2.0, 0.2, 0.17]
+    assert summary.loc["scene", "capped by design"] == 2 and np.isnan(summary.loc["scene", "lowest ceiling (uncapped)"])

@@ -69,6 +69,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
+
 from replication import cache, io, paths
 from replication.data.broden import CATEGORIES, decode_label_mask, encode_label_mask
 from replication.data.drawing import (
@@ -1206,8 +1208,6 @@ IOU_CEILING_TARGETS = {"object": 0.2, "part": 0.2, "color": 0.1, "material": 0.1
 def concept_coverage(root: str | os.PathLike, quantile: float = 0.005):
     """Per (category, concept): images, coverage as a fraction of all mask pixels, its IoU ceiling and
     `capped_by_design` (the reason from `CAPPED_BY_DESIGN`, "" for every other concept)."""
-    import pandas as pd
-
     root = Path(root)
     n_images = len(pd.read_csv(root / "index.csv"))
     names = pd.read_csv(root / "category.csv")["name"]
@@ -1227,11 +1227,10 @@ def concept_coverage(root: str | os.PathLike, quantile: float = 0.005):
 CUE_FAMILIES = ("scene", "object set", "colour set")
 
 
-def image_cues(root: str | os.PathLike) -> "pd.DataFrame":
+def image_cues(root: str | os.PathLike) -> pd.DataFrame:
     """Per image of a ConceptWorld, from its own label files: split, class_id, and the cues a single-cue
     rule may use: `scene` (scene name, "" if none), `object set` and `colour set` (the sorted names of
     the objects and colours present in its object and colour masks, joined by "+")."""
-    import pandas as pd
     from PIL import Image
 
     root = Path(root)
@@ -1252,7 +1251,7 @@ def image_cues(root: str | os.PathLike) -> "pd.DataFrame":
                          "colour set": [present(f) for f in index["color"]]})
 
 
-def cue_bounds(root: str | os.PathLike, *, pairs: bool = False, cues: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+def cue_bounds(root: str | os.PathLike, *, pairs: bool = False, cues: pd.DataFrame | None = None) -> pd.DataFrame:
     """Best accuracy of a rule that sees a single cue family: the scene label, the set of object types
     present, or the set of colours present (`image_cues`, from the world's own labels).
 
@@ -1264,8 +1263,6 @@ def cue_bounds(root: str | os.PathLike, *, pairs: bool = False, cues: "pd.DataFr
     distinct cue values in train; `majority`: the share of val's most frequent class. `pairs=True`
     adds the pairs of families (information only: two cues together may well decide more).
     """
-    import pandas as pd
-
     cues = image_cues(root) if cues is None else cues
     families = [f for f in CUE_FAMILIES if cues[f].astype(bool).any()]
     combos = [(f,) for f in families]
@@ -1331,8 +1328,6 @@ def concept_image_sets(root: str | os.PathLike, concepts: Sequence[str] | None =
     to the image. Returns {concept: DataFrame(image, split, top, left, bottom, right, pixels, ...)},
     the largest `limit` instances first (ties by image name).
     """
-    import pandas as pd
-
     root = Path(root)
     if not (root / "instances.csv").is_file():
         raise FileNotFoundError(f"{root / 'instances.csv'} is missing; concept image sets need a ConceptWorld "
