@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
+from tqdm.std import tqdm
 
 T = TypeVar("T")
 
@@ -95,8 +96,6 @@ def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, le
 
 
 def _advance(iterable: Iterable[T], desc: str, total: int | None, leave: bool) -> Iterator[T]:
-    from tqdm.std import tqdm
-
     with tqdm(total=total, desc=desc, leave=leave, file=sys.stderr) as bar:
         for item in iterable:
             yield item

@@ -1,9 +1,11 @@
 """The paper's qualitative figure: the soft receptive fields of one group's filters on the same images."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
+import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from replication import runtime
@@ -11,9 +13,6 @@ from replication.methods.concept_groups.groups import GROUPS, group_weight_norms
 from replication.methods.concept_groups.receptive_field import SoftReceptiveField
 from replication.models.anatomy import producing_conv
 from replication.models.hooks import capture_activations
-
-if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
-    from matplotlib.figure import Figure
 
 
 @torch.no_grad()
@@ -25,8 +24,6 @@ def plot_group_maps(models: dict[str, nn.Module], layer: str, images: torch.Tens
     For each model the group with the largest relevance beta_gl in `layer` is shown; filters of a
     coherent group light up the same regions. Rows: model x image; columns: the image, then filters.
     """
-    import matplotlib.pyplot as plt
-
     device = runtime.resolve_device(device)
     field = SoftReceptiveField().to(device)
     rows = len(models) * len(images)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from replication.methods.gated_paths.experiment import ArchitectureResult
 
 def plot_hit_rates(results: Mapping[str, ArchitectureResult], *, chance: float = 0.25):
     """Hit rate against normalised depth per network (own paths solid, shifted-path control dashed)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots()
     for index, (arch, r) in enumerate(results.items()):
         colour = f"C{index}"
@@ -27,8 +26,6 @@ def plot_hit_rates(results: Mapping[str, ArchitectureResult], *, chance: float =
 
 def plot_units_kept(results: Mapping[str, ArchitectureResult]):
     """Fraction of units on the class paths per gate location (mean over classes) against depth."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots()
     for arch, r in results.items():
         kept = r.paths.units_kept().groupby("layer")["fraction"].agg(["mean", "std"])
@@ -42,8 +39,6 @@ def plot_units_kept(results: Mapping[str, ArchitectureResult]):
 
 def plot_similarity(results: Mapping[str, ArchitectureResult], names: Sequence[str], order: Sequence[int]):
     """Path-similarity heat maps, classes in `order` (rows of the PathSet) labelled by `names`."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results) + 1.5, 4.4), squeeze=False)
     labels = [names[i] for i in order]
     for index, (ax, (arch, r)) in enumerate(zip(axes[0], results.items())):
