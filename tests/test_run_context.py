@@ -45,8 +45,8 @@ def test_run_context_holds_the_runtime_and_dissection_settings(tmp_path: Path, m
 
 
 def test_run_context_reference_of_a_notebook_without_one_is_a_clear_error(tmp_path: Path, monkeypatch, restore_threads):
-    ctx = _context(tmp_path, monkeypatch, RUNTIME + DISSECTION, name="00_concept_world")
-    with pytest.raises(FileNotFoundError, match="no reference numbers for '00_concept_world'"):
+    ctx = _context(tmp_path, monkeypatch, RUNTIME + DISSECTION, name="06_cross_paper")
+    with pytest.raises(FileNotFoundError, match="no reference numbers for '06_cross_paper'"):
         ctx.reference
 
 
