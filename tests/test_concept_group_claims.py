@@ -32,7 +32,7 @@ MEASURES = {
 # treatment - control in the paper's direction, the same at every seed (G3: a 0.5-point drop)
 CONFIRMING = {"unique_sum": 4.0, "rud": 0.05, "top1": -0.5, "within_group_distance": -0.2, "top_group_share": 0.1,
               "spatial_spread": -0.1}
-N_TESTS = 15  # G1, G2, G3, G5, G6, G7, G8 on two networks, and G4
+N_TESTS = 11  # G1, G2, G3, G6, G8 on two networks, and G4 (G5 and G7 are measured by trained losses)
 
 
 def per_seed(difference) -> list[float]:
@@ -87,7 +87,9 @@ def verdicts(differences: dict | None = None, **options) -> dict[str, str]:
 def test_every_claim_confirmed_on_clear_effects():
     results = judged()
     assert list(results) == [f"G{i}" for i in range(1, 9)]
-    assert {cid: r.verdict for cid, r in results.items()} == {f"G{i}": "confirmed" for i in range(1, 9)}
+    trained = {"G5", "G7"}  # their measures are the losses CGL trains: never a verdict
+    assert {cid: r.verdict for cid, r in results.items()} == {
+        f"G{i}": "not testable here" if f"G{i}" in trained else "confirmed" for i in range(1, 9)}
     assert all(r.note.startswith("REDUCED ConceptWorld run (ci)") and r.claim and r.paper for r in results.values())
     assert all(f"Holm over the notebook's {N_TESTS} tests" in r.note for r in results.values())
     assert results["G1"].unit == "training seeds, n=3 per network" and results["G4"].unit == "training seeds, n=3"
@@ -99,7 +101,8 @@ def test_every_claim_confirmed_on_clear_effects():
     assert not any(r.note.startswith("REDUCED") for r in judged(profile="paper").values())
 
 
-DIRECTIONAL = [measure for measure in MEASURES if measure != "top1"]  # G1, G2, G5, G6, G7: paired differences
+TRAINED = ["within_group_distance", "spatial_spread"]  # G5, G7: the losses L_g and L_s themselves
+DIRECTIONAL = [measure for measure in MEASURES if measure not in ("top1", *TRAINED)]  # G1, G2, G6: paired differences
 
 
 @pytest.mark.parametrize("measure", DIRECTIONAL)
@@ -118,9 +121,17 @@ def test_paired_claims_each_branch(measure, case, expected):
     got = judged({measure: difference})
     claim = MEASURES[measure][0]
     assert got[claim].verdict == expected
-    assert all(r.verdict == "confirmed" for cid, r in got.items() if cid != claim)  # only this claim moved
+    assert all(r.verdict == "confirmed" for cid, r in got.items() if cid not in (claim, "G5", "G7"))  # only this claim moved
     if case == "noise":  # an inconclusive effect carries its minimal detectable effect
         assert got[claim].ours.count("MDE") == 2
+
+
+@pytest.mark.parametrize("measure", TRAINED)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_claims_measured_by_a_trained_loss_are_not_testable_whatever_the_difference(measure, sign):
+    result = judged({measure: sign * CONFIRMING[measure]})[MEASURES[measure][0]]
+    assert result.verdict == "not testable here" and "which CGL trains directly" in result.ours
+    assert "manipulation check, CGL vs weight decay: alexnet" in result.note
 
 
 def test_holm_makes_effects_that_pass_alone_inconclusive_in_a_family_of_weak_ones():
@@ -185,5 +196,5 @@ def test_one_seed_gives_no_interval_and_stays_inconclusive():
     one = {name: frame[frame.seed == 0] for name, frame in frames.items()}
     results = claim_results(REFERENCE, one["synthetic"], one["models"], one["groups"], one["purity"],
                             profile="ci", chance=10.0)
-    assert {r.verdict for r in results} == {"inconclusive"}
+    assert {r.verdict for r in results if r.claim_id not in ("G5", "G7")} == {"inconclusive"}
     assert "n=1 seeds: no interval" in results[0].ours

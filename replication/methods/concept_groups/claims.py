@@ -22,9 +22,14 @@ SYNTHETIC = "synthetic"  # the network label of G4's tests
 PAIRED_CLAIMS = {
     "G1": ("models", "unique_sum", "cgl", "higher", 1),
     "G2": ("models", "rud", "cgl", "higher", 3),
-    "G5": ("groups", "within_group_distance", "cgl", "lower", 3),
     "G6": ("groups", "top_group_share", "block_norm", "higher", 3),
-    "G7": ("groups", "spatial_spread", "cgl", "lower", 3),
+}
+# Claims whose only measure here is a loss CGL trains: judging them by it would be circular, so they are
+# "not testable here"; the measure is shown as a manipulation check (does the regulariser act?).
+# claim -> (measure of the `groups` table, the loss it equals, digits)
+TRAINED_MEASURES = {
+    "G5": ("within_group_distance", "L_g, the group activation loss", 3),
+    "G7": ("spatial_spread", "L_s, the spatial loss", 3),
 }
 
 
@@ -51,8 +56,11 @@ def claim_tests(synthetic: pd.DataFrame, models: pd.DataFrame, groups: pd.DataFr
     """Every test of G1-G8 (one per claim and network), and the networks a claim cannot be tested on,
     with the reason (`{claim: {network: reason}}`): G3 on a network whose weight-decay baseline stays
     below twice `chance` (it has not learned the task), G8 on a network without a layer where the top
-    group and another group both hold two detectors."""
-    tests, untestable = [], {"G3": {}, "G8": {}}
+    group and another group both hold two detectors, G5 and G7 everywhere (`TRAINED_MEASURES`)."""
+    tests = []
+    untestable = {"G3": {}, "G8": {}, **{claim: {"": f"the only measure here is {loss}, which CGL trains directly: a "
+                                               "semantic measure of the activation regions is still missing"}
+                                     for claim, (_, loss, _) in TRAINED_MEASURES.items()}}
     tables = {"models": models, "groups": groups}
     for claim, (table, measure, treatment, direction, _) in PAIRED_CLAIMS.items():
         for arch, rows in tables[table].groupby("arch", sort=False):
@@ -78,7 +86,8 @@ def claim_tests(synthetic: pd.DataFrame, models: pd.DataFrame, groups: pd.DataFr
 def _ours(judged: list[Judged], untestable: dict[str, str], means: dict[str, str], digits: int) -> str:
     """Per network: the means compared, then the judged effect (or why it is not testable)."""
     parts = [j.text(digits, means.get(j.test.network, "")) for j in judged]
-    parts += [f"{network}: not testable here ({reason})" for network, reason in untestable.items()]
+    parts += [f"{network}: not testable here ({reason})" if network else f"not testable here ({reason})"
+              for network, reason in untestable.items()]
     return "; ".join(parts)
 
 
@@ -147,13 +156,15 @@ def claim_results(reference: dict, synthetic: pd.DataFrame, models: pd.DataFrame
                           "detectors", {SYNTHETIC: f"{t.mean():.1f} vs {c.mean():.1f} of 15 "
                                                    f"({_relative(t.mean(), c.mean())}), diff "},
                           f"training seeds, n={n_synthetic}", digits=1, seed_list=synthetic_seeds))
-    results.append(result("G5", "mean within-group soft-IoU distance of psi on val images (lower = more coherent)",
-                          mean_texts["G5"], per_network))
+    checks = {claim: "manipulation check, CGL vs weight decay: " + "; ".join(
+                  f"{arch} {text.removesuffix(', diff ')}" for arch, text in means(groups, measure, "cgl", digits).items())
+              for claim, (measure, _, digits) in TRAINED_MEASURES.items()}
+    results.append(result("G5", f"{checks['G5']}; mean within-group soft-IoU distance of psi on val images", {},
+                          per_network))
     results.append(result("G6", f"top group's share of beta_l (1/G = {1 / GROUPS:.2f} when uniform), R_bn vs weight decay",
                           mean_texts["G6"], per_network))
-    results.append(result("G7", "proxy: mean L_s of psi with coordinates in [0, 1] (L_s is trained directly, so this "
-                          "checks the regulariser acts, not semantics); see the group-map figures",
-                          mean_texts["G7"], per_network))
+    results.append(result("G7", f"{checks['G7']}; mean L_s of psi with coordinates in [0, 1]; see the group-map figures",
+                          {}, per_network))
     pairs = purity_pairs(purity).dropna(subset=["top", "others"])
     purity_means = {arch: f"{rows.top.mean():.2f} vs {rows.others.mean():.2f} ({int(rows.layers.sum())} layers), diff "
                     for arch, rows in pairs.groupby("arch", sort=False)}
