@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from replication.data import concept_world as cw
+from replication.data import concept_world as cw, world_design
 from replication.data.broden import BrodenDataset, decode_label_mask
 from replication.data.classification import ClassificationDataset, ConceptImageDataset
 from replication.data.drawing import PALETTE
@@ -228,7 +228,7 @@ def test_objects_are_unions_of_their_parts_and_materials_of_parts(world, planes)
             key = (cat.number("object", obj.name), cat.number("part", piece.part),
                    cat.number("part", piece.subpart) if piece.subpart else 0)
             allowed.setdefault(key, set()).update(
-                cat.number("material", m) if m else 0 for _, m in cw.STYLES[piece.style_name].finishes)
+                cat.number("material", m) if m else 0 for _, m in world_design.STYLES[piece.style_name].finishes)
     labelled = objects > 0
     triples = np.stack([objects[labelled], part1[labelled], part2[labelled], material[labelled]], axis=1)
     for o, p, s, m in np.unique(triples, axis=0):

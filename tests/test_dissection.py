@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from replication.analysis.dissection import dissect, dissect_features, quantile_level
+from replication.analysis.dissection import dissect, dissect_features
+from replication.analysis.thresholds import quantile_level, resize_maps
 from tests.helpers import assert_close
 
 # label numbers of the planted world; 7 belongs to a category the dataset does not select
@@ -182,8 +183,6 @@ def test_shrinking_averages_like_pil_instead_of_sampling_points():
 def test_resizing_matches_pillow_bilinear_as_in_lite(shape):
     """Lite resizes with scipy's imresize(map, (sh, sw), mode='F'): Pillow's float bilinear resize."""
     from PIL import Image
-
-    from replication.analysis.dissection import resize_maps
 
     maps = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
     ours = resize_maps(maps, (SIZE, SIZE))

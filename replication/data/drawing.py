@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import skimage.data
 
 # Broden's eleven colour names; each has two exact shades (base, variant). A pixel carries a colour
 # label exactly when it was painted with one of its shades.
@@ -64,8 +65,6 @@ def photo_tile(name: str, image_size: int) -> np.ndarray:
     The 512-px photographs are reduced by about 512 / image_size, so a brick course spans about the
     same fraction of a 64-px and of a 128-px image.
     """
-    import skimage.data
-
     gray = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
     factor = max(1, round(gray.shape[0] / image_size))
     height, width = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor
