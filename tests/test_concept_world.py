@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from replication.data import concept_world as cw, world_design
+from replication.data import concept_world as cw, world_design, world_statistics
 from replication.data.broden import BrodenDataset, decode_label_mask
 from replication.data.classification import ClassificationDataset, ConceptImageDataset
 from replication.data.drawing import PALETTE
@@ -330,14 +330,10 @@ def test_tiny_images_and_masks_still_show_the_key_part(tmp_path):
 
 def test_objects_are_large_and_their_parts_several_pixels_wide(world):
     """Object boxes cover 8-16% of the image when unoccluded; key parts span 1.5+ cells of a stride-8 map."""
-    table = pd.read_csv(world / "instances.csv")
-    objects = table[table["category"] == "object"]
-    area = (objects["bottom"] - objects["top"]) * (objects["right"] - objects["left"]) / 64**2
-    assert 0.07 <= area.median() <= 0.16 and area.quantile(0.9) <= 0.2
-    keys = table[(table["category"] == "part") & (table["role"] == "key")]
-    keys = keys[[cw.KEY_PARTS[o] == c for o, c in zip(keys["object"], keys["concept"])]]
-    width = np.minimum(keys["bottom"] - keys["top"], keys["right"] - keys["left"])
-    assert width.median() >= 12, width.describe()  # >= 1.5 positions of a stride-8 map
+    sizes = world_statistics.object_sizes(world)
+    assert 0.07 <= sizes.loc["object box share", "median"] <= 0.16 and sizes.loc["object box share", "90%"] <= 0.2
+    assert sizes.loc["key part width (px)", "median"] >= 12, sizes  # >= 1.5 positions of a stride-8 map
+    assert sizes.loc["key part width (stride-8 positions)", "median"] == sizes.loc["key part width (px)", "median"] / 8
 
 
 def test_cue_bounds_single_cues_stay_at_most_40_percent(default_world):
@@ -365,6 +361,17 @@ def test_cue_bounds_hand_made():
     # colour: x -> 1 (0, 1, 1), y -> 0 (0, 1), z unseen -> 1: val (x, 0) wrong, (y, 1) wrong, (z, 1) right
     assert bounds.loc["colour set", "val_accuracy"] == pytest.approx(1 / 3)
     assert bounds.loc["colour set", "val_fit_accuracy"] == pytest.approx(1.0)
+
+
+def test_rule_concepts_count_the_classes_each_concept_defines(world):
+    """Every concept a class rule names, once, with the number of rules naming it; scenes are capped."""
+    concepts = world_statistics.rule_concepts(world).set_index(["category", "concept"])
+    rules = [c["rule"] for c in json.loads((world / "classes.json").read_text())["classes"]]
+    assert concepts["classes"].sum() == sum(len(rule) for rule in rules)
+    assert concepts.loc[("object", "car"), "classes"] == sum(rule["object"] == "car" for rule in rules)
+    assert set(concepts.index.get_level_values("category")) == {"scene", "object", "part", "color"}
+    capped = concepts["capped_by_design"] != ""
+    assert set(concepts.index[capped].get_level_values("category")) == {"scene"}
 
 
 def test_iou_ceiling_matches_a_perfect_detector(world, planes):

@@ -70,7 +70,13 @@ def test_runtime_settings_refuse_bad_values():
 
 def test_baseline_settings_need_layers_for_every_arch():
     with pytest.raises(ValueError, match=r"no layers for \['alexnet'\]"):
-        BaselineSettings(archs=("resnet18", "alexnet"), layers={"resnet18": ["layer4"]}, rotation_layer="layer4",
+        BaselineSettings(archs=("resnet18", "alexnet"), layers={"resnet18": ["layer4"]}, rotation_layers={"resnet18": "layer4"},
+                         rotation_alphas=(0.0, 1.0))
+
+
+def test_baseline_settings_rotate_only_a_dissected_layer():
+    with pytest.raises(ValueError, match=r"rotation_layers.resnet18 = 'layer3': give one of the dissected layers"):
+        BaselineSettings(archs=("resnet18",), layers={"resnet18": ["layer4"]}, rotation_layers={"resnet18": "layer3"},
                          rotation_alphas=(0.0, 1.0))
 
 
@@ -82,7 +88,7 @@ def test_every_shipped_profile_builds_its_runtime_dissection_and_baselines(name:
     assert profile.build(DissectionConfig, "dissection").quantile == 0.005
     if "baselines" in profile.sections:
         baselines = profile.build(BaselineSettings, "baselines")
-        assert baselines.rotation_layer in baselines.layers[baselines.archs[0]]
+        assert all(layer in baselines.layers[arch] for arch, layer in baselines.rotation_layers.items())
 
 
 # The configs each profile built before [cgl] and [nad] had nested tables: CGL's TrainConfig (main

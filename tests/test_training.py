@@ -424,7 +424,8 @@ def test_a_label_outside_the_models_classes_is_named():
 def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
     settings = BaselineSettings(archs=("resnet18", "alexnet"), layers={"resnet18": ["layer4"], "alexnet": ["features.0"]},
-                                rotation_layer="layer4", rotation_alphas=(0.0,), model_overrides={"alexnet": {"width": 0.0625}})
+                                rotation_layers={"resnet18": "layer4"}, rotation_alphas=(0.0,),
+                                model_overrides={"alexnet": {"width": 0.0625}})
     model, config = BackboneConfig(small_input=True, width=0.125), TrainConfig(epochs=1, batch_size=8, lr=0.01)
     baselines = train_baselines(tiny_world, settings, model=model, train=config, seeds=(0, 1), batch_size=4, device="cpu")
     models, accuracy = baselines.models, baselines.accuracy

@@ -15,10 +15,10 @@ matplotlib.use("agg")
 REFERENCE = load_reference("00_concept_world")
 
 
-def rotation(falls) -> pd.DataFrame:
+def rotation(falls, arch: str = "net", layer: str = "conv") -> pd.DataFrame:
     """Unique detectors 10 at alpha 0 and 10 - fall at alpha 1, one model per fall (seed = position)."""
-    return pd.DataFrame([{"model_seed": seed, "alpha": alpha, "unique_detectors": 10 - fall * alpha, "detectors": 12}
-                         for seed, fall in enumerate(falls) for alpha in (0.0, 0.5, 1.0)])
+    return pd.DataFrame([{"arch": arch, "layer": layer, "model_seed": seed, "alpha": alpha, "unique_detectors": 10 - fall * alpha,
+                          "detectors": 12} for seed, fall in enumerate(falls) for alpha in (0.0, 0.5, 1.0)])
 
 
 @pytest.mark.parametrize("falls, verdict", [
@@ -31,7 +31,15 @@ def test_rotation_claim_each_branch(falls, verdict):
     row = rotation_claim(rotation(falls), REFERENCE, profile="ci")
     assert row.verdict == verdict and row.claim_id == "D1" and row.note.startswith("REDUCED")
     assert row.unit == f"training seeds, n={len(falls)}"
-    assert row.ours.startswith(f"unique detectors at alpha 0: 10.00, at alpha 1: {10 - np.mean(falls):.2f}; fall ")
+    assert row.ours.startswith(f"net conv: unique detectors at alpha 0: 10.00, at alpha 1: {10 - np.mean(falls):.2f}; fall ")
+
+
+def test_rotation_claim_judges_each_network_and_combines_them():
+    """Two networks: one falls clearly, one does not move; one Holm family, verdicts combined."""
+    row = rotation_claim(pd.concat([rotation((4, 5, 6), "a", "x"), rotation((1, -1, 0), "b", "y")]), REFERENCE, profile="ci")
+    assert row.verdict == "partly confirmed" and row.unit == "training seeds, n=3 per network, 2 networks"
+    first, second = row.ours.split("; fall ")[1:]  # texts follow each network's "fall "
+    assert "-> confirmed" in first and "b y: unique detectors" in first and second.endswith("-> inconclusive")
 
 
 def test_training_figures_draw_every_run_and_class():

@@ -2,9 +2,10 @@
 rotation (axis-alignment) test."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -18,6 +19,49 @@ def layer_summary(dissections: dict[str, Dissection], value: str = "unique_detec
     """One row per layer (in the given order), one column per category plus `total`: `value` counts."""
     rows = {layer: result.summary.set_index("category")[value] for layer, result in dissections.items()}
     return pd.DataFrame(rows).T.rename_axis("layer")
+
+
+def depth_summary(dissections: Mapping[tuple[str, int], Mapping[str, Dissection]], value: str = "unique_detectors") -> pd.DataFrame:
+    """`layer_summary` of every run (`dissections[arch, seed][layer]`), averaged over seeds: one row per
+    (arch, layer) in the given order."""
+    runs = pd.concat({key: layer_summary(dict(results), value) for key, results in dissections.items()}, names=["arch", "seed"])
+    return runs.groupby(["arch", "layer"], sort=False).mean()
+
+
+def concept_detection(dissections: Mapping[tuple[str, int], Mapping[str, Dissection]], concepts: pd.DataFrame) -> pd.DataFrame:
+    """Whether each concept of `concepts` (rows with `category` and `concept`) is found by the networks:
+    `dissections[arch, seed][layer]`, every layer dissected on the same labels.
+
+    One row per concept (the columns of `concepts` first), then per arch: `<arch> seeds` (in how many
+    seeds some unit of some layer is a detector labelled with it), `<arch> layers` (the layers where
+    that happens in at least one seed, shallow to deep) and `<arch> best_iou` (the best IoU any unit of
+    any layer reaches with it, mean over seeds: how close the runs that miss it come).
+    """
+    archs = list(dict.fromkeys(arch for arch, _ in dissections))
+    concepts = concepts.reset_index(drop=True)
+    columns = {name: concepts[name] for name in concepts.columns}
+    for arch in archs:
+        runs = [layers for (name, _), layers in dissections.items() if name == arch]
+        seeds, layers, best = [], [], []
+        for concept in concepts.itertuples(index=False):
+            found = [[layer for layer, result in run.items() if _detects(result, concept.category, concept.concept)]
+                     for run in runs]
+            seeds.append(sum(bool(hit) for hit in found))
+            layers.append(", ".join(layer for layer in runs[0] if any(layer in hit for hit in found)))
+            best.append(float(np.mean([np.fmax.reduce([_best_iou(result, concept.concept) for result in run.values()])
+                                        for run in runs])))
+        columns.update({f"{arch} seeds": seeds, f"{arch} layers": layers, f"{arch} best_iou": best})
+    return pd.DataFrame(columns)
+
+
+def _detects(result: Dissection, category: str, label: str) -> bool:
+    units = result.units
+    return bool((units["detector"] & (units["category"] == category) & (units["label"] == label)).any())
+
+
+def _best_iou(result: Dissection, label: str) -> float:
+    """The best IoU of any unit with `label` (NaN when its category was not scored)."""
+    return float(np.fmax.reduce(result.iou[:, result.label_names.index(label)]))
 
 
 def plot_layer_summary(summary: pd.DataFrame, *, title: str = "", ax=None):
@@ -43,7 +87,8 @@ def rotation_study(
     each dissected with `config`'s quantile, IoU threshold and batch size.
 
     Q is a seeded Haar-random rotation of the layer's channel space; thresholds are recomputed in
-    every basis. α = 0 is the natural (unit) basis, α = 1 the fully rotated one.
+    every basis. α = 0 is the natural (unit) basis, α = 1 the fully rotated one. Columns: `alpha`,
+    `detectors`, `unique_detectors`, `unique_<category>` per category, `rotation_seed`.
     """
     channels = feature_shapes(model, [layer], dataset, device=device)[layer][0]
     rotation = random_rotation(channels, seed)
@@ -52,29 +97,30 @@ def rotation_study(
         basis = fractional_rotation(rotation, alpha).float()
         result = dissect(model, layer, dataset, basis=basis, device=device, **config.dissect_keywords())
         summary = result.summary.set_index("category")
-        rows.append(
-            {
-                "alpha": float(alpha),
-                "detectors": int(summary.loc["total", "detectors"]),
-                "unique_detectors": int(summary.loc["total", "unique_detectors"]),
-                "rotation_seed": seed,
-            }
-        )
+        by_category = {f"unique_{category}": int(count) for category, count in summary["unique_detectors"].items()
+                       if category != "total"}
+        rows.append({"alpha": float(alpha), "detectors": int(summary.loc["total", "detectors"]),
+                     "unique_detectors": int(summary.loc["total", "unique_detectors"]), **by_category,
+                     "rotation_seed": seed})
     return pd.DataFrame(rows)
 
 
-def plot_rotation_study(study: pd.DataFrame, *, group: str | None = None, ax=None):
-    """Unique detectors against the rotation power α (one line per `group` value if given)."""
+def plot_rotation_study(study: pd.DataFrame, *, title: str = "", ax=None):
+    """Unique detectors against the rotation power α, mean ± SD over the rows of each α (one
+    `rotation_study` per model seed, stacked): the total, and each category that has any."""
     if ax is None:
         fig, ax = plt.subplots()
     else:
         fig = ax.figure
-    groups = study.groupby(group) if group else [("", study)]
-    for name, frame in groups:
-        mean = frame.groupby("alpha")["unique_detectors"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(mean.index, mean["mean"], yerr=mean["std"], marker="o", capsize=3, label=str(name) or None)
+    columns = ["unique_detectors"] + [c for c in study.columns if c.startswith("unique_") and c != "unique_detectors"
+                                      and study[c].any()]
+    for column in columns:
+        stats = study.groupby("alpha")[column].agg(["mean", "std"]).fillna(0.0)
+        label = "total" if column == "unique_detectors" else column.removeprefix("unique_")
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=label,
+                    lw=2.5 if label == "total" else 1.2)
     ax.set_xlabel("rotation power α (0 = unit basis, 1 = random rotation)")
-    ax.set_ylabel("unique detectors")
-    if group:
-        ax.legend()
+    ax.set_ylabel("unique detectors (mean ± SD over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     return fig

@@ -12,7 +12,7 @@ from PIL import Image
 
 from replication import io
 from replication.data.broden import decode_label_mask
-from replication.data.world_design import SCENES
+from replication.data.world_design import KEY_PARTS, SCENES
 
 
 # ============================================================================ reading helpers
@@ -191,3 +191,41 @@ def concept_image_sets(root: str | os.PathLike, concepts: Sequence[str] | None =
         chosen = chosen.sort_values(["pixels", "image"], ascending=[False, True], kind="stable")
         sets[concept] = (chosen if limit is None else chosen.head(limit)).reset_index(drop=True)
     return sets
+
+
+def rule_concepts(root: str | os.PathLike) -> pd.DataFrame:
+    """The concepts that define the classes of a ConceptWorld task, one row per (category, concept):
+    `classes` (how many class rules name it) and `capped_by_design` (the reason from `CAPPED_BY_DESIGN`,
+    "" otherwise), in the order the rules name them (category by category)."""
+    classes = io.read_json(Path(root) / "classes.json")["classes"]
+    counts: dict[tuple[str, str], int] = {}
+    for category in dict.fromkeys(key for entry in classes for key in entry["rule"]):
+        for entry in classes:
+            if category in entry["rule"]:
+                key = (category, entry["rule"][category])
+                counts[key] = counts.get(key, 0) + 1
+    return pd.DataFrame([{"category": category, "concept": concept, "classes": n,
+                          "capped_by_design": CAPPED_BY_DESIGN.get((category, concept), "")}
+                         for (category, concept), n in counts.items()])
+
+
+def object_sizes(root: str | os.PathLike, strides: Sequence[int] = (8, 16)) -> pd.DataFrame:
+    """How large objects and key parts are drawn (from the world's `instances.csv`, visible boxes), as
+    quantiles (10%, median, 90%): `object box share` (box area / image area) and `key part width (px)`
+    (the thinner side of a key part's box: the part of a class rule, e.g. a car's body), plus that width
+    in positions of a feature map of each stride in `strides` (a stride-8 map is ResNet-18's layer4 on
+    small inputs)."""
+    root = Path(root)
+    table = pd.read_csv(root / "instances.csv")
+    index = pd.read_csv(root / "index.csv").set_index("image")
+    image_area = (index.loc[table["image"], "ih"] * index.loc[table["image"], "iw"]).to_numpy()
+    is_object = (table["category"] == "object").to_numpy()
+    objects = table[is_object]
+    keys = table[(table["category"] == "part") & (table["role"] == "key")]
+    keys = keys[[KEY_PARTS[o] == c for o, c in zip(keys["object"], keys["concept"])]]
+    box_area = (objects["bottom"] - objects["top"]) * (objects["right"] - objects["left"])
+    rows = {"object box share": box_area / image_area[is_object],
+            "key part width (px)": np.minimum(keys["bottom"] - keys["top"], keys["right"] - keys["left"])}
+    rows.update({f"key part width (stride-{s} positions)": rows["key part width (px)"] / s for s in strides})
+    return pd.DataFrame({name: values.quantile([0.1, 0.5, 0.9]).to_numpy() for name, values in rows.items()},
+                        index=["10%", "median", "90%"]).T

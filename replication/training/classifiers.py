@@ -55,12 +55,13 @@ class RecipeSearch:
 class BaselineSettings:
     """Notebook 00's [baselines] section: the backbones trained from scratch on the world's task
     (`archs`, each the profile's [model] with `model_overrides[arch]` applied), the `layers` of each
-    arch dissected across depth, the rotation study's `rotation_layer`, `rotation_alphas` and
-    `rotation_seed`, and how their training recipe is chosen (`recipe_search`)."""
+    arch dissected across depth, the rotation study's `rotation_layers` (arch -> the layer rotated, one
+    of its `layers`), `rotation_alphas` and `rotation_seed`, and how their training recipe is chosen
+    (`recipe_search`)."""
 
     archs: tuple[str, ...]
     layers: Mapping[str, Sequence[str]]
-    rotation_layer: str
+    rotation_layers: Mapping[str, str]
     rotation_alphas: tuple[float, ...]
     rotation_seed: int = 0
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -70,6 +71,10 @@ class BaselineSettings:
         missing = [arch for arch in self.archs if arch not in self.layers]
         if missing:
             raise ValueError(f"[baselines] layers lists no layers for {missing}; add layers.<arch> = [...] for each arch.")
+        for arch, layer in self.rotation_layers.items():
+            if arch not in self.archs or layer not in self.layers[arch]:
+                raise ValueError(f"[baselines] rotation_layers.{arch} = {layer!r}: give one of the dissected layers of an "
+                                 f"arch in archs ({dict(self.layers)}).")
 
 
 @dataclass(frozen=True)
