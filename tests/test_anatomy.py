@@ -1,10 +1,11 @@
 """Named layers per architecture: exact names for every backbone, read from the module tree, and the
 profiles' layer lists checked against them."""
 import pytest
+import timm
 import torch
 from torch import nn
 
-import replication  # noqa: F401  (before torchvision)
+import replication  # noqa: F401  (before torchvision and timm)
 import torchvision
 from replication.models.anatomy import (
     FAMILY_OF_ARCH,
@@ -39,6 +40,7 @@ def test_resnet18_anatomy_is_exactly_torchvisions_layers():
     assert body.blocks == tuple(f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1))
     assert body.stages == ("layer1", "layer2", "layer3", "layer4")
     assert body.features == body.last_conv == "layer4"
+    assert body.pool == "avgpool"
 
 
 @pytest.mark.parametrize("small_input", [False, True])
@@ -50,6 +52,7 @@ def test_vgg16_convs_by_the_papers_names_also_when_the_first_pool_is_removed(sma
     assert body.conv("conv5_3") == body.last_conv == "features.28"
     assert body.batchnorms == {} and body.stem is None and body.blocks == body.stages == ()
     assert body.features == "features.30"  # pool5
+    assert body.pool == "avgpool"
     with pytest.raises(ValueError, match="no conv called 'conv6_1'.*conv1_1, conv1_2"):
         body.conv("conv6_1")
 
@@ -79,11 +82,28 @@ def test_densenet121_blocks_and_only_the_batchnorms_that_normalise_one_conv():
     assert body.blocks == tuple(f"features.{kind}{i}" for i in (1, 2, 3) for kind in ("denseblock", "transition")
                                 ) + ("features.denseblock4",)
     assert body.features == "features.norm5" and body.last_conv == "features.denseblock4"
+    assert body.pool is None  # DenseNet's forward pools with a function
     assert list(body.convs) == conv_layers(model) and len(body.convs) == 120
     # conv0 -> norm0 and each dense layer's conv1 -> norm2; conv2 and the transition convs feed a
     # concatenation or a pool, and norm1 normalises a concatenation
     layers = [f"features.denseblock{b}.denselayer{i}" for b, n in zip((1, 2, 3, 4), (6, 12, 24, 16)) for i in range(1, n + 1)]
     assert body.batchnorms == {"features.conv0": "features.norm0", **{f"{l}.conv1": f"{l}.norm2" for l in layers}}
+
+
+def test_timm_efficientnet_pairs_convs_with_their_batchnorm_act_modules_and_never_folds_them():
+    with torch.device("meta"):  # names and graph only
+        model = timm.create_model("efficientnet_b0", pretrained=False)
+    body = anatomy_of(model)
+    assert body.family == "nas" and body.stem == "bn1" and body.pool == "global_pool"
+    assert body.features == body.last_conv == "bn2"
+    assert len(body.stages) == 7 and len(body.blocks) == 16
+    # every block's squeeze-excitation holds two convs with a bias and no BatchNorm: read from the graph,
+    # they pair with nothing
+    unpaired = set(body.convs) - set(body.batchnorms)
+    assert unpaired == {f"{block}.se.{conv}" for block in body.blocks for conv in ("conv_reduce", "conv_expand")}
+    assert body.batchnorms["blocks.1.0.conv_pwl"] == "blocks.1.0.bn3" and body.batchnorms["conv_head"] == "bn2"
+    # BatchNormAct2d also applies the activation: folding it into the conv would drop that
+    assert batchnorm_pairs(model) == {}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

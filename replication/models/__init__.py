@@ -1,2 +1,3 @@
 """Models: torchvision backbones sized for small images, local weight loading, activation hooks, the
-named layers of each architecture (anatomy) and model transforms (surgery)."""
+named layers of each architecture (anatomy), model transforms (surgery) and ImageNet-trained networks
+loaded offline from pip packages (pretrained)."""

@@ -2,23 +2,27 @@
 
 `anatomy_of(model)` reads a torchvision-style network's named layers from its module tree:
 
-| field        | plain (VGG, AlexNet)              | residual (ResNet)           | dense (DenseNet)                      |
-|--------------|-----------------------------------|-----------------------------|---------------------------------------|
-| `convs`      | VGG conv1_1..conv5_3, AlexNet conv1..conv5 | every conv, by module name | every conv, by module name      |
-| `batchnorms` | conv -> its BN (the `_bn` variants) | conv -> its BN            | conv0 -> norm0, each layer's conv1 -> norm2 |
-| `stem`       | None                              | `maxpool`                   | `features.pool0`                      |
-| `blocks`     | ()                                | `layer1.0` .. `layer4.1`    | dense blocks and transitions in order |
-| `stages`     | ()                                | `layer1` .. `layer4`        | `features.denseblock1` .. `4`         |
-| `features`   | `features.<last>` (pool5)         | `layer4`                    | `features.norm5` (a functional ReLU follows) |
-| `last_conv`  | the last conv (VGG16 conv5_3: `features.28`) | `layer4`         | `features.denseblock4`                |
+| field        | plain (VGG, AlexNet)              | residual (ResNet)           | dense (DenseNet)                      | nas (timm EfficientNet)          |
+|--------------|-----------------------------------|-----------------------------|---------------------------------------|----------------------------------|
+| `convs`      | VGG conv1_1..conv5_3, AlexNet conv1..conv5 | every conv, by module name | every conv, by module name      | every conv, by module name       |
+| `batchnorms` | conv -> its BN (the `_bn` variants) | conv -> its BN            | conv0 -> norm0, each layer's conv1 -> norm2 | conv -> its BN+activation (`conv_stem` -> `bn1`, `conv_head` -> `bn2`, in blocks `conv_dw`/`conv_pw`/`conv_pwl` -> `bn1..3`) |
+| `stem`       | None                              | `maxpool`                   | `features.pool0`                      | `bn1`                            |
+| `blocks`     | ()                                | `layer1.0` .. `layer4.1`    | dense blocks and transitions in order | `blocks.0.0` .. `blocks.6.0` (MBConv blocks) |
+| `stages`     | ()                                | `layer1` .. `layer4`        | `features.denseblock1` .. `4`         | `blocks.0` .. `blocks.6`         |
+| `features`   | `features.<last>` (pool5)         | `layer4`                    | `features.norm5` (a functional ReLU follows) | `bn2` (`conv_head`'s BN + ReLU6) |
+| `last_conv`  | the last conv (VGG16 conv5_3: `features.28`) | `layer4`         | `features.denseblock4`                | `bn2`                            |
+| `pool`       | `avgpool` (adaptive, to 7x7 / 6x6; 1x1 with small_input) | `avgpool` | None (pooled by a function)     | `global_pool` (pools and flattens) |
 
 The connection family is read from the structure (`connection_family`), so any torchvision VGG, AlexNet,
-ResNet or DenseNet, small-input and width-scaled variants included, is read the same way; one reader per
+ResNet or DenseNet, small-input and width-scaled variants included, and any timm EfficientNet (the blocks
+of a NAS-found network: EfficientNet-B*, -Lite*, their `tf_` ports) is read the same way; one reader per
 family sits in a small registry (`register`). Dotted names are `named_modules()` names, valid for
 `hooks.get_module`, `capture_activations` and `surgery.replace_module`.
 
 `batchnorms` pairs a conv with the BatchNorm that normalises its output and nothing else, found in the
 torch.fx graph: a DenseNet layer's input BatchNorm normalises a concatenation, so it pairs with no conv.
+timm's BatchNorm modules (`BatchNormAct2d`) apply the activation as well: a hook on one sees the activated
+output, and a module put in its place must apply that activation too.
 Model-agnostic queries (any `nn.Module`): `conv_layers`, `producing_conv`, `batchnorm_pairs`.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ class Anatomy:
     BatchNorm that normalises its output alone. `stem`: the stem's output (None for plain networks).
     `blocks` / `stages`: the outputs of the repeated units and of the stages that group them.
     `features`: the module giving the last spatial feature map (before global pooling). `last_conv`: the
-    last conv stage, the layer Network Dissection reads by default.
+    last conv stage, the layer Network Dissection reads by default. `pool`: the module that pools the
+    feature map for the classifier (None where the forward pools with a function).
     """
 
     family: str
@@ -57,6 +62,7 @@ class Anatomy:
     stages: tuple[str, ...]
     features: str
     last_conv: str
+    pool: str | None
 
     def conv(self, name: str) -> str:
         """The module name of the conv the papers call `name` (e.g. VGG16's "conv5_3" -> "features.28")."""
@@ -78,8 +84,10 @@ def register(family: str) -> Callable[[Callable[[nn.Module], Anatomy]], Callable
 
 
 def connection_family(model: nn.Module) -> str:
-    """'plain', 'residual' or 'dense', read from the torchvision module structure."""
+    """'plain', 'residual', 'dense' (torchvision) or 'nas' (timm EfficientNet), read from the module structure."""
     names = {name for name, _ in model.named_modules()}
+    if {"conv_stem", "blocks", "conv_head", "global_pool"} <= {name for name, _ in model.named_children()}:
+        return "nas"
     if "features.denseblock1" in names:
         return "dense"
     if {"layer1", "layer4"} <= names:
@@ -87,7 +95,8 @@ def connection_family(model: nn.Module) -> str:
     if "features" in names and isinstance(get_module(model, "features"), nn.Sequential):
         return "plain"
     raise ValueError(f"cannot read the layers of {type(model).__name__}: expected a torchvision VGG/AlexNet "
-                     "(features Sequential), ResNet (layer1..layer4) or DenseNet (features.denseblockN)")
+                     "(features Sequential), ResNet (layer1..layer4) or DenseNet (features.denseblockN), or a timm "
+                     "EfficientNet (conv_stem, blocks, conv_head, global_pool)")
 
 
 def anatomy_of(model: nn.Module) -> Anatomy:
@@ -116,14 +125,25 @@ def producing_conv(model: nn.Module, layer: str) -> str:
     return previous
 
 
-def batchnorm_pairs(model: nn.Module) -> dict[str, str]:
+class _WholeConvAndNorm(torch.fx.Tracer):
+    """Keeps every Conv2d and BatchNorm2d subclass one node of the graph, also those of other libraries
+    (timm's `Conv2dSame`, `BatchNormAct2d`), which torch.fx would otherwise trace into."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+
+
+def batchnorm_pairs(model: nn.Module, *, subclasses: bool = False) -> dict[str, str]:
     """conv module -> BatchNorm2d module, for every BatchNorm that directly normalises a conv's output
     that nothing else reads (the pairs a BatchNorm can be folded into), from the model's torch.fx graph.
 
+    `subclasses=True` also pairs the conv and BatchNorm subclasses of other libraries (timm's
+    `BatchNormAct2d` applies an activation after normalising): pairs to hook or replace, not to fold.
     Raises ValueError when torch.fx cannot trace the model's forward.
     """
+    tracer = _WholeConvAndNorm() if subclasses else torch.fx.Tracer()
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = tracer.trace(model)
     except Exception as error:  # noqa: BLE001  (any untraceable forward)
         raise ValueError(f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}); "
                          "conv-BatchNorm pairs are read from its graph.") from error
@@ -143,6 +163,10 @@ def _children(model: nn.Module, parent: str) -> list[str]:
     return [f"{parent}.{name}" for name, _ in get_module(model, parent).named_children()]
 
 
+def _child_or_none(model: nn.Module, name: str) -> str | None:
+    return name if name in dict(model.named_children()) else None
+
+
 @register("plain")
 def _plain(model: nn.Module) -> Anatomy:
     """VGG convs by block (conv<block>_<k>, blocks ending in a pool), other plain networks' convs numbered."""
@@ -156,7 +180,7 @@ def _plain(model: nn.Module) -> Anatomy:
         elif isinstance(module, _POOLS) and index:
             block, index = block + 1, 0
     return Anatomy("plain", convs, batchnorm_pairs(model), stem=None, blocks=(), stages=(),
-                   features=features[-1], last_conv=list(convs.values())[-1])
+                   features=features[-1], last_conv=list(convs.values())[-1], pool=_child_or_none(model, "avgpool"))
 
 
 @register("residual")
@@ -167,7 +191,7 @@ def _residual(model: nn.Module) -> Anatomy:
     return Anatomy("residual", {name: name for name in conv_layers(model)}, batchnorm_pairs(model),
                    stem="maxpool" if "maxpool" in children else "relu",
                    blocks=tuple(block for stage in stages for block in _children(model, stage)), stages=stages,
-                   features=stages[-1], last_conv=stages[-1])
+                   features=stages[-1], last_conv=stages[-1], pool=_child_or_none(model, "avgpool"))
 
 
 @register("dense")
@@ -179,4 +203,16 @@ def _dense(model: nn.Module) -> Anatomy:
     blocks = tuple(name for name in features if name.startswith(("features.denseblock", "features.transition")))
     return Anatomy("dense", {name: name for name in conv_layers(model)}, batchnorm_pairs(model),
                    stem=features[features.index(stages[0]) - 1], blocks=blocks, stages=stages,
-                   features=[name for name in features if name.startswith("features.norm")][-1], last_conv=stages[-1])
+                   features=[name for name in features if name.startswith("features.norm")][-1], last_conv=stages[-1],
+                   pool=None)
+
+
+@register("nas")
+def _nas(model: nn.Module) -> Anatomy:
+    """timm EfficientNet: the stem ends at bn1 (BN + activation), stages `blocks.i` hold MBConv blocks
+    `blocks.i.j`, and the head conv_head -> bn2 (BN + activation) gives the feature map that `global_pool`
+    averages and flattens. `last_conv` is bn2: the last conv's output as the network uses it."""
+    stages = tuple(_children(model, "blocks"))
+    return Anatomy("nas", {name: name for name in conv_layers(model)}, batchnorm_pairs(model, subclasses=True),
+                   stem="bn1", blocks=tuple(block for stage in stages for block in _children(model, stage)),
+                   stages=stages, features="bn2", last_conv="bn2", pool="global_pool")
