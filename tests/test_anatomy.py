@@ -16,6 +16,7 @@ from replication.models.anatomy import (
     producing_conv,
 )
 from replication.models.backbones import ARCHS, build_backbone
+from replication.models.pretrained import pretrained
 from replication.profiles import available_profiles, load_profile
 
 RESNET18_CONVS = ["conv1"] + [
@@ -120,7 +121,7 @@ def test_profile_baseline_layers_are_named_layers_of_their_arch(profile):
     baselines = load_profile(profile).section("baselines")
     assert set(baselines["rotation_layers"]) <= set(baselines["archs"])
     for arch, layers in baselines["layers"].items():
-        body = anatomy_of(small(arch))
+        body = anatomy_of(pretrained(arch) if arch in baselines.get("pretrained", ()) else small(arch))
         named = {*body.convs.values(), *body.blocks, *body.stages, body.features}
         assert set(layers) <= named, f"[baselines] layers.{arch} in {profile}: {sorted(set(layers) - named)} are unknown"
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -46,6 +46,10 @@ from torchvision.models import EfficientNet_B0_Weights
 
 from replication import io
 from replication.runtime import resolve_device
+
+with warnings.catch_warnings():  # timm imports tqdm.auto, which warns in a Jupyter kernel without ipywidgets
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import timm
 
 _LISTED = 6  # keys shown per problem in an error message
 

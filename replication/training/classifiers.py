@@ -56,8 +56,9 @@ class BaselineSettings:
     """Notebook 00's [baselines] section: the backbones trained from scratch on the world's task
     (`archs`, each the profile's [model] with `model_overrides[arch]` applied), the `layers` of each
     arch dissected across depth, the rotation study's `rotation_layers` (arch -> the layer rotated, one
-    of its `layers`), `rotation_alphas` and `rotation_seed`, and how their training recipe is chosen
-    (`recipe_search`)."""
+    of its `layers`), `rotation_alphas` and `rotation_seed`, how their training recipe is chosen
+    (`recipe_search`), and the `pretrained` networks (names of `models.pretrained.PRETRAINED`, each with
+    its `layers`) dissected next to them as they are."""
 
     archs: tuple[str, ...]
     layers: Mapping[str, Sequence[str]]
@@ -66,9 +67,10 @@ class BaselineSettings:
     rotation_seed: int = 0
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recipe_search: RecipeSearch = RecipeSearch()
+    pretrained: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        missing = [arch for arch in self.archs if arch not in self.layers]
+        missing = [arch for arch in (*self.archs, *self.pretrained) if arch not in self.layers]
         if missing:
             raise ValueError(f"[baselines] layers lists no layers for {missing}; add layers.<arch> = [...] for each arch.")
         for arch, layer in self.rotation_layers.items():
