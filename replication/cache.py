@@ -19,9 +19,15 @@ DONE_MARKER = "DONE.json"
 
 
 def canonical(config: Any) -> Any:
-    """A JSON-able, order-independent form of a config (dataclasses, tuples, paths)."""
+    """A JSON-able, order-independent form of a config (dataclasses, tuples, paths).
+
+    A dataclass field declared with `metadata={"cache_key": False}` is left out: it says how a result
+    is computed, not what it is (e.g. `TrainConfig.distributed`), so adding such a field keeps every
+    existing cache key.
+    """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: canonical(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {f.name: canonical(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if f.metadata.get("cache_key", True)}
     if isinstance(config, dict):
         return {str(k): canonical(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))}
     if isinstance(config, (list, tuple)):
