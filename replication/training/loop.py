@@ -11,24 +11,35 @@ shuffling generator from `(config.seed, epoch)`, so an epoch's randomness (order
 sampling) depends on nothing that happened before it. A checkpoint written atomically after each
 epoch holds the model, optimiser, schedule, AMP scaler and metric history; a run killed at any point
 restarts from the last finished epoch and ends bit-identical (on CPU) to an uninterrupted run.
+
+Data parallelism (optional): a process started by torchrun, or a `TrainConfig(distributed=True)` run
+inside a process group the caller initialised, trains a `DistributedDataParallel` copy per process.
+`batch_size` stays the global batch (each of N processes takes batch_size / N), every rank shuffles
+with the single-process permutation and takes every N-th position of it, so the ranks' batches
+together are the single-process batches; metrics are summed over ranks; only rank 0 writes files.
+Single-process training (the default) touches nothing of torch.distributed.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset, TensorDataset
 
 from replication import cache, io, runtime
 from replication.models.backbones import load_weights
@@ -53,6 +64,8 @@ class TrainConfig:
     training image is flipped left-right with probability 1/2 and cropped back to its size after
     zero-padding by `crop_padding` pixels (zero = the normalised mean colour), drawn from the epoch's
     own generator, so augmentation never shifts the shuffle order or any other random draw.
+    `distributed`: train data-parallel in the process group the caller initialised (a torchrun launch
+    always does, whatever this says); it is no part of cache keys (the world size is, when above 1).
     """
 
     epochs: int
@@ -70,6 +83,7 @@ class TrainConfig:
     num_workers: int = 0
     augment: str = "none"
     crop_padding: int = 4
+    distributed: bool = field(default=False, metadata={"cache_key": False})
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -182,32 +196,42 @@ def train(
     _check_callbacks(step_callbacks)
     if len(train_set) == 0:
         raise ValueError("train() got an empty train_set; pass at least one (image, class_id) sample.")
+    group = join_process_group(config, device)
+    if group is not None:
+        device = _rank_device(device)
+        _per_rank_batch(config.batch_size, group.world_size)
     model.to(device)
     optimizer = _optimizer(model, config, loss_terms)
     schedule = _schedule(optimizer, config)
     amp_dtype = torch.bfloat16 if config.amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and amp_dtype == torch.float16)
     identity = {"config": cache.canonical(config), "loss_terms": [_identity(t) for t in loss_terms],
-                **_callback_identity(step_callbacks)}
+                **_callback_identity(step_callbacks), **_parallel_identity(group)}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history: list[dict[str, Any]] = []
     if checkpoint is not None and checkpoint.exists():
         history = _restore(checkpoint, identity, model, optimizer, schedule, scaler)
+    # the module whose forward trains: a DDP wrapper (gradients averaged over ranks) or the model itself
+    network = model if group is None else _data_parallel(model, device)
 
     with _deterministic(device):
         for epoch in range(len(history), config.epochs):
             started = time.perf_counter()
-            generators = _seed_epoch(config.seed, epoch)
+            generators = _seed_epoch(config.seed, epoch, rank=group.rank if group is not None else 0)
             lr = optimizer.param_groups[0]["lr"]
-            row = _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device, generators,
-                               epoch, amp_dtype)
+            row = _train_epoch(model, network, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device,
+                               generators, epoch, amp_dtype, group)
             if schedule is not None:
                 schedule.step()
-            val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
+            if group is None:
+                val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
+            else:
+                _broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as in the model rank 0 saves
+                val = _evaluate_sharded(model, val_set, config, device, group) if val_set is not None else {}
             row.update(val_loss=val.get("loss", math.nan), val_acc=val.get("accuracy", math.nan), lr=lr)
             row.update(seconds=time.perf_counter() - started, seed=config.seed)
             history.append({"epoch": epoch + 1, **row})
-            if checkpoint is not None:
+            if checkpoint is not None and (group is None or group.rank == 0):
                 state = {
                     "identity": identity,
                     "model": model.state_dict(),
@@ -226,6 +250,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy of `model` (in eval mode) over `(image, class_id)` samples."""
     device = runtime.resolve_device(device)
+    return _evaluation_metrics(_evaluation_totals(model, dataset, batch_size, device, num_workers))
+
+
+def _evaluation_totals(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int) -> torch.Tensor:
+    """Loss sum, correct count and sample count (float64, on `device`) of `model` in eval mode over `dataset`."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     with eval_mode(model), torch.no_grad():
@@ -237,10 +266,23 @@ def evaluate(
                 (logits.argmax(1) == labels).sum().double(),
                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
             ])
+    return totals
+
+
+def _evaluation_metrics(totals: torch.Tensor) -> dict[str, float]:
     loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise ValueError("evaluate() got an empty dataset; pass at least one (image, class_id) sample.")
     return {"loss": loss_sum / count, "accuracy": correct / count, "n": int(count)}
+
+
+def _evaluate_sharded(model: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
+                      group: ProcessGroup) -> dict[str, float]:
+    """`evaluate` over every rank's share (positions rank, rank + N, ...: no sample twice), summed over ranks."""
+    share = Subset(dataset, range(group.rank, len(dataset), group.world_size))
+    totals = _evaluation_totals(model, share, config.batch_size, device, config.num_workers)
+    dist.all_reduce(totals)
+    return _evaluation_metrics(totals)
 
 
 @torch.no_grad()
@@ -279,6 +321,7 @@ def train_cached(
     runtime.seed_everything(config.seed)
     model = recipe.build()
     loss_terms, step_callbacks = tuple(recipe.loss_terms(model)), tuple(recipe.step_callbacks(model))
+    group = join_process_group(config, runtime.resolve_device(device))
     key = {
         **recipe.key(model),
         "train": config,
@@ -286,20 +329,29 @@ def train_cached(
         "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
         **runtime.compute_identity(device),
         **_callback_identity(step_callbacks),
+        **_parallel_identity(group),
     }
     folder = cache.stage_dir(kind, key)
-    with cache.stage_lock(folder):  # another notebook training the same model: wait and load it
-        if cache.is_done(folder):
+    main = group is None or group.rank == 0
+    # another notebook training the same model: wait and load it (rank 0 locks and decides for its group)
+    with cache.stage_lock(folder) if main else contextlib.nullcontext():
+        done = cache.is_done(folder) if main else None
+        if group is not None:
+            done = _from_rank_zero(done)  # the other ranks wait here for rank 0's lock and answer
+        if done:
             load_weights(model, folder / MODEL_NAME)
             return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
         result = train(
             model, train_set, config=config, val_set=val_set, loss_terms=loss_terms, step_callbacks=step_callbacks,
             device=device, checkpoint_dir=folder / "checkpoints",
         )
-        io.save_torch(folder / MODEL_NAME, result.model.state_dict())
-        io.write_csv(folder / HISTORY_NAME, result.history)
-        cache.mark_done(folder, key)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by model.pt
+        if main:
+            io.save_torch(folder / MODEL_NAME, result.model.state_dict())
+            io.write_csv(folder / HISTORY_NAME, result.history)
+            cache.mark_done(folder, key)
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by model.pt
+        if group is not None:
+            dist.barrier()  # no rank goes on before the cache folder is complete
     return result
 
 
@@ -321,12 +373,22 @@ def dataset_fingerprint(dataset: Dataset) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device, generators, epoch,
-                 amp_dtype) -> dict[str, float]:
+def _train_epoch(model, network, train_set, optimizer, scaler, loss_terms, step_callbacks, config, device, generators,
+                 epoch, amp_dtype, group) -> dict[str, float]:
+    """One epoch; `network` runs the forward pass (`model` or its DDP wrapper), hooks, terms and callbacks
+    see `model` itself; `group` None = single process."""
+    if group is None:
+        sampler, batch_size = RandomSampler(train_set, generator=generators.sampler), config.batch_size
+    else:
+        # seeded like the single-process RandomSampler (torch.randperm from the same seed): every rank
+        # draws the single-process permutation and keeps positions rank, rank + N, ...
+        sampler = DistributedSampler(train_set, num_replicas=group.world_size, rank=group.rank, shuffle=True,
+                                     seed=generators.sampler_seed)
+        batch_size = _per_rank_batch(config.batch_size, group.world_size)
     loader = DataLoader(
         train_set,
-        batch_size=config.batch_size,
-        sampler=RandomSampler(train_set, generator=generators.sampler),
+        batch_size=batch_size,
+        sampler=sampler,
         num_workers=config.num_workers,
         generator=generators.loader,
         pin_memory=device.type == "cuda",
@@ -343,7 +405,7 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks
             if config.augment == "flip_crop":
                 images = flip_crop(images, generators.augment, padding=config.crop_padding)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
-                logits = model(images)
+                logits = network(images)
                 task_loss = _task_loss(logits, labels, config.label_smoothing)
             acts = {name: a.float() for name, a in activations.items()} if config.amp else activations
             term_values = [_term_value(term, model, acts) for term in loss_terms]
@@ -363,6 +425,8 @@ def _train_epoch(model, train_set, optimizer, scaler, loss_terms, step_callbacks
                 correct.double(),
                 torch.tensor(float(n), dtype=torch.float64, device=device),
             ])
+    if group is not None:
+        dist.all_reduce(totals)  # sums and counts over ranks: the metrics of the whole epoch
     sums = totals.tolist()
     count = sums[-1]
     if not all(math.isfinite(s) for s in sums):
@@ -451,22 +515,33 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.op
 
 @dataclass(frozen=True)
 class EpochGenerators:
-    """An epoch's torch generators: `sampler` draws the shuffle order, `loader` the DataLoader's base
-    seed (for worker seeding), `augment` the data augmentation. Separate streams, so none can shift
-    another's draws."""
+    """An epoch's torch generators: `sampler` draws the shuffle order (from `sampler_seed`), `loader`
+    the DataLoader's base seed (for worker seeding), `augment` the data augmentation. Separate
+    streams, so none can shift another's draws."""
 
     sampler: torch.Generator
     loader: torch.Generator
     augment: torch.Generator
+    sampler_seed: int
 
 
-def _seed_epoch(seed: int, epoch: int) -> EpochGenerators:
-    """Seed every global RNG from (seed, epoch) and return the epoch's own generators."""
-    global_seed, sampler_seed, loader_seed, augment_seed = (
-        int(s % 2**63) for s in np.random.SeedSequence([seed, epoch]).generate_state(4, dtype=np.uint64)
-    )
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> EpochGenerators:
+    """Seed every global RNG from (seed, epoch) and return the epoch's own generators.
+
+    Under data parallelism every rank shares the shuffle seed (one permutation for all); ranks above 0
+    draw their other seeds from (seed, epoch, rank), so their dropout and augmentation differ from
+    rank 0's, whose seeds are the single-process ones.
+    """
+    global_seed, sampler_seed, loader_seed, augment_seed = _seeds([seed, epoch], 4)
+    if rank:
+        global_seed, loader_seed, augment_seed = _seeds([seed, epoch, rank], 3)
     runtime.seed_everything(global_seed)
-    return EpochGenerators(*(torch.Generator().manual_seed(s) for s in (sampler_seed, loader_seed, augment_seed)))
+    sampler, loader, augment = (torch.Generator().manual_seed(s) for s in (sampler_seed, loader_seed, augment_seed))
+    return EpochGenerators(sampler=sampler, loader=loader, augment=augment, sampler_seed=sampler_seed)
+
+
+def _seeds(entropy: list[int], count: int) -> list[int]:
+    return [int(s % 2**63) for s in np.random.SeedSequence(entropy).generate_state(count, dtype=np.uint64)]
 
 
 def flip_crop(images: torch.Tensor, generator: torch.Generator, *, padding: int) -> torch.Tensor:
@@ -483,6 +558,92 @@ def flip_crop(images: torch.Tensor, generator: torch.Generator, *, padding: int)
     device = images.device
     return padded[torch.arange(n, device=device)[:, None, None, None], torch.arange(channels, device=device)[None, :, None, None],
                   rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in data-parallel training: `rank` among `world_size` processes."""
+
+    rank: int
+    world_size: int
+
+
+def launched_by_torchrun() -> bool:
+    """Did torchrun start this process (`WORLD_SIZE` above 1, or `RANK` / `LOCAL_RANK` set)?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def join_process_group(config: TrainConfig, device: str | torch.device | None) -> ProcessGroup | None:
+    """The process group training runs in; None (single process, the default) unless torchrun started
+    the process or `config.distributed` asks for data parallelism.
+
+    A group the caller initialised is used as it is. Otherwise one is initialised from torchrun's
+    variables (env://) with backend "nccl" on CUDA, "gloo" on the CPU, and kept until the process
+    exits: initialising a default group a second time on torchrun's store is not reliable.
+    """
+    if not (config.distributed or launched_by_torchrun()):
+        return None
+    device = runtime.resolve_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(_local_rank())
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except ValueError as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(
+                f"cannot start data-parallel training ({reason}); launch with torchrun (it sets RANK, WORLD_SIZE, "
+                f"MASTER_ADDR and MASTER_PORT), initialise torch.distributed before training, or train in one process "
+                f"(TrainConfig.distributed = false and none of RANK, LOCAL_RANK, WORLD_SIZE > 1 set)."
+            ) from None
+        atexit.register(_leave_process_group)
+    return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """Under data parallelism each process computes on its own GPU, `cuda:<LOCAL_RANK>`; CPU stays CPU."""
+    return torch.device("cuda", _local_rank()) if device.type == "cuda" else device
+
+
+def _per_rank_batch(batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise ValueError(
+            f"TrainConfig.batch_size={batch_size} is the global batch and must split evenly over {world_size} "
+            f"processes; choose a multiple of {world_size} or another process count."
+        )
+    return batch_size // world_size
+
+
+def _parallel_identity(group: ProcessGroup | None) -> dict[str, int]:
+    """The world size's part of a checkpoint or cache identity: nothing for one process, so single-process
+    keys stay what they were; more processes split batches (and BatchNorm statistics) differently."""
+    return {"world_size": group.world_size} if group is not None and group.world_size > 1 else {}
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`model` wrapped for gradient averaging over ranks (rank 0's weights and buffers broadcast first)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scaler) -> list[dict[str, Any]]:
