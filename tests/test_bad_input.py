@@ -319,7 +319,7 @@ def test_type_check_follows_the_annotations(tmp_path: Path, line: str, fits: boo
 
 
 @pytest.mark.parametrize("name", available_profiles())
-def test_every_shipped_profile_builds_every_dataclass_section(name: str):
+def test_every_shipped_profile_builds_every_dataclass_section(name: str, paper_placeholders):
     profile = load_profile(name)
     built = [profile.build(cls, section) for section, cls in BUILT_SECTIONS.items() if section in profile.sections]
     assert len(built) >= 6

@@ -104,7 +104,7 @@ NAD_SEARCH_EPOCHS = {"ci": 2, "default": 20, "gpu": 20, "paper": 20}
 
 
 @pytest.mark.parametrize("name", ["ci", "default", "gpu", "paper"])
-def test_nested_sections_build_the_configs_the_profiles_built_before(name: str):
+def test_nested_sections_build_the_configs_the_profiles_built_before(name: str, paper_placeholders):
     profile = load_profile(name)
     cgl = profile.build(CGLSettings, "cgl")
     train, (synthetic_epochs, synthetic_lr) = CGL_TRAIN[name]

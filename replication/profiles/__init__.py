@@ -6,13 +6,15 @@ missing key, or a value of the wrong type, is a clear error naming the file rath
 ignored setting or a traceback deep inside the consumer. A nested table (`[cgl.train]`) builds the
 section's dataclass-typed field of that name, so a settings class holds its sub-configs rather than
 mirroring their fields. Strings may use `$VAR` to read local paths (real Broden, pretrained weights)
-from the environment.
+from the environment; a section that reads an unset variable is refused when it is read (`section`,
+`build`), naming the variable, so the profile itself loads without them (listing, other sections).
 """
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar, Union
 
 PROFILE_DIR = Path(__file__).resolve().parent
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # what os.path.expandvars leaves when the variable is unset
 T = TypeVar("T")
 
 
@@ -51,6 +54,17 @@ def _expand(value: Any) -> Any:
     if isinstance(value, list):
         return [_expand(v) for v in value]
     return value
+
+
+def _unset_variables(value: Any, key: str) -> list[tuple[str, str]]:
+    """(variable, dotted key) for every `$VAR` still in `value` after expansion, i.e. every unset variable."""
+    if isinstance(value, str):
+        return [(braced or bare, key) for braced, bare in _VARIABLE.findall(value)]
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _unset_variables(v, f"{key}.{k}" if key else k)]
+    if isinstance(value, list):
+        return [found for v in value for found in _unset_variables(v, key)]
+    return []
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -107,6 +121,11 @@ class Profile:
                 f"profile {self.name!r} has no [{name}] section; sections: {sorted(self.sections)}. "
                 f"Add one to {self.file}."
             )
+        unset = _unset_variables(self.sections[name], "")
+        if unset:
+            names = ", ".join(f"{variable} ({key})" for variable, key in unset)
+            raise ProfileError(f"{self.file} [{name}] reads environment variables that are not set: {names}; set them "
+                               f"to local paths (the file's comments say what each holds) and run again.")
         return Section(self.sections[name], label=f"profile {self.name!r} section [{name}]", file=self.file)
 
     def build(self, cls: type[T], section: str, **overrides: Any) -> T:
