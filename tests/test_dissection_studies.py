@@ -51,6 +51,7 @@ def test_rotation_power_zero_is_the_unit_basis(dataset):
     study = rotation_study(model, "2", dataset, alphas=[0.0, 1.0], seed=3, config=CONFIG, device="cpu")
     natural = dissect_layers(model, ["2"], dataset, config=CONFIG, device="cpu")["2"]
     assert study.loc[0, "unique_detectors"] == natural.unique_detectors
+    assert study.loc[0, "mean_best_iou"] == pytest.approx(natural.units["iou"].mean())
     assert list(study["alpha"]) == [0.0, 1.0] and set(study["rotation_seed"]) == {3}
 
 

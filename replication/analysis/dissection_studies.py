@@ -88,7 +88,9 @@ def rotation_study(
 
     Q is a seeded Haar-random rotation of the layer's channel space; thresholds are recomputed in
     every basis. α = 0 is the natural (unit) basis, α = 1 the fully rotated one. Columns: `alpha`,
-    `detectors`, `unique_detectors`, `unique_<category>` per category, `rotation_seed`.
+    `detectors`, `unique_detectors`, `unique_<category>` per category, `mean_best_iou` (each unit's or
+    direction's best IoU, averaged: how well the basis aligns with concepts short of the threshold),
+    `rotation_seed`.
     """
     channels = feature_shapes(model, [layer], dataset, device=device)[layer][0]
     rotation = random_rotation(channels, seed)
@@ -101,6 +103,7 @@ def rotation_study(
                        if category != "total"}
         rows.append({"alpha": float(alpha), "detectors": int(summary.loc["total", "detectors"]),
                      "unique_detectors": int(summary.loc["total", "unique_detectors"]), **by_category,
+                     "mean_best_iou": float(result.units["iou"].mean()),
                      "rotation_seed": seed})
     return pd.DataFrame(rows)
 
