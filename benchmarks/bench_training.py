@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import torch
 from torch.utils.data import Subset

@@ -1,8 +1,6 @@
 """Studies over several dissections: depth summary and the rotation test, on the tiny Broden fixture."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
