@@ -1,5 +1,5 @@
-"""Test session set-up: a non-interactive matplotlib backend, quiet progress bars, a tiny world,
-placeholders for the paper profile's variables."""
+"""Test session set-up: a non-interactive matplotlib backend, quiet progress bars, the `slow` marker,
+a tiny world, placeholders for the paper profile's variables."""
 import os
 from pathlib import Path
 
@@ -10,6 +10,10 @@ from tests.paper_fixture import PAPER_VARIABLES
 
 os.environ.setdefault("MPLBACKEND", "agg")
 os.environ.setdefault("REPLICATION_QUIET", "1")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: executes notebooks on fixture files (minutes on two cores); part of `make test`")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 `write_paper_fixture(root)` writes
 - `broden/`: a Broden folder in the `broden1_224` layout (`tests.broden_fixture.write_tiny_broden`);
-- `imagenet/train|val/<wnid>/*.png`: ImageFolder class folders, as an ImageNet or Places365 copy;
+- `imagenet/train|val/<wnid>/*.png`: ImageFolder class folders, as an ImageNet or Places365 copy
+  (five classes: NAD's 2x2 mosaics need four distinct ones);
 - `weights/`: randomly initialised full-size checkpoints of the archs whose files paper.toml reads:
   resnet18 as CSAIL's Places365 files (`{"epoch", "arch", "state_dict": {"module.<key>": tensor}}`,
   DataParallel's prefix, no BatchNorm `num_batches_tracked`: the files predate it, 365 classes), the
@@ -30,7 +31,10 @@ from tests.broden_fixture import write_tiny_broden
 # every environment variable paper.toml reads (a test checks this against the file)
 PAPER_VARIABLES = ("BRODEN_DIR", "IMAGENET_DIR", "RESNET18_PLACES365_WEIGHTS", "VGG16_WEIGHTS", "RESNET50_WEIGHTS",
                    "DENSENET121_WEIGHTS")
-CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet-style WordNet ids as class folder names
+# ImageNet-style WordNet ids as class folder names, each with the colour its images are tinted by
+CLASS_TINTS = {"n01440764": (127, 0, 0), "n01443537": (0, 127, 0), "n01484850": (0, 0, 127),
+               "n01491361": (127, 127, 0), "n01494475": (0, 127, 127)}
+CLASSES = tuple(CLASS_TINTS)
 IMAGES_PER_CLASS = {"train": 4, "val": 2}
 IMAGE_SIZE = 32
 PLACES365_CLASSES = 365
@@ -64,15 +68,14 @@ def write_paper_fixture(root: str | Path, *, archs: Sequence[str] = tuple(WEIGHT
 
 
 def write_image_folders(root: Path, *, seed: int = 0) -> None:
-    """`root/<split>/<class>/<n>.png`: small RGB images, each class tinted by its own colour channel."""
+    """`root/<split>/<class>/<n>.png`: small RGB images, each class tinted by its own colour."""
     rng = np.random.default_rng(seed)
     for split, count in IMAGES_PER_CLASS.items():
-        for class_id, name in enumerate(CLASSES):
+        for name, tint in CLASS_TINTS.items():
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                pixels = rng.integers(0, 128, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
-                pixels[..., class_id] += 127
+                pixels = rng.integers(0, 128, size=(IMAGE_SIZE, IMAGE_SIZE, 3)) + np.array(tint)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}_{index}.png")
 
 

@@ -22,6 +22,7 @@ from replication.cli import main
 from replication.data import concept_world as cw
 from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset, ImageFileError
+from replication.data.sources import BrodenSource
 from replication.methods.concept_groups import CGLSettings
 from replication.methods.gated_paths import NADSettings
 from replication.models.backbones import BackboneConfig, build_backbone, load_weights
@@ -35,7 +36,7 @@ TINY_WORLD = '[world]\npreset = "classification"\nn_images = 12\nimage_size = 32
 # every profile section that is built into a dataclass, and the dataclass
 BUILT_SECTIONS = {"world": cw.WorldConfig, "cgl_world": cw.WorldConfig, "model": BackboneConfig,
                   "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings, "runtime": RuntimeSettings,
-                  "dissection": DissectionConfig, "baselines": BaselineSettings}
+                  "dissection": DissectionConfig, "baselines": BaselineSettings, "broden": BrodenSource}
 
 
 @pytest.fixture()

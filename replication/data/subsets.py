@@ -40,7 +40,14 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
 class AttributeSubset(torch.utils.data.Subset):
     """A `Subset` that also exposes the wrapped dataset's attributes (a Broden dataset's label tables,
-    mask size, categories), so a seeded subset of images can be dissected like the full set."""
+    mask size, categories), so a seeded subset of images can be dissected like the full set, or
+    streamed from disk for training when the images are too many to decode into memory."""
+
+    @property
+    def fingerprint(self):
+        """The source's fingerprint and the chosen indices (as `InMemoryDataset`'s), so cached models stay keyed by data."""
+        return {"source": getattr(self.dataset, "fingerprint", type(self.dataset).__name__),
+                "indices": cache.config_hash([int(i) for i in self.indices])}
 
     def __getattr__(self, name: str):
         if name in ("dataset", "indices") or name.startswith("__"):

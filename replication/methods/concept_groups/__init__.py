@@ -14,8 +14,9 @@ Modules, lowest first (each imports only those before it):
 - `receptive_field`: psi (`SoftReceptiveField`), soft-IoU distance, spatial spread;
 - `losses`: the loss terms and `cgl_loss_terms(model, CGLConfig)`;
 - `metrics`: relevance, RUD, within-group distance, group statistics, purity;
-- `experiment`: `CGLSettings` (the `[cgl]` section), `VariantRecipe`, `train_variant` and the run
-  functions `run_sweep`, `run_synthetic`, `run_main`, `run_group_statistics`;
+- `experiment`: `CGLSettings` (the `[cgl]` section), the tasks' images (`synthetic_task`, `main_task`
+  -> `TaskData`), `VariantRecipe`, `train_variant` and the run functions `run_sweep`, `run_synthetic`,
+  `run_main`, `run_group_statistics`;
 - `claims`: `claim_results(...) -> list[ClaimResult]` (G1-G8);
 - `figures`: `plot_group_maps`.
 
@@ -28,14 +29,17 @@ from replication.methods.concept_groups.experiment import (
     VARIANT_LABELS,
     VARIANTS,
     CGLSettings,
+    TaskData,
     TrainedModel,
     VariantRecipe,
     build_model,
+    main_task,
     run_group_statistics,
     run_main,
     run_sweep,
     run_synthetic,
     select_lambda,
+    synthetic_task,
     train_variant,
 )
 from replication.methods.concept_groups.figures import plot_group_maps

@@ -1,13 +1,15 @@
 """The notebook's experiments (spec sections 5-7), its `CGLSettings` and the cached training runs.
 
-The synthetic task (Table 1) and ConceptWorld classification with an AlexNet- and a VGG-style
-network (Tables 2-3), each trained with weight decay, the block norm alone and full CGL, then
-dissected; the lambda sweep picks lambda_g = lambda_s first.
+The synthetic task (Table 1) and classification with an AlexNet- and a VGG-style network (Tables
+2-3: ConceptWorld, or real class folders and Broden under the `paper` profile), each trained with
+weight decay, the block norm alone and full CGL, then dissected; the lambda sweep picks lambda_g =
+lambda_s first. `synthetic_task` and `main_task` read their images.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,7 +21,10 @@ from torch.utils.data import Dataset
 from replication import cache
 from replication.analysis.dissection import DissectionConfig
 from replication.analysis.features import dissect_layers
-from replication.data.subsets import split_indices
+from replication.data.broden import BrodenDataset
+from replication.data.classification import ClassificationDataset
+from replication.data.sources import DataSources
+from replication.data.subsets import InMemoryDataset, InMemoryItems, seeded_indices, seeded_subset, split_indices
 from replication.methods.concept_groups.groups import GROUPS
 from replication.methods.concept_groups.layers import activation_layers, dissected_layers
 from replication.methods.concept_groups.losses import CGLConfig, cgl_loss_terms
@@ -48,7 +53,9 @@ class CGLSettings:
 
     Synthetic task: the paper's two-layer CNN (`synthetic_widths` 128, 256 [P]) on the `cgl_world`
     preset; epochs [U]. Main experiment: `archs` trained from scratch [P] at `widths` on 64-px
-    ConceptWorld, `small_inputs` (one value per arch) removing early downsampling. `train` (the table
+    ConceptWorld, `small_inputs` (one value per arch) removing early downsampling, or, when the
+    profile reads real data (`data.sources`), on the class folders at `data_root` (ImageNet or
+    Places365 [P]) resized to `image_size` (None = as stored). `train` (the table
     [cgl.train]) is the code's recipe (SGD, momentum 0.9, lr 0.01, batch 256, step schedule x0.1 every
     30 of 90 epochs [C]), its weight decay 1e-4 for the baseline and 0 with the block norm [C]
     (`train_config`); the synthetic task uses it for `synthetic_epochs` at `synthetic_lr`. lambda_bn
@@ -67,6 +74,8 @@ class CGLSettings:
     synthetic_global_pool: str = "max"
     n_synthetic_seeds: int = 3
     synthetic_train_images: int | None = None
+    data_root: str | None = None
+    image_size: int | None = None
     archs: tuple[str, ...] = ("alexnet", "vgg16")
     widths: tuple[float, ...] = (1.0, 1.0)
     small_inputs: tuple[bool, ...] = (True, True)
@@ -112,6 +121,41 @@ class CGLSettings:
         lam = lam if variant == "cgl" else 0.0
         return CGLConfig(groups=self.groups, lambda_bn=self.lambda_bn(arch), lambda_g=lam, lambda_s=lam,
                          activation_layers=activation_layers(arch, model), seed=seed)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's images: `train` (capped), `val` (None for the synthetic task, which reports no
+    accuracy), `broden` (the dissected split, capped), the class names and the images' `mean`/`std`."""
+
+    train: Dataset
+    val: Dataset | None
+    broden: Dataset
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def synthetic_task(root: str | Path, settings: CGLSettings, *, split: str) -> TaskData:
+    """Table 1's images: the `cgl_shapes` world at `root`, `synthetic_train_images` training images
+    and `dissection_images` of the `split` dissected, decoded once into memory."""
+    train = ClassificationDataset(root, "train")
+    broden = seeded_subset(BrodenDataset(root, split=split), settings.dissection_images)
+    return TaskData(InMemoryDataset(train, seeded_indices(len(train), settings.synthetic_train_images)), None,
+                    InMemoryItems(broden), train.classes, train.mean, train.std)
+
+
+def main_task(sources: DataSources, settings: CGLSettings, *, split: str) -> TaskData:
+    """Tables 2-3's images: `train_images` training images, the val split, and `dissection_images` of
+    the Broden `split`. ConceptWorld is decoded once into memory (small, read by every model); real
+    data (class folders resized to `image_size`, Broden) are streamed from disk, too large to hold."""
+    train = ClassificationDataset(sources.classification, "train", image_size=settings.image_size)
+    val = ClassificationDataset(sources.classification, "val", image_size=settings.image_size)
+    broden = seeded_subset(BrodenDataset(sources.broden, split=split), settings.dissection_images)
+    if sources.real:
+        return TaskData(seeded_subset(train, settings.train_images), val, broden, train.classes, train.mean, train.std)
+    return TaskData(InMemoryDataset(train, seeded_indices(len(train), settings.train_images)), InMemoryDataset(val),
+                    InMemoryItems(broden), train.classes, train.mean, train.std)
 
 
 def build_model(arch: str, num_classes: int, settings: CGLSettings) -> nn.Module:

@@ -43,8 +43,9 @@ from replication.training.loop import TrainConfig
 class NADSettings:
     """Notebook 05's settings, the profile section [nad].
 
-    `archs`: one per connection type; `data_root`: an ImageFolder dataset instead of the profile's
-    ConceptWorld (then the models need pretrained `weights` overrides); `max_classes`: the first
+    `archs`: one per connection type; `data_root`: the class folders (ImageFolder layout) of a
+    profile that reads real data (`data.sources`; the models then need pretrained `weights`
+    overrides), resized to `image_size` (None = as stored, ConceptWorld); `max_classes`: the first
     classes only (spec open point 3: 100 for ImageNet; None = every class); `model_overrides[arch]` /
     `train_overrides[arch]` change the profile's [model] / [train] fields for that arch (an arch
     without overrides is the shared baseline of notebook 00). `search` (the table [nad.search]) is the
@@ -57,6 +58,7 @@ class NADSettings:
 
     archs: tuple[str, ...] = ("vgg16_bn", "resnet18", "densenet121")
     data_root: str | None = None
+    image_size: int | None = None
     max_classes: int | None = None
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     train_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -112,8 +114,9 @@ class ClassImages:
 
 def load_class_images(settings: NADSettings, root: str | Path, *, batch_size: int) -> ClassImages:
     """The first `settings.max_classes` classes of the dataset at `root` with their images, capped at
-    `train_images_per_class` / `val_images_per_class` per class."""
-    train_set, val_set = ClassificationDataset(root, "train"), ClassificationDataset(root, "val")
+    `train_images_per_class` / `val_images_per_class` per class, resized to `settings.image_size`."""
+    train_set = ClassificationDataset(root, "train", image_size=settings.image_size)
+    val_set = ClassificationDataset(root, "val", image_size=settings.image_size)
     classes = list(range(len(train_set.classes)))[: settings.max_classes]
     return ClassImages(train_set, val_set, classes,
                        train=images_by_class(train_set, train_set.targets, classes, batch_size=batch_size,
@@ -134,8 +137,11 @@ def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model
     """
     model_config = dataclasses.replace(model_config, arch=arch, **settings.model_overrides.get(arch, {}))
     train_config = dataclasses.replace(dataclasses.replace(train_config, seed=seed), **settings.train_overrides.get(arch, {}))
-    train_set = ClassificationDataset(root, "train")
+    train_set = ClassificationDataset(root, "train", image_size=settings.image_size)
     key = {"model": model_config, "data": train_set.fingerprint}
+    if not model_config.weights and train_set.layout != "conceptworld":
+        raise ValueError(f"[nad] arch {arch} has no weights and only ConceptWorld networks are trained here; set "
+                         f"model_overrides.{arch}.weights to a pretrained file for the class folders at {root}.")
     if model_config.weights:
         model, history = model_config.build(len(train_set.classes)), None
     else:
