@@ -9,6 +9,7 @@ import replication  # noqa: F401  (before torchvision and timm)
 import torchvision
 from replication.models.anatomy import (
     FAMILY_OF_ARCH,
+    FAMILY_OF_PRETRAINED,
     anatomy_of,
     batchnorm_pairs,
     connection_family,
@@ -16,7 +17,7 @@ from replication.models.anatomy import (
     producing_conv,
 )
 from replication.models.backbones import ARCHS, build_backbone
-from replication.models.pretrained import pretrained
+from replication.models.pretrained import PRETRAINED, pretrained
 from replication.profiles import available_profiles, load_profile
 
 RESNET18_CONVS = ["conv1"] + [
@@ -114,6 +115,14 @@ def test_every_backbone_has_its_recorded_family(arch):
 
 def test_the_family_table_covers_exactly_the_backbones():
     assert set(FAMILY_OF_ARCH) == set(ARCHS)
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_every_pretrained_network_has_its_recorded_family(name):
+    with torch.device("meta"):  # the module tree only
+        model = timm.create_model(PRETRAINED[name].timm_arch, pretrained=False)
+    assert connection_family(model) == FAMILY_OF_PRETRAINED[name]
+    assert set(FAMILY_OF_PRETRAINED) == set(PRETRAINED)
 
 
 @pytest.mark.parametrize("profile", [name for name in available_profiles() if "baselines" in load_profile(name).sections])

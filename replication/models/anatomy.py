@@ -39,6 +39,8 @@ from replication.models.hooks import get_module
 # The connection family of each `backbones.ARCHS` entry, for questions asked before a model is built.
 FAMILY_OF_ARCH = {"vgg16": "plain", "vgg16_bn": "plain", "alexnet": "plain", "alexnet_bn": "plain",
                   "resnet18": "residual", "resnet50": "residual", "densenet121": "dense"}
+# The connection family of each `pretrained.PRETRAINED` network (not backbones), likewise by name.
+FAMILY_OF_PRETRAINED = {"efficientnet_lite0": "nas"}
 _POOLS = (nn.MaxPool2d, nn.Identity)  # a VGG block ends in a max-pool (an Identity where small_input removed it)
 
 

@@ -1,7 +1,8 @@
 """NAD's gates: where they sit in a network and how they multiply its channels.
 
 - placement: `gate_locations` (official locations for VGG16 / ResNet-50 / DenseNet-121, and the same
-  rules for any torchvision plain / residual / dense network, read from its `models.anatomy`);
+  rules for any torchvision plain / residual / dense network, read from its `models.anatomy`; for timm's
+  EfficientNets, family "nas", a replication decision modelled on the official DARTS gates);
 - gating: the `gated` context manager (forward hooks, always removed) with per-sample gate rows, so
   one forward can carry (class, image) pairs of many classes; `gate_values` turns logits into gates.
 """
@@ -63,13 +64,33 @@ def _dense_gates(model: nn.Module, body: Anatomy) -> list[tuple[str, bool]]:
     return [(body.stem, False)] + [(name, False) for name in blocks] + [(body.features, True)]
 
 
-_PLACEMENT = {"plain": _plain_gates, "residual": _residual_gates, "dense": _dense_gates}
+def _nas_gates(model: nn.Module, body: Anatomy) -> list[tuple[str, bool]]:
+    """EfficientNet (NAS-derived, no official placement) [I]: the stem (`bn1`), every MBConv block
+    (`blocks.i.j`) and the head (`bn2`, conv_head's BN + ReLU6): 18 gates on Lite0, 3,120 units.
+
+    Modelled on the official DARTS-V2 gates (after each stem, after every cell) and ResNet-50 gates
+    (after the stem, after every block): a NAS network's repeated unit is its cell, here the MBConv
+    block. Like a DARTS cell's output (a concatenation of sums of operations, none ending in an
+    activation), a block output is linear (MBConv ends in BN, and the skip is added without one). The
+    head gate makes the last gate the feature map the classifier pools, as in all four official
+    networks (DARTS's last cell, ResNet's last block, DenseNet's norm5 + ReLU, VGG's pool5). `bn1` and
+    `bn2` are timm `BatchNormAct2d` modules, which apply ReLU6 themselves: the gate multiplies the
+    activated output (as ResNet's stem gate follows ReLU and max-pool), so `relu_after` stays False.
+    """
+    return [(body.stem, False)] + [(name, False) for name in body.blocks] + [(body.features, False)]
+
+
+_PLACEMENT = {"plain": _plain_gates, "residual": _residual_gates, "dense": _dense_gates, "nas": _nas_gates}
 
 
 def gate_locations(model: nn.Module, image_shape: Sequence[int] = (3, 224, 224), *,
                    device: str | torch.device | None = "cpu") -> list[GateLocation]:
-    """The official gate locations of `model`, with channels and spatial sizes from one dummy forward."""
+    """The gate locations of `model` (official, or its family's rule: `_PLACEMENT`), with channels and
+    spatial sizes from one dummy forward."""
     body = anatomy_of(model)
+    if body.family not in _PLACEMENT:
+        raise ValueError(f"no NAD gate placement for connection family {body.family!r}; known: "
+                         f"{', '.join(sorted(_PLACEMENT))} (add a rule to gated_paths.gates._PLACEMENT)")
     placed = _PLACEMENT[body.family](model, body)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [get_module(model, name).register_forward_hook(

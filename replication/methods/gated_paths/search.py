@@ -20,7 +20,7 @@ from torch import nn
 
 from replication import io
 from replication.methods.gated_paths.gates import GATE_FUNCTIONS, GateHooks, GateLocation, gate_values, gated
-from replication.models.anatomy import FAMILY_OF_ARCH
+from replication.models.anatomy import FAMILY_OF_ARCH, FAMILY_OF_PRETRAINED
 from replication.models.surgery import fold_batchnorm, frozen
 from replication.runtime import progress, resolve_device
 
@@ -33,21 +33,24 @@ OFFICIAL_BETA = {
     "imagenet": {"vgg16": 4.5, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.45},
     "places365": {"vgg16": 5.0, "resnet50": 0.02, "densenet121": 0.02, "darts": 0.20},
 }
-# The official architecture whose beta a project architecture inherits (same connection type) [I].
-BETA_ARCH_OF_FAMILY = {"plain": "vgg16", "residual": "resnet50", "dense": "densenet121"}
+# The official architecture whose beta a project architecture inherits (same connection type) [I]. The
+# official NAS network is DARTS-V2, so a NAS-derived EfficientNet takes the `darts` column [I].
+BETA_ARCH_OF_FAMILY = {"plain": "vgg16", "residual": "resnet50", "dense": "densenet121", "nas": "darts"}
+_FAMILY_OF_NAME = {**FAMILY_OF_ARCH, **FAMILY_OF_PRETRAINED}
 
 
 def official_beta(arch: str, dataset: str = "imagenet") -> float:
-    """beta for `arch`: the official value, or that of the official network with the same connection type."""
+    """beta for `arch` (a backbone or a pretrained network's name): the official value, or that of the
+    official network with the same connection type."""
     if dataset not in OFFICIAL_BETA:
         raise ValueError(f"unknown dataset {dataset!r} for beta; choose one of {sorted(OFFICIAL_BETA)}")
     table = OFFICIAL_BETA[dataset]
     if arch in table:
         return table[arch]
-    if arch not in FAMILY_OF_ARCH:
+    if arch not in _FAMILY_OF_NAME:
         raise ValueError(f"no beta known for architecture {arch!r}; pass beta explicitly or use one of "
-                         f"{sorted(set(table) | set(FAMILY_OF_ARCH))}")
-    return table[BETA_ARCH_OF_FAMILY[FAMILY_OF_ARCH[arch]]]
+                         f"{sorted(set(table) | set(_FAMILY_OF_NAME))}")
+    return table[BETA_ARCH_OF_FAMILY[_FAMILY_OF_NAME[arch]]]
 
 
 @dataclass(frozen=True)
