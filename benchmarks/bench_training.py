@@ -3,8 +3,9 @@
 Trains the profile's [model] backbone with its [train] recipe on the profile's [world] train split for
 a few batches per variant, interleaved over `--rounds` rounds, and prints images/s per variant and
 its ratio to the first ("png": the images decoded from PNG in every epoch, as a plain DataLoader
-over `ClassificationDataset` does). Channels-last memory format is not offered: on this CPU build
-(torch 2.13) training a channels-last ResNet-18 aborted with "double free or corruption".
+over `ClassificationDataset` does). Channels-last memory format and `torch.compile` are not offered: on
+this CPU build (torch 2.13) a training step of a channels-last ResNet-18, and the first training step of a
+`torch.compile`d one (measured 2026-12-01), each aborted the process with "double free or corruption".
 - "memory": the split decoded once into tensors (`subsets.InMemoryDataset`), as `train_world_classifier` does;
 - "memory+augment": in memory, with the profile's augmentation (if the profile sets none, flip_crop).
 
