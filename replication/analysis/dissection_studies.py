@@ -73,9 +73,13 @@ def plot_layer_summary(summary: pd.DataFrame, *, title: str = "", ax=None):
         fig = ax.figure
     summary[categories].plot.bar(stacked=True, ax=ax, width=0.75, colormap="tab10")
     ax.set_ylabel("unique detectors")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncols=3)
-    ax.tick_params(axis="x", rotation=0)
+    crowded = len(summary) > 5 or max(len(str(layer)) for layer in summary.index) > 8
+    ax.tick_params(axis="x", rotation=40 if crowded else 0)
+    if crowded:
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     return fig
 
 
