@@ -79,6 +79,8 @@ def test_the_classification_reader_reads_the_image_folders(paper_environment):
         dataset = ClassificationDataset(paper_environment["IMAGENET_DIR"], split)
         assert dataset.layout == "imagefolder" and dataset.classes == list(CLASSES)
         assert sorted(dataset.targets) == sorted(list(range(len(CLASSES))) * count)
+    places = ClassificationDataset(paper_environment["PLACES365_DIR"], "val")
+    assert len(places.classes) == PLACES365_CLASSES == len(places)  # as many classes as the Places365 file's outputs
 
 
 def test_the_places365_file_loads_into_resnet18_through_the_profile(paper_environment):
