@@ -1,9 +1,10 @@
-"""Notebooks 00 (Network Dissection), 03 (CGL) and 05 (NAD) executed through their real-data branch on tests/paper_fixture.py's
-files (Broden, ImageFolder class folders, full-size checkpoints), with tests/profiles/paper-fixture.toml:
-paper.toml's sections and `$VAR` paths at tiny budgets, so a user with real data only sets paths.
+"""Notebooks 00 (Network Dissection), 03 (CGL) and 05 (NAD) executed through their real-data branch on
+tests/paper_fixture.py's files (Broden, ImageFolder class folders, full-size checkpoints), with
+tests/profiles/paper-fixture.toml: paper.toml's sections and `$VAR` paths at tiny budgets, so a user with
+real data only sets paths.
 
-Slow-ish (about two minutes on two CPU cores, most of it the full-size networks of 00 and 05): marked `slow`,
-and part of `make test`.
+Slow-ish (about two minutes on two CPU cores, most of it the full-size networks of 00 and 05): marked
+`slow`, and part of `make test`.
 """
 from __future__ import annotations
 
