@@ -2,8 +2,10 @@
 
 `write_paper_fixture(root)` writes
 - `broden/`: a Broden folder in the `broden1_224` layout (`tests.broden_fixture.write_tiny_broden`);
-- `imagenet/train|val/<wnid>/*.png`: ImageFolder class folders, as an ImageNet or Places365 copy
-  (five classes: NAD's 2x2 mosaics need four distinct ones);
+- `imagenet/train|val/<wnid>/*.png`: ImageFolder class folders, as an ImageNet copy (five classes:
+  NAD's 2x2 mosaics need four distinct ones);
+- `places365/train|val/<class>/*.png`: as a Places365 copy, one image per class and split, 365
+  classes: the Places365 ResNet-18 is scored on them, and its 365 outputs must match the folders;
 - `weights/`: randomly initialised full-size checkpoints of the archs whose files paper.toml reads:
   resnet18 as CSAIL's Places365 files (`{"epoch", "arch", "state_dict": {"module.<key>": tensor}}`,
   DataParallel's prefix, no BatchNorm `num_batches_tracked`: the files predate it, 365 classes), the
@@ -29,7 +31,7 @@ from replication.models.backbones import build_backbone
 from tests.broden_fixture import write_tiny_broden
 
 # every environment variable paper.toml reads (a test checks this against the file)
-PAPER_VARIABLES = ("BRODEN_DIR", "IMAGENET_DIR", "RESNET18_PLACES365_WEIGHTS", "VGG16_WEIGHTS", "RESNET50_WEIGHTS",
+PAPER_VARIABLES = ("BRODEN_DIR", "IMAGENET_DIR", "PLACES365_DIR", "RESNET18_PLACES365_WEIGHTS", "VGG16_WEIGHTS", "RESNET50_WEIGHTS",
                    "DENSENET121_WEIGHTS")
 # ImageNet-style WordNet ids as class folder names, each with the colour its images are tinted by
 CLASS_TINTS = {"n01440764": (127, 0, 0), "n01443537": (0, 127, 0), "n01484850": (0, 0, 127),
@@ -38,6 +40,7 @@ CLASSES = tuple(CLASS_TINTS)
 IMAGES_PER_CLASS = {"train": 4, "val": 2}
 IMAGE_SIZE = 32
 PLACES365_CLASSES = 365
+PLACES_TINTS = {f"place{n:03d}": (n % 128, (7 * n) % 128, (13 * n) % 128) for n in range(PLACES365_CLASSES)}
 LEGACY_DENSE_LAYER = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")  # norm1. -> norm.1.
 # arch -> (environment variable, file name, class count, CSAIL Places365 format?)
 WEIGHT_FILES = {
@@ -49,15 +52,17 @@ WEIGHT_FILES = {
 
 
 def write_paper_fixture(root: str | Path, *, archs: Sequence[str] = tuple(WEIGHT_FILES), seed: int = 0) -> dict[str, str]:
-    """Write the fixture under `root`; return {variable: path} for BRODEN_DIR, IMAGENET_DIR and the
-    weight variables of `archs`."""
+    """Write the fixture under `root`; return {variable: path} for BRODEN_DIR, IMAGENET_DIR,
+    PLACES365_DIR and the weight variables of `archs`."""
     unknown = sorted(set(archs) - set(WEIGHT_FILES))
     if unknown:
         raise ValueError(f"no paper weights for {unknown}; choose among {sorted(WEIGHT_FILES)}.")
     root = Path(root)
     write_tiny_broden(root / "broden", seed=seed)
     write_image_folders(root / "imagenet", seed=seed)
-    environment = {"BRODEN_DIR": str(root / "broden"), "IMAGENET_DIR": str(root / "imagenet")}
+    write_image_folders(root / "places365", PLACES_TINTS, {"train": 1, "val": 1}, seed=seed)
+    environment = {"BRODEN_DIR": str(root / "broden"), "IMAGENET_DIR": str(root / "imagenet"),
+                   "PLACES365_DIR": str(root / "places365")}
     torch.manual_seed(seed)
     for arch in archs:
         variable, name, num_classes, csail = WEIGHT_FILES[arch]
@@ -67,11 +72,13 @@ def write_paper_fixture(root: str | Path, *, archs: Sequence[str] = tuple(WEIGHT
     return environment
 
 
-def write_image_folders(root: Path, *, seed: int = 0) -> None:
-    """`root/<split>/<class>/<n>.png`: small RGB images, each class tinted by its own colour."""
+def write_image_folders(root: Path, tints: dict[str, tuple[int, int, int]] = CLASS_TINTS,
+                        counts: dict[str, int] = IMAGES_PER_CLASS, *, seed: int = 0) -> None:
+    """`root/<split>/<class>/<n>.png` (`counts[split]` per class): small RGB images, each class
+    tinted by its own colour (`tints`: class folder name -> RGB)."""
     rng = np.random.default_rng(seed)
-    for split, count in IMAGES_PER_CLASS.items():
-        for name, tint in CLASS_TINTS.items():
+    for split, count in counts.items():
+        for name, tint in tints.items():
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):

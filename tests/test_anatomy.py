@@ -126,7 +126,7 @@ def test_every_pretrained_network_has_its_recorded_family(name):
 
 
 @pytest.mark.parametrize("profile", [name for name in available_profiles() if "baselines" in load_profile(name).sections])
-def test_profile_baseline_layers_are_named_layers_of_their_arch(profile):
+def test_profile_baseline_layers_are_named_layers_of_their_arch(profile, paper_placeholders):  # paper's $VARs set
     baselines = load_profile(profile).section("baselines")
     assert set(baselines["rotation_layers"]) <= set(baselines["archs"])
     for arch, layers in baselines["layers"].items():

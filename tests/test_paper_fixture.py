@@ -11,7 +11,7 @@ import torch
 from replication import io
 from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset
-from replication.data.sources import data_sources
+from replication.data.sources import DataSources, data_sources, world_only
 from replication.data.subsets import AttributeSubset, InMemoryDataset
 from replication.methods.concept_groups import CGLSettings, main_task
 from replication.methods.gated_paths import NADSettings, prepare_network
@@ -79,6 +79,8 @@ def test_the_classification_reader_reads_the_image_folders(paper_environment):
         dataset = ClassificationDataset(paper_environment["IMAGENET_DIR"], split)
         assert dataset.layout == "imagefolder" and dataset.classes == list(CLASSES)
         assert sorted(dataset.targets) == sorted(list(range(len(CLASSES))) * count)
+    places = ClassificationDataset(paper_environment["PLACES365_DIR"], "val")
+    assert len(places.classes) == PLACES365_CLASSES == len(places)  # as many classes as the Places365 file's outputs
 
 
 def test_the_places365_file_loads_into_resnet18_through_the_profile(paper_environment):
@@ -112,6 +114,13 @@ def test_a_profile_without_one_reads_its_concept_world(tmp_path, monkeypatch):
     assert not sources.real and sources.kind == "ConceptWorld"
     assert sources.classification == sources.broden and (sources.broden / "index.csv").is_file()
 
+
+
+def test_world_only_steps_run_on_concept_world_and_say_why_they_are_skipped_on_real_data(capsys):
+    world, real = DataSources(Path("w"), Path("w"), real=False), DataSources(Path("c"), Path("b"), real=True)
+    assert world_only(world, "class rules") and capsys.readouterr().out == ""
+    assert not world_only(real, "class rules (classes.json)")
+    assert capsys.readouterr().out == "class rules (classes.json): ConceptWorld only; skipped on real data.\n"
 
 def test_real_data_needs_both_a_data_root_and_a_broden_section(tmp_path):
     broden_only, root_only = tmp_path / "broden_only.toml", tmp_path / "root_only.toml"

@@ -81,7 +81,7 @@ def test_baseline_settings_rotate_only_a_dissected_layer():
 
 
 @pytest.mark.parametrize("name", available_profiles())
-def test_every_shipped_profile_builds_its_runtime_dissection_and_baselines(name: str):
+def test_every_shipped_profile_builds_its_runtime_dissection_and_baselines(name: str, paper_placeholders):
     profile = load_profile(name)
     runtime = profile.build(RuntimeSettings, "runtime")
     assert runtime.threads >= 1 and runtime.seeds

@@ -452,6 +452,31 @@ def test_train_baselines_trains_every_arch_and_seed_through_the_cache(tiny_world
     assert_same_state(alone.model, models["alexnet", 1])
 
 
+def test_train_baselines_loads_an_arch_with_weights_and_trains_nothing(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path / "cache"))
+    classes = len(ClassificationDataset(tiny_world, "val").classes)
+    network = BackboneConfig(small_input=True, width=0.125).build(classes)
+    weights = io.save_torch(tmp_path / "resnet18.pth", network.state_dict())
+    settings = BaselineSettings(archs=("resnet18",), layers={"resnet18": ["layer4"]}, rotation_layers={"resnet18": "layer4"},
+                                rotation_alphas=(0.0,), model_overrides={"resnet18": {"weights": str(weights)}},
+                                recipe_search=RecipeSearch(candidates={"adam": {"optimizer": "adam"}}))
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a network with weights was trained"))
+    model, config = BackboneConfig(small_input=True, width=0.125), TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    baselines = train_baselines(tiny_world, settings, model=model, train=config, seeds=(0, 1), batch_size=4, device="cpu")
+    assert list(baselines.models) == [("resnet18", 0), ("resnet18", 1)]
+    assert_same_state(baselines.models["resnet18", 0], network)
+    assert not baselines.models["resnet18", 0].training
+    assert baselines.recipes == {} and baselines.tuning.empty and baselines.histories.empty
+    accuracy = baselines.accuracy
+    assert accuracy["epochs"].tolist() == [0, 0] and accuracy["train_acc"].isna().all() and not accuracy["plateaued"].any()
+    report = accuracy_report(network.eval(), ClassificationDataset(tiny_world, "val"), batch_size=4, device="cpu")
+    assert accuracy["val_acc"].tolist() == [100 * report["accuracy"]] * 2
+
+    io.save_torch(weights, BackboneConfig(small_input=True, width=0.125).build(classes + 1).state_dict())
+    with pytest.raises(ValueError, match=rf"resnet18: the class folders hold {classes} classes; weights in .* do not fit"):
+        train_baselines(tiny_world, settings, model=model, train=config, seeds=(0,), batch_size=4, device="cpu")
+
+
 def test_flip_crop_moves_and_mirrors_images_exactly():
     """With padding 0 only flips remain; with padding 1 a crop shifts by at most one pixel, filling zeros."""
     image = torch.arange(2 * 3 * 3, dtype=torch.float32).reshape(1, 2, 3, 3).repeat(64, 1, 1, 1)

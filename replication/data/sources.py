@@ -53,3 +53,11 @@ def data_sources(profile: Profile, data_root: str | None, *, section: str, world
                          f"concept labels; add [broden] root = <unpacked broden1_224> or remove data_root to use ConceptWorld.")
     world = ensure_world(profile.build(WorldConfig, world_section))
     return DataSources(classification=world, broden=world, real=False)
+
+
+def world_only(sources: DataSources, what: str) -> bool:
+    """Whether a ConceptWorld-only step (`what`, with why in words) runs; on real data it says so in
+    one printed line and the notebook skips it."""
+    if sources.real:
+        print(f"{what}: ConceptWorld only; skipped on real data.")
+    return not sources.real

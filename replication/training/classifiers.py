@@ -22,6 +22,8 @@ from replication.training.loop import Recipe, TrainConfig, TrainResult, predict,
 
 PLATEAU_EPOCHS = 5  # a learning curve has plateaued when its last 5 val accuracies lie within PLATEAU_POINTS
 PLATEAU_POINTS = 2.0
+TUNING_COLUMNS = ["arch", "candidate", "tuning_acc", "train_acc", "epochs", "minutes", "chosen"]
+NO_HISTORY = ["epoch", "train_acc", "val_acc"]  # the empty learning curve of a network loaded, not trained
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class RecipeSearch:
 @dataclass(frozen=True)
 class BaselineSettings:
     """Notebook 00's [baselines] section: the backbones trained from scratch on the world's task
-    (`archs`, each the profile's [model] with `model_overrides[arch]` applied), the `layers` of each
+    (`archs`, each the profile's [model] with `model_overrides[arch]` applied; one whose overrides give
+    `weights` is loaded from that file instead), `data_root` (class folders: real data, see
+    `replication.data.sources`), the `layers` of each
     arch dissected across depth, the rotation study's `rotation_layers` (arch -> the layer rotated, one
     of its `layers`), `rotation_alphas` and `rotation_seed`, how their training recipe is chosen
     (`recipe_search`), and the `pretrained` networks (names of `models.pretrained.PRETRAINED`, each with
@@ -68,6 +72,7 @@ class BaselineSettings:
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recipe_search: RecipeSearch = RecipeSearch()
     pretrained: tuple[str, ...] = ()
+    data_root: str | None = None
 
     def __post_init__(self) -> None:
         missing = [arch for arch in (*self.archs, *self.pretrained) if arch not in self.layers]
@@ -114,7 +119,7 @@ def select_recipe(root: str | Path, model: BackboneConfig, train: TrainConfig, s
     candidate: tuning accuracy (last epoch), train accuracy, epochs, minutes, chosen. Trained through
     the cache (kind "recipe_tuning"), so the search runs once per world, arch and candidate."""
     if not search.candidates:
-        return train, pd.DataFrame(columns=["arch", "candidate", "tuning_acc", "train_acc", "epochs", "minutes", "chosen"])
+        return train, pd.DataFrame(columns=TUNING_COLUMNS)
     split = ClassificationDataset(root, "train")
     tuning = seeded_indices(len(split), round(search.tuning_fraction * len(split)), seed=search.tuning_seed) or []
     held_out = set(tuning)
@@ -198,22 +203,39 @@ def train_baselines(
 
     `model` and `train` are the profile's [model] and [train] sections; each arch gets its
     `model_overrides`, its recipe from `select_recipe` (the [train] section without candidates) and
-    each run its seed. Each model is then scored on the val split (`accuracy_report`).
+    each run its seed. An arch whose config has `weights` is that file's network, loaded and not trained
+    (no recipe, no learning curve, the same network for every seed, 0 epochs, train accuracy NaN). Each
+    model is then scored on the val split (`accuracy_report`).
     """
     val_set = ClassificationDataset(root, "val")
     models, reports, rows, histories, recipes, tuning = {}, {}, [], [], {}, []
     for arch in settings.archs:
         arch_config = dataclasses.replace(model, arch=arch, **settings.model_overrides.get(arch, {}))
-        recipes[arch], table = select_recipe(root, arch_config, train, settings.recipe_search, device=device)
-        tuning.append(table)
+        if arch_config.weights:
+            loaded = TrainResult(_load_pretrained(arch_config, len(val_set.classes), device), pd.DataFrame(columns=NO_HISTORY))
+        else:
+            recipes[arch], table = select_recipe(root, arch_config, train, settings.recipe_search, device=device)
+            tuning.append(table)
         for seed in seeds:
-            result = train_world_classifier(root, arch_config, dataclasses.replace(recipes[arch], seed=seed), device=device)
+            result = loaded if arch_config.weights else train_world_classifier(
+                root, arch_config, dataclasses.replace(recipes[arch], seed=seed), device=device)
             models[arch, seed] = result.model
             reports[arch, seed] = report = accuracy_report(result.model, val_set, batch_size=batch_size, device=device)
-            last = result.history.iloc[-1]
-            rows.append({"arch": arch, "seed": seed, "epochs": int(last["epoch"]), "train_acc": 100 * last["train_acc"],
+            epochs, train_acc = (int(result.history["epoch"].iloc[-1]), 100 * result.history["train_acc"].iloc[-1]) \
+                if len(result.history) else (0, float("nan"))
+            rows.append({"arch": arch, "seed": seed, "epochs": epochs, "train_acc": train_acc,
                          "val_acc": 100 * report["accuracy"], "within_scene_acc": 100 * report["within_scene_accuracy"],
                          "plateaued": plateaued(result.history)})
             histories.append(result.history.assign(arch=arch, seed=seed))
     return Baselines(models, reports, pd.DataFrame(rows), pd.concat(histories, ignore_index=True), recipes,
-                     pd.concat(tuning, ignore_index=True))
+                     pd.concat(tuning, ignore_index=True) if tuning else pd.DataFrame(columns=TUNING_COLUMNS))
+
+
+def _load_pretrained(config: BackboneConfig, num_classes: int, device: str | torch.device | None) -> nn.Module:
+    """`config`'s network with its `weights` file loaded, in eval mode on `device`; the file must have
+    one output per class folder."""
+    try:
+        network = config.build(num_classes)
+    except ValueError as error:
+        raise ValueError(f"{config.arch}: the class folders hold {num_classes} classes; {error}") from None
+    return network.to(device).eval()
