@@ -204,7 +204,8 @@ def train_baselines(
     `model` and `train` are the profile's [model] and [train] sections; each arch gets its
     `model_overrides`, its recipe from `select_recipe` (the [train] section without candidates) and
     each run its seed. An arch whose config has `weights` is that file's network, loaded and not trained
-    (no recipe, no learning curve, the same network for every seed, 0 epochs, train accuracy NaN). Each
+    (no recipe, no learning curve, 0 epochs, train accuracy NaN), one run under the first seed: a seed
+    cannot replicate a network nobody trains here. Each
     model is then scored on the val split (`accuracy_report`).
     """
     val_set = ClassificationDataset(root, "val")
@@ -216,7 +217,7 @@ def train_baselines(
         else:
             recipes[arch], table = select_recipe(root, arch_config, train, settings.recipe_search, device=device)
             tuning.append(table)
-        for seed in seeds:
+        for seed in seeds[:1] if arch_config.weights else seeds:  # a loaded network is one network, not one per seed
             result = loaded if arch_config.weights else train_world_classifier(
                 root, arch_config, dataclasses.replace(recipes[arch], seed=seed), device=device)
             models[arch, seed] = result.model
