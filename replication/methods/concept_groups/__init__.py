@@ -86,9 +86,9 @@ __all__ = [
     "ACTIVATION_CONVS", "DISSECTED_CONVS", "GROUPS", "KERNELS", "LAYER_REDUCTIONS", "LG_REDUCTIONS", "PAIRS_PER_FILTER",
     "PAIR_SAMPLINGS", "RECEPTIVE_FIELD_MODULE", "SPATIAL_EPS", "STD_EPS", "SYNTHETIC_CATEGORIES", "VARIANTS",
     "VARIANT_LABELS", "BlockNorm", "CGLConfig", "CGLSettings", "GroupActivationLoss", "GroupPartition", "MapStatistics",
-    "SoftReceptiveField", "SpatialLoss", "TrainedModel", "VariantRecipe", "activation_layers", "build_model",
+    "SoftReceptiveField", "SpatialLoss", "TaskData", "TrainedModel", "VariantRecipe", "activation_layers", "build_model",
     "cgl_loss_terms", "claim_results", "dissected_layers", "dissection_tables", "group_purity", "group_statistics",
-    "group_weight_norms", "partition_filters", "plot_group_maps", "purity_pairs", "ratio_of_unique_detectors",
+    "group_weight_norms", "main_task", "partition_filters", "plot_group_maps", "purity_pairs", "ratio_of_unique_detectors",
     "relevance_summary", "relevance_table", "run_group_statistics", "run_main", "run_sweep", "run_synthetic",
-    "select_lambda", "soft_iou_distance", "spatial_spread", "train_variant", "within_group_distance",
+    "select_lambda", "soft_iou_distance", "spatial_spread", "synthetic_task", "train_variant", "within_group_distance",
 ]
