@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from replication import cache, io
-from replication.training import loop
+from replication.training import distributed, loop
 from replication.training.loop import TrainConfig, train, train_cached
 from tests.test_training import (CONFIG, RandomChannelPenalty, TinyRecipe, assert_same_history, assert_same_state,
                                  assert_same_state_dicts, make_data, make_model)
@@ -60,8 +60,8 @@ def test_single_process_training_constructs_nothing_distributed(single_process, 
     def refuse(*args, **kwargs):
         pytest.fail("single-process training touched torch.distributed")
 
-    for name in ("DistributedDataParallel", "DistributedSampler"):
-        monkeypatch.setattr(loop, name, refuse)
+    monkeypatch.setattr(distributed, "DistributedDataParallel", refuse)
+    monkeypatch.setattr(loop, "DistributedSampler", refuse)
     for name in ("init_process_group", "all_reduce", "broadcast", "barrier", "broadcast_object_list"):
         monkeypatch.setattr(loop.dist, name, refuse)
     monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
@@ -105,9 +105,9 @@ def test_asking_for_ddp_without_a_launcher_is_one_line(single_process):
 
 
 def test_the_global_batch_must_split_evenly_over_the_processes():
-    assert loop._per_rank_batch(256, 8) == 32
+    assert distributed.per_rank_batch(256, 8) == 32
     with pytest.raises(ValueError, match=r"batch_size=10 is the global batch .* choose a multiple of 4"):
-        loop._per_rank_batch(10, 4)
+        distributed.per_rank_batch(10, 4)
 
 
 def train_rank(rank: int, port: int, out: str) -> None:

@@ -21,12 +21,10 @@ Single-process training (the default) touches nothing of torch.distributed.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,13 +36,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset, TensorDataset
 
 from replication import cache, io, runtime
 from replication.models.backbones import load_weights
 from replication.models.hooks import capture_activations
 from replication.models.surgery import eval_mode
+from replication.training import distributed
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
@@ -196,23 +194,23 @@ def train(
     _check_callbacks(step_callbacks)
     if len(train_set) == 0:
         raise ValueError("train() got an empty train_set; pass at least one (image, class_id) sample.")
-    group = join_process_group(config, device)
+    group = distributed.join_process_group(config.distributed, device)
     if group is not None:
-        device = _rank_device(device)
-        _per_rank_batch(config.batch_size, group.world_size)
+        device = distributed.rank_device(device)
+        distributed.per_rank_batch(config.batch_size, group.world_size)
     model.to(device)
     optimizer = _optimizer(model, config, loss_terms)
     schedule = _schedule(optimizer, config)
     amp_dtype = torch.bfloat16 if config.amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and amp_dtype == torch.float16)
     identity = {"config": cache.canonical(config), "loss_terms": [_identity(t) for t in loss_terms],
-                **_callback_identity(step_callbacks), **_parallel_identity(group)}
+                **_callback_identity(step_callbacks), **distributed.parallel_identity(group)}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history: list[dict[str, Any]] = []
     if checkpoint is not None and checkpoint.exists():
         history = _restore(checkpoint, identity, model, optimizer, schedule, scaler)
     # the module whose forward trains: a DDP wrapper (gradients averaged over ranks) or the model itself
-    network = model if group is None else _data_parallel(model, device)
+    network = model if group is None else distributed.data_parallel(model, device)
 
     with _deterministic(device):
         for epoch in range(len(history), config.epochs):
@@ -226,7 +224,7 @@ def train(
             if group is None:
                 val = evaluate(model, val_set, batch_size=config.batch_size, device=device, num_workers=config.num_workers) if val_set is not None else {}
             else:
-                _broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as in the model rank 0 saves
+                distributed.broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as in the model rank 0 saves
                 val = _evaluate_sharded(model, val_set, config, device, group) if val_set is not None else {}
             row.update(val_loss=val.get("loss", math.nan), val_acc=val.get("accuracy", math.nan), lr=lr)
             row.update(seconds=time.perf_counter() - started, seed=config.seed)
@@ -277,7 +275,7 @@ def _evaluation_metrics(totals: torch.Tensor) -> dict[str, float]:
 
 
 def _evaluate_sharded(model: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
-                      group: ProcessGroup) -> dict[str, float]:
+                      group: distributed.ProcessGroup) -> dict[str, float]:
     """`evaluate` over every rank's share (positions rank, rank + N, ...: no sample twice), summed over ranks."""
     share = Subset(dataset, range(group.rank, len(dataset), group.world_size))
     totals = _evaluation_totals(model, share, config.batch_size, device, config.num_workers)
@@ -321,7 +319,7 @@ def train_cached(
     runtime.seed_everything(config.seed)
     model = recipe.build()
     loss_terms, step_callbacks = tuple(recipe.loss_terms(model)), tuple(recipe.step_callbacks(model))
-    group = join_process_group(config, runtime.resolve_device(device))
+    group = distributed.join_process_group(config.distributed, runtime.resolve_device(device))
     key = {
         **recipe.key(model),
         "train": config,
@@ -329,7 +327,7 @@ def train_cached(
         "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
         **runtime.compute_identity(device),
         **_callback_identity(step_callbacks),
-        **_parallel_identity(group),
+        **distributed.parallel_identity(group),
     }
     folder = cache.stage_dir(kind, key)
     main = group is None or group.rank == 0
@@ -337,7 +335,7 @@ def train_cached(
     with cache.stage_lock(folder) if main else contextlib.nullcontext():
         done = cache.is_done(folder) if main else None
         if group is not None:
-            done = _from_rank_zero(done)  # the other ranks wait here for rank 0's lock and answer
+            done = distributed.from_rank_zero(done)  # the other ranks wait here for rank 0's lock and answer
         if done:
             load_weights(model, folder / MODEL_NAME)
             return TrainResult(model=model.to(runtime.resolve_device(device)), history=pd.read_csv(folder / HISTORY_NAME))
@@ -384,7 +382,7 @@ def _train_epoch(model, network, train_set, optimizer, scaler, loss_terms, step_
         # draws the single-process permutation and keeps positions rank, rank + N, ...
         sampler = DistributedSampler(train_set, num_replicas=group.world_size, rank=group.rank, shuffle=True,
                                      seed=generators.sampler_seed)
-        batch_size = _per_rank_batch(config.batch_size, group.world_size)
+        batch_size = distributed.per_rank_batch(config.batch_size, group.world_size)
     loader = DataLoader(
         train_set,
         batch_size=batch_size,
@@ -558,92 +556,6 @@ def flip_crop(images: torch.Tensor, generator: torch.Generator, *, padding: int)
     device = images.device
     return padded[torch.arange(n, device=device)[:, None, None, None], torch.arange(channels, device=device)[None, :, None, None],
                   rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
-
-
-@dataclass(frozen=True)
-class ProcessGroup:
-    """This process's place in data-parallel training: `rank` among `world_size` processes."""
-
-    rank: int
-    world_size: int
-
-
-def launched_by_torchrun() -> bool:
-    """Did torchrun start this process (`WORLD_SIZE` above 1, or `RANK` / `LOCAL_RANK` set)?"""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def join_process_group(config: TrainConfig, device: str | torch.device | None) -> ProcessGroup | None:
-    """The process group training runs in; None (single process, the default) unless torchrun started
-    the process or `config.distributed` asks for data parallelism.
-
-    A group the caller initialised is used as it is. Otherwise one is initialised from torchrun's
-    variables (env://) with backend "nccl" on CUDA, "gloo" on the CPU, and kept until the process
-    exits: initialising a default group a second time on torchrun's store is not reliable.
-    """
-    if not (config.distributed or launched_by_torchrun()):
-        return None
-    device = runtime.resolve_device(device)
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(_local_rank())
-        try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        except ValueError as error:
-            reason = str(error).splitlines()[0]
-            raise ValueError(
-                f"cannot start data-parallel training ({reason}); launch with torchrun (it sets RANK, WORLD_SIZE, "
-                f"MASTER_ADDR and MASTER_PORT), initialise torch.distributed before training, or train in one process "
-                f"(TrainConfig.distributed = false and none of RANK, LOCAL_RANK, WORLD_SIZE > 1 set)."
-            ) from None
-        atexit.register(_leave_process_group)
-    return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def _leave_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _rank_device(device: torch.device) -> torch.device:
-    """Under data parallelism each process computes on its own GPU, `cuda:<LOCAL_RANK>`; CPU stays CPU."""
-    return torch.device("cuda", _local_rank()) if device.type == "cuda" else device
-
-
-def _per_rank_batch(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(
-            f"TrainConfig.batch_size={batch_size} is the global batch and must split evenly over {world_size} "
-            f"processes; choose a multiple of {world_size} or another process count."
-        )
-    return batch_size // world_size
-
-
-def _parallel_identity(group: ProcessGroup | None) -> dict[str, int]:
-    """The world size's part of a checkpoint or cache identity: nothing for one process, so single-process
-    keys stay what they were; more processes split batches (and BatchNorm statistics) differently."""
-    return {"world_size": group.world_size} if group is not None and group.world_size > 1 else {}
-
-
-def _data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """`model` wrapped for gradient averaging over ranks (rank 0's weights and buffers broadcast first)."""
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-
-
-def _from_rank_zero(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def _restore(checkpoint: Path, identity: dict, model, optimizer, schedule, scaler) -> list[dict[str, Any]]:
