@@ -199,6 +199,41 @@ def test_batched_search_equals_sequential(options):
     assert batched.classes == sequential.classes == [0, 1, 2, 3]
 
 
+def test_stopping_rule_is_per_class_and_equal_in_both_loops():
+    """With a flip-rate rule every class stops on its own epoch; the batched search (with classes that
+    stop early dropping out of the batch) still equals the sequential loop, trace included."""
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=30, batch_size=4, stop_flip_rate=0.05, stop_patience=2,
+                                 min_epochs=3)
+    sequential = gp.find_paths_sequential(model, locations, class_images, config=config, device="cpu")
+    batched = gp.search_paths(model, locations, class_images, config=config, device="cpu", class_chunk=3)
+    for seq, bat in zip(sequential.logits, batched.logits):
+        assert_close(bat, seq, atol=1e-5)
+    seq_trace = sequential.trace.sort_values(["class_id", "epoch"]).reset_index(drop=True)
+    bat_trace = batched.trace.sort_values(["class_id", "epoch"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(bat_trace, seq_trace, atol=1e-5)
+    last = seq_trace.groupby("class_id").tail(config.stop_patience)
+    epochs_run = seq_trace.groupby("class_id")["epoch"].max()
+    assert epochs_run.nunique() > 1 and epochs_run.max() < config.epochs, "classes must stop, and not together"
+    assert (epochs_run >= config.min_epochs).all()
+    assert (last["flip_rate"] < config.stop_flip_rate).all()
+    first = seq_trace[seq_trace["epoch"] == 1]
+    assert (first["steps"] <= [2, 3, 4, 1]).all() and first["steps"].sum() > 0  # ceil(n / 4) batches, less skipped ones
+    agreement = sequential.init_agreement().set_index("class_id")["agreement"]
+    assert_close(torch.tensor(agreement.to_numpy()), torch.tensor(seq_trace.groupby("class_id")["init_agreement"].last().to_numpy()))
+
+
+def test_fixed_schedule_runs_every_epoch_and_init_agreement_starts_at_one():
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=3, batch_size=4)
+    paths = gp.search_paths(model, locations, class_images, config=config, device="cpu")
+    assert paths.trace.groupby("class_id")["epoch"].max().eq(3).all()
+    untouched = gp.search_paths(model, locations, class_images, config=gp.PathSearchConfig(beta=0.5, epochs=0), device="cpu")
+    assert untouched.init_agreement()["agreement"].eq(1.0).all()
+    with pytest.raises(ValueError, match="stop_flip_rate"):
+        gp.PathSearchConfig(beta=1.0, stop_flip_rate=1.5)
+
+
 def test_skipped_batches_leave_gates_untouched():
     model, locations, class_images = tiny_setup()
     with torch.no_grad():
@@ -246,6 +281,26 @@ def test_path_accuracy_with_open_gates_equals_original():
     assert table["original_accuracy"].tolist() == expected
     assert table["path_accuracy"].tolist() == expected
     assert table["units_kept"].tolist() == [1.0] * 4
+
+
+def test_path_accuracy_specificity_catches_a_path_that_only_biases():
+    """A path that closes every gate leaves only the classifier's bias: it 'keeps' its own class's
+    accuracy at 1 but labels every other class's image as its class too (false positive 1)."""
+    model, locations, class_images = tiny_setup()
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+        original = {c: model(class_images[c]).argmax(1) for c in range(4)}
+    logits = [torch.ones(4, loc.channels) for loc in locations]
+    logits[-1][2] = -1.0  # class 2's path closes the last location
+    table = gp.path_accuracy(model, gp.PathSet([0, 1, 2, 3], locations, logits, {}), class_images,
+                             batch_size=5, device="cpu").set_index("class_id")
+    assert table.loc[2, "path_accuracy"] == 1.0 and table.loc[2, "path_false_positive"] == 1.0
+    assert table.loc[2, "agreement"] == pytest.approx(float((original[2] == 2).float().mean()))
+    others = torch.cat([original[c] for c in (0, 1, 3)])
+    assert table.loc[2, "original_false_positive"] == pytest.approx(float((others == 2).float().mean()))
+    for c in (0, 1, 3):  # open paths: the original's behaviour exactly
+        assert table.loc[c, "agreement"] == 1.0
+        assert table.loc[c, "path_false_positive"] == table.loc[c, "original_false_positive"]
 
 
 def test_path_iou_similarity_and_empty_layers():
@@ -487,3 +542,31 @@ def test_prepare_network_applies_the_arch_overrides_and_the_seed(tiny_world, tmp
                    "train": TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=4)}
     assert len(history) == 2 and not model.training
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_random_paths_keep_sizes_and_stability_by_hand():
+    paths = [torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool), torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)]
+    drawn = gp.random_paths_like(paths, torch.Generator().manual_seed(0))
+    assert all(torch.equal(d.sum(1), p.sum(1)) for d, p in zip(drawn, paths))
+    locations = [gp.GateLocation("a", 4, 1, 1, False), gp.GateLocation("b", 2, 1, 1, False)]
+    first = gp.PathSet([0, 1], locations, [p.float() * 2 - 1 for p in paths], {})
+    other = [torch.tensor([[1, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.bool), torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)]
+    second = gp.PathSet([0, 1], locations, [p.float() * 2 - 1 for p in other], {})
+    table = gp.path_stability([first, second, first])
+    # pairs (1,2), (1,3), (2,3): class 0 IoU per layer (1/3, 1), (1, 1), (1/3, 1); class 1 (1, 0), (1, 1), (1, 0)
+    assert table["stability"].tolist() == pytest.approx([(2 / 3 + 1 + 2 / 3) / 3, (0.5 + 1 + 0.5) / 3])
+    assert ((table["random"] > 0) & (table["random"] <= 1)).all()
+    with pytest.raises(ValueError, match="at least two searches"):
+        gp.path_stability([first])
+    diversity = gp.random_path_diversity([torch.ones(3, 4, dtype=torch.bool)], n_random=3)
+    assert diversity.tolist() == [0.0, 0.0, 0.0]  # full paths: every pair identical whatever the draw
+
+
+def test_hit_map_resize_is_pils_bicubic():
+    """The quantised path resizes exactly as PIL's bicubic does (the official `cam_2x2.py`)."""
+    maps = torch.tensor([[[0.0, 3.0, 1.0], [2.0, 9.0, 4.0], [1.0, 0.5, 7.0]]])
+    mask = gp.top_fraction_mask(maps, 12, top_fraction=0.1)
+    quantised = np.uint8(np.floor(maps[0].numpy() / 9.0 * 255))
+    resized = np.asarray(Image.fromarray(quantised, mode="L").resize((12, 12), Image.BICUBIC)).astype(float)
+    threshold = np.sort(resized.ravel())[::-1][math.floor(0.1 * 144) - 1]
+    assert torch.equal(mask[0], torch.from_numpy(resized > threshold))

@@ -40,12 +40,13 @@ from replication.methods.gated_paths.metrics import (class_hit_rates, curve_dist
                                                      largest_dip, path_accuracy,
                                                      quadrant_share, summarize_hit_rates, top_fraction_mask)
 from replication.methods.gated_paths.search import (BETA_ARCH_OF_FAMILY, OFFICIAL_BETA, ORIGINAL_CACHE_BYTES,
-                                                    SEEDINGS, PathSearchConfig, PathSet, class_path_loss,
+                                                    SEEDINGS, TRACE_COLUMNS, PathSearchConfig, PathSet, class_path_loss,
                                                     find_paths_sequential, official_beta, search_copy,
                                                     search_paths)
 from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
                                                         path_diversity, path_diversity_se, path_iou,
-                                                        path_similarity)
+                                                        path_similarity, path_stability, random_path_diversity,
+                                                        random_paths_like)
 
 __all__ = [
     "CONNECTION_TYPES", "claim_results", "claim_tests",
@@ -59,8 +60,8 @@ __all__ = [
     "Mosaic", "image_and_label", "images_by_class", "mosaic_tensor", "sample_mosaics",
     "class_hit_rates", "curve_distance", "deep_hit_rates", "hit_rates", "largest_dip", "path_accuracy", "quadrant_share", "summarize_hit_rates",
     "top_fraction_mask",
-    "BETA_ARCH_OF_FAMILY", "OFFICIAL_BETA", "ORIGINAL_CACHE_BYTES", "SEEDINGS", "PathSearchConfig", "PathSet",
+    "BETA_ARCH_OF_FAMILY", "OFFICIAL_BETA", "ORIGINAL_CACHE_BYTES", "SEEDINGS", "TRACE_COLUMNS", "PathSearchConfig", "PathSet",
     "class_path_loss", "find_paths_sequential", "official_beta", "search_copy", "search_paths",
     "group_similarity", "misclassification_ranks", "path_concepts", "path_diversity", "path_diversity_se",
-    "path_iou", "path_similarity",
+    "path_iou", "path_similarity", "path_stability", "random_path_diversity", "random_paths_like",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from replication.methods.gated_paths.gates import GateHooks, gated
@@ -26,33 +27,44 @@ def _gated_forward(model: nn.Module, hooks: GateHooks, x: torch.Tensor, gates: S
 @torch.no_grad()
 def path_accuracy(model: nn.Module, paths: PathSet, class_images: Mapping[int, torch.Tensor], *,
                   batch_size: int = 128, device: str | torch.device | None = None) -> pd.DataFrame:
-    """Claim N1: per class, accuracy of the original net and of its hard-gated path on that class's images.
+    """Claim N1: per class c, what its hard-gated path does next to the original net.
 
-    Each image runs once through the original net and once through its own class's path (per-sample
-    gate rows, so a batch mixes classes). Also returns the original net's predictions per image
-    (column `predicted`, a list) for the misclassification analysis.
+    Every path runs on every class's images (per-sample gate rows). Own-class images give the
+    original's and the path's accuracy and `agreement` (the path predicts what the original
+    predicts); the other classes' images give the specificity control: the share the path labels c
+    (`path_false_positive`) against the share the original labels c (`original_false_positive`). A
+    path that merely biases the net toward c keeps its own-class accuracy but raises the former.
+    Also returns the original net's predictions on the own-class images (column `predicted`, a
+    list) for the misclassification analysis.
     """
     device = resolve_device(device)
     gates = [g.to(device) for g in paths.hard_gates()]
     images = torch.cat([class_images[c] for c in paths.classes])
-    rows = torch.cat([torch.full((len(class_images[c]),), k, dtype=torch.long) for k, c in enumerate(paths.classes)])
-    original, gated_pred = [], []
-    with gated(model, paths.locations) as hooks:
+    labels = torch.cat([torch.full((len(class_images[c]),), c, dtype=torch.long) for c in paths.classes])
+
+    def predict(row: int | None) -> torch.Tensor:
+        out = []
         for start in range(0, len(images), batch_size):
-            x, r = images[start:start + batch_size].to(device), rows[start:start + batch_size].to(device)
-            original.append(_gated_forward(model, hooks, x, None, None).argmax(1).cpu())
-            gated_pred.append(_gated_forward(model, hooks, x, gates, r).argmax(1).cpu())
-    labels = torch.tensor(paths.classes)[rows]
-    frame = pd.DataFrame({"class_id": labels.numpy(), "original": torch.cat(original).numpy(),
-                          "path": torch.cat(gated_pred).numpy()})
+            x = images[start:start + batch_size].to(device)
+            rows = None if row is None else torch.full((len(x),), row, dtype=torch.long, device=device)
+            out.append(_gated_forward(model, hooks, x, None if row is None else gates, rows).argmax(1).cpu())
+        return torch.cat(out)
+
     kept = paths.units_kept().groupby("class_id")[["kept", "channels"]].sum()
     out = []
-    for class_id, group in frame.groupby("class_id", sort=False):
-        out.append({"class_id": int(class_id), "n_images": len(group),
-                    "original_accuracy": float((group["original"] == class_id).mean()),
-                    "path_accuracy": float((group["path"] == class_id).mean()),
-                    "units_kept": float(kept.loc[class_id, "kept"] / kept.loc[class_id, "channels"]),
-                    "predicted": group["original"].astype(int).tolist()})
+    with gated(model, paths.locations) as hooks:
+        original = predict(None)
+        for k, class_id in enumerate(paths.classes):
+            path = predict(k)
+            own, others = labels == class_id, labels != class_id
+            out.append({"class_id": int(class_id), "n_images": int(own.sum()),
+                        "original_accuracy": float((original[own] == class_id).float().mean()),
+                        "path_accuracy": float((path[own] == class_id).float().mean()),
+                        "agreement": float((path[own] == original[own]).float().mean()),
+                        "original_false_positive": float((original[others] == class_id).float().mean()),
+                        "path_false_positive": float((path[others] == class_id).float().mean()),
+                        "units_kept": float(kept.loc[class_id, "kept"] / kept.loc[class_id, "channels"]),
+                        "predicted": original[own].tolist()})
     return pd.DataFrame(out)
 
 
@@ -60,28 +72,34 @@ def top_fraction_mask(maps: torch.Tensor, size: int, *, top_fraction: float = 0.
                       quantize_uint8: bool = True) -> torch.Tensor:
     """Binary top-`top_fraction` masks (N, size, size) of activation maps (N, h, w), as `cam_2x2.py`.
 
-    Min-max normalise, optionally cast to uint8 (truncating), resize bicubic to `size` (uint8 output
-    rounded and clipped), threshold at the k-th largest value with a strict `>` (official: uint8 ties
-    can make the mask much smaller than k). `quantize_uint8=False`: float maps, exactly the top k [I].
+    Min-max normalise, cast to uint8 (truncating), resize with PIL's bicubic filter to `size` (uint8
+    out, as the official code), threshold at the k-th largest value with a strict `>` (official: uint8
+    ties can make the mask much smaller than k). `quantize_uint8=False`: float maps resized with
+    torch's bicubic and exactly the top k [I].
     """
+    k = int(math.floor(top_fraction * size * size))
+    if k < 1:
+        raise ValueError(f"top_fraction={top_fraction} selects no pixel of a {size}x{size} map")
     lo = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - lo
     norm = torch.where(span > 0, (maps - lo) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
     if quantize_uint8:
-        norm = torch.floor(norm * 255)
+        flat = _pil_bicubic(torch.floor(norm * 255).to(torch.uint8), size).flatten(1).float()
+        return (flat > flat.topk(k, dim=1).values[:, -1:]).view(-1, size, size)
     resized = norm[:, None] if norm.shape[-2:] == (size, size) else \
         F.interpolate(norm[:, None], size=(size, size), mode="bicubic", align_corners=False)
     flat = resized.flatten(1)
-    k = int(math.floor(top_fraction * size * size))
-    if k < 1:
-        raise ValueError(f"top_fraction={top_fraction} selects no pixel of a {size}x{size} map")
-    if quantize_uint8:
-        flat = flat.round().clamp(0, 255) / 255
-        threshold = flat.topk(k, dim=1).values[:, -1:]
-        mask = flat > threshold
-    else:
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter(1, flat.topk(k, dim=1).indices, True)
-    return mask.view(-1, size, size)
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(1, flat.topk(k, dim=1).indices, True).view(-1, size, size)
+
+
+def _pil_bicubic(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 maps (N, h, w) resized to (N, size, size) by PIL's bicubic filter, the official resize
+    (torch's bicubic uses another kernel, a = -0.75 against PIL's -0.5, and moves single maps' shares)."""
+    if maps.shape[-2:] == (size, size):
+        return maps
+    arrays = maps.cpu().numpy()
+    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(a, mode="L").resize((size, size), Image.BICUBIC))
+                                      for a in arrays]))
 
 
 def quadrant_share(mask: torch.Tensor, quadrant: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ batched search equal the sequential one.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +25,7 @@ from replication.models.surgery import fold_batchnorm, frozen
 from replication.runtime import progress, resolve_device
 
 SEEDINGS = ("per_class", "sequential")
+TRACE_COLUMNS = ["class_id", "epoch", "steps", "loss", "flip_rate", "init_agreement", "units_kept"]
 ORIGINAL_CACHE_BYTES = 2 * 2**30  # search_paths keeps the original outputs of a class chunk up to this size
 
 
@@ -66,6 +67,12 @@ class PathSearchConfig:
     recommendation: seed + class id, so any class subset is reproducible) or "sequential" (one
     generator seeded once, classes drawn in order: the official order dependence) [I].
     `gate_function="straight_through"` is the possible v1 variant (spec open point 13) [I].
+
+    Stopping [I]: with `stop_flip_rate` None every class runs `epochs` epochs (the official fixed
+    schedule). Otherwise `epochs` is the cap and a class stops once, for `stop_patience` epochs in a
+    row, fewer than `stop_flip_rate` of its path decisions (gate signs) flipped in the epoch, and it has
+    run at least `min_epochs`. Each class stops on its own, so a class's path does not depend on
+    which classes are searched with it.
     """
 
     beta: float | None = None
@@ -80,6 +87,9 @@ class PathSearchConfig:
     skip_batches_without_correct: bool = True
     gate_function: str = "sigmoid"
     grad_eps: float = 1e-12
+    stop_flip_rate: float | None = None
+    stop_patience: int = 3
+    min_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:
@@ -89,16 +99,21 @@ class PathSearchConfig:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {self.epochs}, "
                              f"{self.batch_size}, {self.lr}")
+        if self.stop_flip_rate is not None and not (0 < self.stop_flip_rate < 1 and self.stop_patience >= 1):
+            raise ValueError(f"stop_flip_rate must lie in (0, 1) with stop_patience >= 1 (or be None for the fixed "
+                             f"schedule); got {self.stop_flip_rate}, {self.stop_patience}")
 
 
 @dataclass
 class PathSet:
-    """Learned gate logits of several classes: `logits[l]` is (K, C_l), row k for `classes[k]`."""
+    """Learned gate logits of several classes: `logits[l]` is (K, C_l), row k for `classes[k]`, and
+    the search's `trace` (one row per class and epoch, `TRACE_COLUMNS`; empty when not recorded)."""
 
     classes: list[int]
     locations: list[GateLocation]
     logits: list[torch.Tensor]
     config: dict[str, Any]
+    trace: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TRACE_COLUMNS))
 
     def paths(self) -> list[torch.Tensor]:
         """Boolean (K, C_l) per location: unit u is on class k's path iff sigmoid(m) > 0.5, i.e. m > 0."""
@@ -126,13 +141,26 @@ class PathSet:
     def save(self, path: str | Path) -> Path:
         return io.save_torch(path, {"classes": list(self.classes), "logits": [m.cpu() for m in self.logits],
                                     "locations": [asdict(loc) for loc in self.locations],
-                                    "config": dict(self.config)})
+                                    "config": dict(self.config), "trace": self.trace.to_dict("list")})
 
     @classmethod
     def load(cls, path: str | Path) -> "PathSet":
         data = io.load_torch(path)
+        trace = pd.DataFrame(data.get("trace") or {c: [] for c in TRACE_COLUMNS})
         return cls(list(data["classes"]), [GateLocation(**loc) for loc in data["locations"]],
-                   list(data["logits"]), dict(data["config"]))
+                   list(data["logits"]), dict(data["config"]), trace)
+
+    def init_agreement(self) -> pd.DataFrame:
+        """Per class: the share of its path decisions (m > 0) equal to those of its random initial
+        logits, overall and per location: 0.5 is a search that forgot its start, 1.0 one that never left it."""
+        inits = _class_plans(self.classes, [0] * len(self.classes), self.locations,
+                             PathSearchConfig(**{**self.config, "epochs": 0}))
+        rows = []
+        for k, class_id in enumerate(self.classes):
+            same = [((m[k] > 0) == (plan > 0)).float() for m, plan in zip(self.logits, inits[k].init)]
+            rows.append({"class_id": class_id, "agreement": float(torch.cat(same).mean()),
+                         **{loc.name: float(v.mean()) for loc, v in zip(self.locations, same)}})
+        return pd.DataFrame(rows)
 
 
 @dataclass
@@ -154,6 +182,47 @@ def _class_plans(classes: Sequence[int], sizes: Sequence[int], locations: Sequen
         orders = [torch.randperm(size, generator=gen) for _ in range(config.epochs)]
         plans.append(_ClassPlan(init, orders))
     return plans
+
+
+class _EpochTracker:
+    """Per-class bookkeeping of a search, shared by both loops: the trace rows (mean loss of the
+    epoch's steps, share of path decisions flipped in the epoch, agreement with the initial decisions,
+    units kept) and the stopping rule of `PathSearchConfig`; `running` says which classes still step."""
+
+    def __init__(self, classes: Sequence[int], init: Sequence[torch.Tensor], config: PathSearchConfig):
+        self.classes, self.config = list(classes), config
+        self.initial = [m.cpu() > 0 for m in init]
+        self.previous = self.initial
+        self.running = torch.ones(len(classes), dtype=torch.bool)
+        self.calm = torch.zeros(len(classes), dtype=torch.long)
+        self.loss = torch.zeros(len(classes), dtype=torch.float64)
+        self.steps = torch.zeros(len(classes), dtype=torch.long)
+        self.rows: list[dict[str, Any]] = []
+
+    def add_step(self, losses: torch.Tensor, stepping: torch.Tensor) -> None:
+        """Record one step's per-class losses (K,) for the classes `stepping` (K,) bool."""
+        stepping = stepping.cpu()
+        self.loss += torch.where(stepping, losses.detach().cpu().double(), 0.0)
+        self.steps += stepping.long()
+
+    def end_epoch(self, epoch: int, logits: Sequence[torch.Tensor]) -> None:
+        """Close epoch `epoch` (0-based) with the current gate logits (K, C_l) per location."""
+        signs = [m.detach().cpu() > 0 for m in logits]
+        units = sum(s.shape[1] for s in signs)
+        flips = sum((s != p).sum(1) for s, p in zip(signs, self.previous)) / units
+        agreement = sum((s == i).sum(1) for s, i in zip(signs, self.initial)) / units
+        kept = sum(s.sum(1) for s in signs) / units
+        for k in torch.nonzero(self.running).flatten().tolist():
+            self.rows.append({"class_id": self.classes[k], "epoch": epoch + 1, "steps": int(self.steps[k]),
+                              "loss": float(self.loss[k] / max(int(self.steps[k]), 1)), "flip_rate": float(flips[k]),
+                              "init_agreement": float(agreement[k]), "units_kept": float(kept[k])})
+        self.previous, self.loss, self.steps = signs, torch.zeros_like(self.loss), torch.zeros_like(self.steps)
+        if self.config.stop_flip_rate is not None:
+            self.calm = torch.where(flips < self.config.stop_flip_rate, self.calm + 1, 0)
+            self.running &= ~((self.calm >= self.config.stop_patience) & (epoch + 1 >= self.config.min_epochs))
+
+    def trace(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=TRACE_COLUMNS)
 
 
 def _check_inputs(model: nn.Module, class_images: Mapping[int, torch.Tensor], classes: Sequence[int] | None,
@@ -207,12 +276,15 @@ def find_paths_sequential(model: nn.Module, locations: Sequence[GateLocation],
     classes = _check_inputs(model, class_images, classes, config)
     device = resolve_device(device)
     plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
-    learned = []
+    learned, traces = [], []
     with frozen(model), gated(model, locations) as hooks:
         for class_id, plan in progress(list(zip(classes, plans)), desc="paths (sequential)"):
             gate_logits = [m.to(device).requires_grad_(True) for m in plan.init]
+            tracker = _EpochTracker([class_id], [m[None] for m in plan.init], config)
             images = class_images[class_id]
-            for order in plan.orders:
+            for epoch, order in enumerate(plan.orders):
+                if not tracker.running.any():
+                    break
                 for batch in order.split(config.batch_size):
                     x = images[batch].to(device)
                     labels = torch.full((len(x),), class_id, device=device, dtype=torch.long)
@@ -225,12 +297,15 @@ def find_paths_sequential(model: nn.Module, locations: Sequence[GateLocation],
                     hooks.set([gate_values(m, config.gate_function)[None] for m in gate_logits])
                     loss = class_path_loss(model(x), hooks.outputs, original, labels, correct, gate_logits, config)
                     grads = torch.autograd.grad(loss, gate_logits)
+                    tracker.add_step(loss[None], torch.ones(1, dtype=torch.bool))
                     with torch.no_grad():
                         for m, g in zip(gate_logits, grads):
                             _normalised_step(m, g, config)
+                tracker.end_epoch(epoch, [m[None] for m in gate_logits])
             learned.append([m.detach().cpu() for m in gate_logits])
+            traces.append(tracker.trace())
     logits = [torch.stack([per_class[l] for per_class in learned]) for l in range(len(locations))]
-    return PathSet(classes, list(locations), logits, asdict(config))
+    return PathSet(classes, list(locations), logits, asdict(config), pd.concat(traces, ignore_index=True))
 
 
 def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -276,7 +351,8 @@ def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                   classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
-                  device: torch.device, cache_original: bool, memory_format: torch.memory_format) -> list[torch.Tensor]:
+                  device: torch.device, cache_original: bool,
+                  memory_format: torch.memory_format) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
 
     `cache_original`: run the original net once per image and keep its outputs (the images are fixed
@@ -288,11 +364,14 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                    for l in range(n_layers)]
     images = [class_images[c].contiguous(memory_format=memory_format) for c in classes]
     class_ids = torch.tensor(classes, device=device)
+    tracker = _EpochTracker(classes, gate_logits, config)
     with frozen(model), gated(model, locations) as hooks:
         cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
                   ] if cache_original else None
         for epoch in range(config.epochs):
-            orders = [plan.orders[epoch] for plan in plans]
+            if not tracker.running.any():
+                break
+            orders = [plan.orders[epoch] if tracker.running[k] else plan.orders[epoch][:0] for k, plan in enumerate(plans)]
             steps = max(math.ceil(len(order) / bs) for order in orders)
             for step in range(steps):
                 batches = [(k, order[step * bs:(step + 1) * bs]) for k, order in enumerate(orders)
@@ -328,12 +407,14 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                                         rows, weights, n_classes) for name in original)
                 act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
                 sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in gate_logits) / n_layers
-                loss = ((act + config.beta * sparsity) * stepping).sum()
-                grads = torch.autograd.grad(loss, gate_logits)
+                losses = act + config.beta * sparsity
+                grads = torch.autograd.grad((losses * stepping).sum(), gate_logits)
+                tracker.add_step(losses, stepping)
                 with torch.no_grad():
                     for m, g in zip(gate_logits, grads):
                         _normalised_step(m, g, config, stepping)
-    return [m.detach().cpu() for m in gate_logits]
+            tracker.end_epoch(epoch, gate_logits)
+    return [m.detach().cpu() for m in gate_logits], tracker.trace()
 
 
 def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
@@ -361,5 +442,5 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
         cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in members)) <= original_cache_bytes
         parts.append(_search_chunk(model, locations, class_images, members, plans[start:start + chunk], config,
                                    device, cache_original, memory_format))
-    logits = [torch.cat([part[l] for part in parts]) for l in range(len(locations))]
-    return PathSet(classes, list(locations), logits, asdict(config))
+    logits = [torch.cat([part[0][l] for part in parts]) for l in range(len(locations))]
+    return PathSet(classes, list(locations), logits, asdict(config), pd.concat([part[1] for part in parts], ignore_index=True))

@@ -133,3 +133,54 @@ def path_concepts(paths: PathSet, units: Mapping[str, pd.DataFrame], concepts: M
                      "own_concepts_found_random": float(np.mean(random_found)) if random_found else float("nan"),
                      "own_concepts_found_all_units": len(own & all_labels) / max(len(own), 1)})
     return pd.DataFrame(rows)
+
+
+def random_paths_like(paths: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Random unit sets with exactly the per-class, per-layer sizes of `paths` ((K, C_l) bool each):
+    the control that tells a path's structure from its size."""
+    out = []
+    for path in paths:
+        ranks = torch.rand(path.shape, generator=generator).argsort(dim=1).argsort(dim=1)
+        out.append(ranks < path.sum(1, keepdim=True))
+    return out
+
+
+def random_path_diversity(paths: Sequence[torch.Tensor], *, n_random: int = 100, seed: int = 0,
+                          empty_value: float = 1.0) -> np.ndarray:
+    """`path_diversity` of `n_random` same-size random path sets (`random_paths_like`), one value per draw."""
+    generator = torch.Generator().manual_seed(seed)
+    return np.array([path_diversity(path_similarity(random_paths_like(paths, generator), empty_value=empty_value))
+                     for _ in range(n_random)])
+
+
+def path_stability(path_sets: Sequence[PathSet], *, n_random: int = 20, seed: int = 0,
+                   empty_value: float = 1.0) -> pd.DataFrame:
+    """How reproducible a class's path is across searches of one network with different seeds.
+
+    Per class: the path IoU (mean over layers) between the searches, averaged over every pair of
+    searches (`stability`), next to the same for same-size random unit sets (`random`, `n_random`
+    draws per search; what two unrelated paths of these sizes share by chance).
+    """
+    if len(path_sets) < 2:
+        raise ValueError(f"path stability needs at least two searches of the network, got {len(path_sets)}")
+    classes = path_sets[0].classes
+    if any(p.classes != classes for p in path_sets):
+        raise ValueError("the searches must cover the same classes in the same order")
+    generator = torch.Generator().manual_seed(seed)
+
+    def mean_pair_iou(sets: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
+        values = [torch.stack([_row_iou(a, b, empty_value) for a, b in zip(sets[i], sets[j])]).mean(0)
+                  for i in range(len(sets)) for j in range(i + 1, len(sets))]
+        return torch.stack(values).mean(0).numpy()
+
+    observed = mean_pair_iou([p.paths() for p in path_sets])
+    random = np.mean([mean_pair_iou([random_paths_like(p.paths(), generator) for p in path_sets])
+                      for _ in range(n_random)], axis=0)
+    return pd.DataFrame({"class_id": classes, "stability": observed, "random": random})
+
+
+def _row_iou(a: torch.Tensor, b: torch.Tensor, empty_value: float) -> torch.Tensor:
+    """IoU of row k of `a` with row k of `b` ((K, C) bool each), `empty_value` where both are empty."""
+    inter = (a & b).sum(1).float()
+    union = (a | b).sum(1).float()
+    return torch.where(union == 0, torch.full_like(inter, empty_value), inter / union.clamp_min(1))
