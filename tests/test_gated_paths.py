@@ -496,7 +496,7 @@ FOUR_CLASS_GROUPS = gp.ClassGroups(classes=[0, 1, 2, 3], names=list("abcd"), sup
 def test_similarity_by_group_hand_values():
     similarity = torch.tensor([[1.0, 0.8, 0.2, 0.1], [0.8, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.6], [0.1, 0.2, 0.6, 1.0]])
     table = gp.similarity_by_group({"net": SimpleNamespace(similarity=similarity)}, FOUR_CLASS_GROUPS)
-    assert table[["arch", "grouping", "n_within_pairs", "n_between_pairs"]].values.tolist() == [
+    assert table[["network", "grouping", "n_within_pairs", "n_between_pairs"]].values.tolist() == [
         ["net", "superclass", 2, 4], ["net", "scene", 1, 5]]
     assert_close(table["within"].tolist(), [0.7, 0.6], atol=1e-6)  # (0.8 + 0.6) / 2; 0.6
     assert_close(table["between"].tolist(), [0.2, 0.32], atol=1e-6)  # (.2 + .1 + .3 + .2) / 4; (.8 + .2 + .1 + .3 + .2) / 5
@@ -508,10 +508,12 @@ def test_misclassification_table_hand_values():
     table = gp.misclassification_table({"a": SimpleNamespace(misclassification=wrong),
                                         "b": SimpleNamespace(misclassification=none)}, FOUR_CLASS_GROUPS)
     first, second = table.to_dict("records")
-    assert first["arch"] == "a" and first["misclassified"] == 3 and first["mean_rank"] == 0.5
-    assert_close(first["se"], 0.5 / math.sqrt(3), atol=1e-12)  # std(0.5, 1, 0) = 0.5
+    # true class 0: mean(0.5, 1.0) = 0.75; true class 2: 0.0 -> over classes mean 0.375, SE 0.75 / 2
+    assert first["network"] == "a" and first["misclassified"] == 3 and first["true_classes"] == 2
+    assert first["mean_rank"] == 0.375 and first["se_over_classes"] == pytest.approx(0.375)
     assert first["same_superclass"] == pytest.approx(2 / 3)  # (0, 1) and (2, 3) share one, (0, 2) does not
-    assert second["misclassified"] == 0 and all(math.isnan(second[k]) for k in ("mean_rank", "se", "same_superclass"))
+    assert second["misclassified"] == 0 and all(math.isnan(second[k]) for k in ("mean_rank", "se_over_classes",
+                                                                                  "same_superclass"))
 
 
 def test_dissected_locations_are_the_last_ones():

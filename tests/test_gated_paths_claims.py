@@ -28,11 +28,13 @@ def hits_frame(curve, offset=0.0) -> pd.DataFrame:
                          for i, c in enumerate(CLASSES) for layer, rate in enumerate(curve)])
 
 
-def network(*, family: str = "plain", accuracy_drop=0.0, units_kept=0.25, hits=RISING, control=(0.25,) * 4,
-            ranks=(0.9, 1.0, 0.8, 0.95), rank_classes=CLASSES) -> gp.ArchitectureResult:
+def network(*, family: str = "plain", accuracy_drop=0.0, units_kept=0.25, false_positives_added=(0, 0.004, -0.004, 0.002), hits=RISING,
+            control=(0.25,) * 4, ranks=(0.9, 1.0, 0.8, 0.95), rank_classes=CLASSES) -> gp.ArchitectureResult:
     """One network's result; the defaults pass N1, N4 and N7 and show no dip (N5)."""
     accuracy = pd.DataFrame({"class_id": CLASSES, "original_accuracy": 1.0,
-                             "path_accuracy": 1.0 - per_class(accuracy_drop), "units_kept": per_class(units_kept)})
+                             "path_accuracy": 1.0 - per_class(accuracy_drop), "units_kept": per_class(units_kept),
+                             "original_false_positive": 0.02,
+                             "path_false_positive": 0.02 + per_class(false_positives_added)})
     wrong = pd.DataFrame({"true": list(rank_classes), "predicted": 0, "rank": list(ranks)})
     return gp.ArchitectureResult(arch="net", family=family, paths=None, accuracy=accuracy, hits=hits_frame(hits),
                                  control_hits=hits_frame(control), hit_summary=None, control_summary=None,
@@ -47,7 +49,7 @@ def concepts(own=0.5, random=0.2) -> pd.DataFrame:
 def judged(*networks: gp.ArchitectureResult, concept_tables=None, profile="ci", **rules) -> dict[str, ClaimResult]:
     results = {f"net{i}": result for i, result in enumerate(networks)}
     tables = {f"net{i}": table for i, table in enumerate(concept_tables)} if concept_tables else None
-    rows = gp.claim_results(results, tables, REFERENCE, profile=profile, seed=3, **rules)
+    rows = gp.claim_results(results, tables, REFERENCE, profile=profile, search_seed=3, **rules)
     assert [row.claim_id for row in rows] == CLAIM_IDS
     return {row.claim_id: row for row in rows}
 
@@ -59,7 +61,7 @@ def verdicts(*networks, **options) -> dict[str, str]:
 def test_table_rows_carry_reference_unit_seed_and_the_reduced_note():
     rows = judged(network(), network(family="residual"))
     assert rows["N1"].claim == "claim N1" and rows["N1"].paper == "unknown"
-    assert rows["N1"].unit == "classes: net0 n=4, net1 n=4" and rows["N1"].seeds == "seed 3, one network per arch"
+    assert rows["N1"].unit == "classes: net0 n=4, net1 n=4" and rows["N1"].seeds == "networks net0, net1; search seed 3"
     assert rows["N1"].note.startswith("REDUCED RUN (ci); per class") and "Holm over the notebook's" in rows["N1"].note
     assert rows["N1"].ours.startswith("net0 accuracy drop: 0.003 [-0.025, 0.030] 95% CI, SD 0.017, n=4 classes")
     assert not judged(network(), profile="paper")["N1"].note.startswith("REDUCED")
@@ -69,6 +71,7 @@ def test_table_rows_carry_reference_unit_seed_and_the_reduced_note():
     ([network()], "confirmed"),
     ([network(accuracy_drop=0.3)], "refuted"),  # every class loses 30 points
     ([network(units_kept=0.7)], "refuted"),  # accuracy kept, but most units open
+    ([network(false_positives_added=0.5)], "refuted"),  # accuracy kept by labelling everything as the class
     ([network(), network(accuracy_drop=0.3)], "mixed"),
     ([network(), network(accuracy_drop=(0.0, 0.3, -0.2, 0.1))], "partly confirmed"),  # the interval holds the bound
 ])

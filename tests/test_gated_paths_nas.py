@@ -54,7 +54,7 @@ def test_lite0_gates_are_stem_every_block_and_head_in_forward_order(lite0, image
     assert fired_in_order(lite0, names, images[:1]) == names
     assert [(loc.channels, loc.height) for loc in locations] == [(c, s * SIZE // 224) for c, s in LITE0_GATES]
     assert all(loc.height == loc.width and not loc.relu_after for loc in locations)
-    network = gp.Network(lite0, {}, None, locations)
+    network = gp.Network(lite0, "efficientnet_lite0", 0, {}, None, locations)
     row = gp.placement_table({"efficientnet_lite0": network}).iloc[0]
     assert (row["family"], row["gates"], row["units"]) == ("nas", 18, 3120)
 

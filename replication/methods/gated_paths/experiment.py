@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from torch import nn
 
 from replication import cache, runtime
@@ -32,11 +33,13 @@ from replication.methods.gated_paths.images import Mosaic, images_by_class
 from replication.methods.gated_paths.metrics import hit_rates, path_accuracy, summarize_hit_rates
 from replication.methods.gated_paths.search import PathSearchConfig, PathSet, official_beta, search_paths
 from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
-                                                        path_diversity, path_diversity_se, path_iou)
+                                                        path_diversity, path_diversity_se, path_iou, path_stability,
+                                                        random_path_diversity)
 from replication.models.anatomy import connection_family
+from replication.reporting.claims import cluster_means
 from replication.models.backbones import BackboneConfig
 from replication.runtime import resolve_device
-from replication.training.classifiers import train_world_classifier
+from replication.training.classifiers import plateaued, train_world_classifier
 from replication.training.loop import TrainConfig
 
 @dataclass(frozen=True)
@@ -53,7 +56,10 @@ class NADSettings:
     `beta[arch]` is given (`search_config`). `*_images_per_class` cap the images used (None = all).
     `dissect_layers`: dissect only the last gate locations (None = all). `mosaic_scale`: mosaic side /
     image side (official 1: the 2x2 mosaic is resized to the input size; 2 keeps every quadrant at
-    the training resolution) [I].
+    the training resolution) [I]. `networks_per_arch`: how many networks of each arch are trained
+    alike (the first runtime seeds; `networks_of[arch]` overrides it), so that networks of one
+    connection type give the null of N6; a pretrained arch is always one network.
+    `stability_seeds`: further search seeds run on the first network of each arch (path stability).
     """
 
     archs: tuple[str, ...] = ("vgg16_bn", "resnet18", "densenet121")
@@ -76,8 +82,14 @@ class NADSettings:
     empty_iou: float = 1.0
     n_random_paths: int = 100
     dissect_layers: int | None = None
+    networks_per_arch: int = 1
+    networks_of: Mapping[str, int] = field(default_factory=dict)
+    stability_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.networks_per_arch < 1 or any(n < 1 for n in self.networks_of.values()):
+            raise ValueError(f"[nad] networks_per_arch = {self.networks_per_arch}, networks_of = {dict(self.networks_of)}: "
+                             "every arch needs at least one network.")
         if self.dissect_layers is not None and self.dissect_layers < 1:
             raise ValueError(f"[nad] dissect_layers = {self.dissect_layers}: give at least 1 "
                              "(or leave it out to dissect every gate location).")
@@ -86,6 +98,15 @@ class NADSettings:
         """`search` with the beta of `arch`: `beta[arch]` when given, else `official_beta(arch, beta_dataset)`."""
         beta = self.beta.get(arch)
         return dataclasses.replace(self.search, beta=official_beta(arch, self.beta_dataset) if beta is None else float(beta))
+
+    def network_seeds(self, arch: str, seeds: Sequence[int]) -> list[int]:
+        """The runtime seeds `arch`'s networks are trained with (the first `networks_of[arch]` or
+        `networks_per_arch`); an error when the profile lists fewer seeds."""
+        wanted = self.networks_of.get(arch, self.networks_per_arch)
+        if wanted > len(seeds):
+            raise ValueError(f"[nad] asks for {wanted} networks of {arch} but [runtime] seeds lists {len(seeds)}: "
+                             f"{list(seeds)}; add seeds or lower networks_per_arch.")
+        return list(seeds[:wanted])
 
     def dissected_locations(self, locations: Sequence[GateLocation]) -> list[GateLocation]:
         """The gate locations whose units are dissected: the last `dissect_layers` of them (None = all)."""
@@ -156,24 +177,34 @@ def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model
 
 @dataclass(frozen=True)
 class Network:
-    """One network NAD disentangles: the frozen `model`, the `key` identifying it (for
-    `search_paths_cached`), its training `history` (None for pretrained weights) and its gate `locations`."""
+    """One network NAD disentangles: the frozen `model`, its `arch` and training `seed`, the `key`
+    identifying it (for `search_paths_cached`), its training `history` (None for pretrained weights)
+    and its gate `locations`. Networks are named `<arch>_s<seed>` (`network_name`)."""
 
     model: nn.Module
+    arch: str
+    seed: int
     key: dict[str, Any]
     history: pd.DataFrame | None
     locations: list[GateLocation]
 
 
+def network_name(arch: str, seed: int) -> str:
+    return f"{arch}_s{seed}"
+
+
 def prepare_networks(settings: NADSettings, root: str | Path, image_shape: Sequence[int], *,
-                     model_config: BackboneConfig, train_config: TrainConfig, seed: int,
+                     model_config: BackboneConfig, train_config: TrainConfig, seeds: Sequence[int],
                      device: str | torch.device | None = None) -> dict[str, Network]:
-    """`prepare_network` for every arch of `settings`, each with its gate locations for images of `image_shape`."""
+    """`prepare_network` for every arch of `settings` and each of its `settings.network_seeds` (one
+    network for pretrained weights), with its gate locations for images of `image_shape`, by name."""
     networks = {}
     for arch in settings.archs:
-        model, key, history = prepare_network(settings, arch, root, model_config=model_config,
-                                              train_config=train_config, seed=seed, device=device)
-        networks[arch] = Network(model, key, history, gate_locations(model, image_shape))
+        pretrained = bool(settings.model_overrides.get(arch, {}).get("weights") or model_config.weights)
+        for seed in settings.network_seeds(arch, seeds)[:1] if pretrained else settings.network_seeds(arch, seeds):
+            model, key, history = prepare_network(settings, arch, root, model_config=model_config,
+                                                  train_config=train_config, seed=seed, device=device)
+            networks[network_name(arch, seed)] = Network(model, arch, seed, key, history, gate_locations(model, image_shape))
     return networks
 
 
@@ -193,19 +224,74 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
     return paths
 
 
+@dataclass
+class Searches:
+    """The path searches of notebook 05: each network's `paths` (search seed of [nad.search]), the
+    `repeats` of the first network of each arch (that search and one per stability seed, in order)
+    and the wall `seconds` of every network's searches (about 0 when cached)."""
+
+    paths: dict[str, PathSet]
+    repeats: dict[str, list[PathSet]]
+    seconds: dict[str, float]
+
+
 def search_networks(networks: Mapping[str, Network], images: ClassImages, settings: NADSettings, *,
-                    device: str | torch.device | None = None) -> tuple[dict[str, PathSet], dict[str, float]]:
+                    device: str | torch.device | None = None) -> Searches:
     """The class paths of every network (`search_paths_cached` on the training images, each arch with
-    its `settings.search_config`) and the seconds each search took (about 0 when cached)."""
-    paths, seconds = {}, {}
-    for arch, network in networks.items():
+    its `settings.search_config`), and the first network of each arch searched again with every
+    `settings.stability_seeds`."""
+    paths, repeats, seconds = {}, {}, {}
+    first = {}
+    for name, network in networks.items():
+        first.setdefault(network.arch, name)
+    for name, network in networks.items():
         start = time.perf_counter()
-        paths[arch] = search_paths_cached(network.model, network.locations, images.train, images.classes,
-                                          config=settings.search_config(arch),
-                                          key={**network.key, "images_per_class": settings.train_images_per_class},
-                                          device=device, class_chunk=settings.class_chunk)
-        seconds[arch] = time.perf_counter() - start
-    return paths, seconds
+        config = settings.search_config(network.arch)
+        seeds = [config.seed, *settings.stability_seeds] if first[network.arch] == name else [config.seed]
+        found = [search_paths_cached(network.model, network.locations, images.train, images.classes,
+                                     config=dataclasses.replace(config, seed=seed),
+                                     key={**network.key, "images_per_class": settings.train_images_per_class},
+                                     device=device, class_chunk=settings.class_chunk) for seed in seeds]
+        paths[name] = found[0]
+        if len(found) > 1:
+            repeats[name] = found
+        seconds[name] = time.perf_counter() - start
+    return Searches(paths, repeats, seconds)
+
+
+def convergence_table(networks: Mapping[str, Network], searches: Searches) -> pd.DataFrame:
+    """Per network: the search's beta and stopping rule, steps and epochs per class (mean, max),
+    the share of classes that met the rule before the epoch cap, the last epoch's flip rate, the
+    share of path decisions still equal to the random initial ones and the units kept (means over
+    classes): is the path the search's or its initialisation's?"""
+    rows = []
+    for name, path_set in searches.paths.items():
+        config, trace = path_set.config, path_set.trace
+        per_class = trace.groupby("class_id").agg(steps=("steps", "sum"), epochs=("epoch", "max"))
+        last = trace.sort_values("epoch").groupby("class_id").tail(1)
+        rows.append({"network": name, "beta": config["beta"], "stop_flip_rate": config.get("stop_flip_rate"),
+                     "max_epochs": config["epochs"], "steps_mean": per_class["steps"].mean(),
+                     "steps_max": per_class["steps"].max(), "epochs_max": per_class["epochs"].max(),
+                     "stopped_by_rule": float((per_class["epochs"] < config["epochs"]).mean()),
+                     "last_flip_rate": last["flip_rate"].mean(),
+                     "init_agreement": path_set.init_agreement()["agreement"].mean(),
+                     "units_kept": last["units_kept"].mean(),
+                     "units_kept_min": last["units_kept"].min(), "units_kept_max": last["units_kept"].max(),
+                     "search_minutes": searches.seconds[name] / 60})
+    return pd.DataFrame(rows)
+
+
+def stability_table(searches: Searches, *, n_random: int = 20, seed: int = 0, empty_iou: float = 1.0) -> pd.DataFrame:
+    """Per network searched with several seeds: the mean over classes of the path IoU between searches
+    (`similarity.path_stability`) next to that of same-size random unit sets, and the searches' seeds."""
+    rows = []
+    for name, found in searches.repeats.items():
+        table = path_stability(found, n_random=n_random, seed=seed, empty_value=empty_iou)
+        rows.append({"network": name, "searches": len(found),
+                     "search_seeds": " ".join(str(p.config["seed"]) for p in found),
+                     "path_iou": table["stability"].mean(), "path_iou_min": table["stability"].min(),
+                     "random_iou": table["random"].mean()})
+    return pd.DataFrame(rows)
 
 
 @dataclass
@@ -289,22 +375,25 @@ def class_groups(dataset: ClassificationDataset, classes: Sequence[int]) -> Clas
 def similarity_by_group(results: Mapping[str, ArchitectureResult], groups: ClassGroups) -> pd.DataFrame:
     """Per network and grouping (superclass, scene): mean path similarity of class pairs within vs
     between groups (`group_similarity`); the paths' classes must be `groups.classes`, in that order."""
-    return pd.DataFrame([{"arch": arch, "grouping": name, **group_similarity(result.similarity, labels)}
-                         for arch, result in results.items()
+    return pd.DataFrame([{"network": network, "grouping": name, **group_similarity(result.similarity, labels)}
+                         for network, result in results.items()
                          for name, labels in (("superclass", groups.superclass), ("scene", groups.scene))])
 
 
 def misclassification_table(results: Mapping[str, ArchitectureResult], groups: ClassGroups) -> pd.DataFrame:
-    """N7 per network: how many val images were misclassified, the mean normalised rank of their
-    (true, predicted) path similarity with its standard error, and the share of them whose predicted
-    class has the true class's superclass (NaN without misclassifications)."""
+    """N7 per network: how many val images were misclassified and from how many true classes, the
+    mean normalised rank of their (true, predicted) path similarity with its SE, both over true
+    classes (images of one class share its path, so the class is the unit), and the share of them
+    whose predicted class has the true class's superclass (NaN without misclassifications)."""
     superclass = dict(zip(groups.classes, groups.superclass))
     rows = []
-    for arch, result in results.items():
+    for name, result in results.items():
         wrong = result.misclassification
         same = [superclass[t] == superclass[p] for t, p in zip(wrong["true"], wrong["predicted"])]
-        rows.append({"arch": arch, "misclassified": len(wrong), "mean_rank": wrong["rank"].mean(),
-                     "se": wrong["rank"].std(ddof=1) / np.sqrt(max(len(wrong), 1)),
+        per_class = cluster_means(wrong["rank"], wrong["true"])
+        rows.append({"network": name, "misclassified": len(wrong), "true_classes": len(per_class),
+                     "mean_rank": per_class.mean() if len(per_class) else np.nan,
+                     "se_over_classes": stats.sem(per_class) if len(per_class) > 1 else np.nan,
                      "same_superclass": np.mean(same) if same else np.nan})
     return pd.DataFrame(rows)
 
@@ -343,44 +432,62 @@ def save_paths(paths: Mapping[str, PathSet], folder: str | Path) -> None:
 
 
 def placement_table(networks: Mapping[str, Network]) -> pd.DataFrame:
-    """Per network: its connection family, the number of gates, the units they gate, and each gate's
-    channels and spatial size (space-separated, in forward order)."""
+    """Per arch (its first network): its connection family, the number of gates, the units they gate,
+    and each gate's channels and spatial size (space-separated, in forward order)."""
+    first = {}
+    for network in networks.values():
+        first.setdefault(network.arch, network)
     return pd.DataFrame([{"arch": arch, "family": connection_family(network.model), "gates": len(network.locations),
                           "units": sum(loc.channels for loc in network.locations),
                           "channels": " ".join(str(loc.channels) for loc in network.locations),
                           "spatial": " ".join(str(loc.height) for loc in network.locations)}
-                         for arch, network in networks.items()])
+                         for arch, network in first.items()])
 
 
 def training_table(networks: Mapping[str, Network]) -> pd.DataFrame:
-    """Per network: the last epoch's validation accuracy (rounded to 3 places) and the epochs trained
-    (NaN and 0 for pretrained weights)."""
-    return pd.DataFrame([{"arch": arch, "val_accuracy": round(float(network.history["val_acc"].iloc[-1]), 3)
-                          if network.history is not None else np.nan,
-                          "epochs": len(network.history) if network.history is not None else 0}
-                         for arch, network in networks.items()])
+    """Per network: arch, seed, epochs trained, the last epoch's train and val accuracy (%) and whether
+    the val curve plateaued (`training.classifiers.plateaued`); NaN and 0 epochs for pretrained weights."""
+    rows = []
+    for name, network in networks.items():
+        history = network.history
+        trained = history is not None and len(history) > 0
+        rows.append({"network": name, "arch": network.arch, "seed": network.seed,
+                     "epochs": len(history) if trained else 0,
+                     "train_acc": 100 * float(history["train_acc"].iloc[-1]) if trained else np.nan,
+                     "val_acc": 100 * float(history["val_acc"].iloc[-1]) if trained else np.nan,
+                     "plateaued": plateaued(history) if trained else False})
+    return pd.DataFrame(rows)
 
 
 def path_accuracy_table(results: Mapping[str, ArchitectureResult]) -> pd.DataFrame:
-    """N1 / N3 per network, means over classes: accuracy of the original network and of the class
-    paths, the fraction of units kept, and the class pairs x layers whose paths were both empty."""
-    return pd.DataFrame([{"arch": arch, "original_accuracy": r.accuracy["original_accuracy"].mean(),
-                          "path_accuracy": r.accuracy["path_accuracy"].mean(),
-                          "units_kept": r.accuracy["units_kept"].mean(), "empty_layer_pairs": r.empty_layers}
-                         for arch, r in results.items()])
+    """N1 / N3 per network, means over classes (`metrics.path_accuracy`): accuracy of the original
+    network and of the class paths on their own class, the paths' agreement with the original, the
+    share of other classes' images each labels as its class against the original's (specificity),
+    the fraction of units kept, and the class pairs x layers whose paths were both empty."""
+    columns = ["original_accuracy", "path_accuracy", "agreement", "original_false_positive", "path_false_positive",
+               "units_kept"]
+    return pd.DataFrame([{"network": name, **r.accuracy[columns].mean().to_dict(), "empty_layer_pairs": r.empty_layers}
+                         for name, r in results.items()])
 
 
 def hit_rate_table(results: Mapping[str, ArchitectureResult]) -> pd.DataFrame:
     """N4-N6: every network's hit-rate summary per gate location, with the shifted-path control's
     hit rate beside it (`control`); rows keep each summary's index."""
-    return pd.concat([r.hit_summary.assign(arch=arch, control=r.control_summary["hit_rate"])
-                      for arch, r in results.items()])[
-        ["arch", "layer", "location", "depth", "hit_rate", "hit_std", "control", "n_mosaics", "empty_maps"]]
+    return pd.concat([r.hit_summary.assign(network=name, control=r.control_summary["hit_rate"])
+                      for name, r in results.items()])[
+        ["network", "layer", "location", "depth", "hit_rate", "hit_std", "control", "n_mosaics", "empty_maps"]]
 
 
-def diversity_table(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """N2 per network of `concepts` (`concepts_on_paths`): path diversity with its jackknife SE and
-    the per-class means of the concepts-on-paths columns."""
-    return pd.DataFrame([{"arch": arch, "path_diversity": results[arch].diversity,
-                          "diversity_se": path_diversity_se(results[arch].similarity),
-                          **table.drop(columns="class_id").mean().to_dict()} for arch, table in concepts.items()])
+def diversity_table(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame], *,
+                    n_random: int = 100, seed: int = 0) -> pd.DataFrame:
+    """N2 per network of `concepts` (`concepts_on_paths`): path diversity with its jackknife SE, the
+    diversity of same-size random paths (mean and SD over `n_random` draws: what path sizes alone
+    give) and the per-class means of the concepts-on-paths columns."""
+    rows = []
+    for name, table in concepts.items():
+        random = random_path_diversity(results[name].paths.paths(), n_random=n_random, seed=seed)
+        rows.append({"network": name, "path_diversity": results[name].diversity,
+                     "diversity_se": path_diversity_se(results[name].similarity),
+                     "random_diversity": random.mean(), "random_diversity_sd": random.std(ddof=1),
+                     **table.drop(columns="class_id").mean().to_dict()})
+    return pd.DataFrame(rows)

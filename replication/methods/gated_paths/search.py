@@ -368,7 +368,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
     with frozen(model), gated(model, locations) as hooks:
         cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
                   ] if cache_original else None
-        for epoch in range(config.epochs):
+        for epoch in progress(range(config.epochs), desc=f"search epochs ({n_classes} classes)"):
             if not tracker.running.any():
                 break
             orders = [plan.orders[epoch] if tracker.running[k] else plan.orders[epoch][:0] for k, plan in enumerate(plans)]
