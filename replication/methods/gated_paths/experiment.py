@@ -59,7 +59,8 @@ class NADSettings:
     the training resolution) [I]. `networks_per_arch`: how many networks of each arch are trained
     alike (the first runtime seeds; `networks_of[arch]` overrides it), so that networks of one
     connection type give the null of N6; a pretrained arch is always one network.
-    `stability_seeds`: further search seeds run on the first network of each arch (path stability).
+    `stability_seeds`: further search seeds run on the first network of each of `stability_archs`
+    (None = every arch) for path stability.
     """
 
     archs: tuple[str, ...] = ("vgg16_bn", "resnet18", "densenet121")
@@ -85,6 +86,7 @@ class NADSettings:
     networks_per_arch: int = 1
     networks_of: Mapping[str, int] = field(default_factory=dict)
     stability_seeds: tuple[int, ...] = ()
+    stability_archs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.networks_per_arch < 1 or any(n < 1 for n in self.networks_of.values()):
@@ -227,7 +229,7 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
 @dataclass
 class Searches:
     """The path searches of notebook 05: each network's `paths` (search seed of [nad.search]), the
-    `repeats` of the first network of each arch (that search and one per stability seed, in order)
+    `repeats` of the first network of each stability arch (that search and one per stability seed)
     and the wall `seconds` of every network's searches (about 0 when cached)."""
 
     paths: dict[str, PathSet]
@@ -238,8 +240,8 @@ class Searches:
 def search_networks(networks: Mapping[str, Network], images: ClassImages, settings: NADSettings, *,
                     device: str | torch.device | None = None) -> Searches:
     """The class paths of every network (`search_paths_cached` on the training images, each arch with
-    its `settings.search_config`), and the first network of each arch searched again with every
-    `settings.stability_seeds`."""
+    its `settings.search_config`), and the first network of each of `settings.stability_archs`
+    searched again with every `settings.stability_seeds`."""
     paths, repeats, seconds = {}, {}, {}
     first = {}
     for name, network in networks.items():
@@ -247,7 +249,9 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
     for name, network in networks.items():
         start = time.perf_counter()
         config = settings.search_config(network.arch)
-        seeds = [config.seed, *settings.stability_seeds] if first[network.arch] == name else [config.seed]
+        repeated = first[network.arch] == name and (settings.stability_archs is None
+                                                    or network.arch in settings.stability_archs)
+        seeds = [config.seed, *settings.stability_seeds] if repeated else [config.seed]
         found = [search_paths_cached(network.model, network.locations, images.train, images.classes,
                                      config=dataclasses.replace(config, seed=seed),
                                      key={**network.key, "images_per_class": settings.train_images_per_class},
