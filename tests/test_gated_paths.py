@@ -1,5 +1,6 @@
 """NAD gated paths: placement per the spec's table, exact identity gates, the official objective and
 step, batched == sequential search, path IoU, mosaics and the hit rate on constructed mosaics."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -572,3 +573,26 @@ def test_hit_map_resize_is_pils_bicubic():
     resized = np.asarray(Image.fromarray(quantised, mode="L").resize((12, 12), Image.BICUBIC)).astype(float)
     threshold = np.sort(resized.ravel())[::-1][math.floor(0.1 * 144) - 1]
     assert torch.equal(mask[0], torch.from_numpy(resized > threshold))
+
+
+def test_beta_check_picks_the_smallest_sparse_beta(tmp_path, monkeypatch):
+    """Short cached searches per grid value; the smallest beta whose paths keep at most the allowed
+    share wins; an arch with an explicit beta is left alone; the searches are cached."""
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    model, locations, class_images = tiny_setup()
+    network = gp.Network(model, "tiny", 0, {"model": "tiny"}, None, locations)
+    images = SimpleNamespace(train=class_images, val=class_images)
+    settings = gp.NADSettings(archs=("tiny",), beta={}, beta_grid=(0.01, 50.0, 5.0), beta_classes=(0, 1),
+                              beta_epochs=3, beta_max_kept=0.45, search=gp.PathSearchConfig(batch_size=4))
+    with pytest.raises(ValueError, match="no beta known"):
+        settings.search_config("tiny")
+    chosen, table = gp.calibrate_betas({"tiny_s0": network}, images, settings, device="cpu")
+    assert table["beta"].tolist() == [0.01, 5.0, 50.0] and table["classes"].eq(2).all()
+    kept = dict(zip(table["beta"], table["units_kept"]))
+    assert kept[0.01] > 0.45 >= kept[50.0], "the grid must straddle the limit for this test to mean anything"
+    expected = min(b for b, k in kept.items() if k <= 0.45)
+    assert chosen.search_config("tiny").beta == expected and table.loc[table["chosen"], "beta"].tolist() == [expected]
+    assert len(list(tmp_path.glob("nad_paths/*/DONE.json"))) == 3
+    explicit = dataclasses.replace(settings, beta={"tiny": 1.0})
+    unchanged, empty = gp.calibrate_betas({"tiny_s0": network}, images, explicit, device="cpu")
+    assert unchanged.search_config("tiny").beta == 1.0 and empty.empty

@@ -26,13 +26,13 @@ Modules, in pipeline order (this file only re-exports their public names):
 from replication.methods.gated_paths.claims import CONNECTION_TYPES, claim_results, claim_tests
 from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, ClassImages, NADSettings,
                                                         Network, Searches, analyse_architecture, analyse_networks,
-                                                        class_groups, concepts_on_paths, convergence_table,
+                                                        calibrate_betas, class_groups, concepts_on_paths, convergence_table,
                                                         dissect_locations, diversity_table, hit_rate_table,
                                                         load_class_images, misclassification_table, network_name,
                                                         path_accuracy_table, placement_table, prepare_network,
                                                         prepare_networks, save_paths, search_networks,
                                                         search_paths_cached, similarity_by_group, stability_table,
-                                                        training_table)
+                                                        training_recipes, training_table)
 from replication.methods.gated_paths.figures import plot_hit_rates, plot_search_traces, plot_similarity, plot_units_kept
 from replication.methods.gated_paths.gates import (GATE_FUNCTIONS, GateHooks, GateLocation, gate_locations,
                                                    gate_values, gated, ones_gates)
@@ -53,10 +53,10 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
 __all__ = [
     "CONNECTION_TYPES", "claim_results", "claim_tests",
     "ArchitectureResult", "ClassGroups", "ClassImages", "NADSettings", "Network", "Searches", "analyse_architecture",
-    "analyse_networks", "class_groups", "concepts_on_paths", "convergence_table", "dissect_locations",
+    "analyse_networks", "calibrate_betas", "class_groups", "concepts_on_paths", "convergence_table", "dissect_locations",
     "diversity_table", "hit_rate_table", "load_class_images", "misclassification_table", "network_name",
     "path_accuracy_table", "placement_table", "prepare_network", "prepare_networks", "save_paths", "search_networks",
-    "search_paths_cached", "similarity_by_group", "stability_table", "training_table",
+    "search_paths_cached", "similarity_by_group", "stability_table", "training_recipes", "training_table",
     "plot_hit_rates", "plot_search_traces", "plot_similarity", "plot_units_kept",
     "GATE_FUNCTIONS", "GateHooks", "GateLocation", "gate_locations", "gate_values", "gated", "ones_gates",
     "Mosaic", "image_and_label", "images_by_class", "mosaic_tensor", "sample_mosaics",

@@ -39,7 +39,7 @@ from replication.models.anatomy import connection_family
 from replication.reporting.claims import cluster_means
 from replication.models.backbones import BackboneConfig
 from replication.runtime import resolve_device
-from replication.training.classifiers import plateaued, train_world_classifier
+from replication.training.classifiers import RecipeSearch, plateaued, select_recipe, train_world_classifier
 from replication.training.loop import TrainConfig
 
 @dataclass(frozen=True)
@@ -60,7 +60,10 @@ class NADSettings:
     alike (the first runtime seeds; `networks_of[arch]` overrides it), so that networks of one
     connection type give the null of N6; a pretrained arch is always one network.
     `stability_seeds`: further search seeds run on the first network of each of `stability_archs`
-    (None = every arch) for path stability.
+    (None = every arch) for path stability. beta check [I]: with a `beta_grid`, the first network
+    of each arch is searched for `beta_epochs` on the classes `beta_classes` at every grid value,
+    and the arch's beta is the smallest whose paths keep at most `beta_max_kept` of the units
+    (the largest when none does; `calibrate_betas`); an explicit `beta[arch]` skips the check.
     """
 
     archs: tuple[str, ...] = ("vgg16_bn", "resnet18", "densenet121")
@@ -87,6 +90,10 @@ class NADSettings:
     networks_of: Mapping[str, int] = field(default_factory=dict)
     stability_seeds: tuple[int, ...] = ()
     stability_archs: tuple[str, ...] | None = None
+    beta_grid: tuple[float, ...] = ()
+    beta_classes: tuple[int, ...] = (0, 1, 2)
+    beta_epochs: int = 20
+    beta_max_kept: float = 0.5
 
     def __post_init__(self) -> None:
         if self.networks_per_arch < 1 or any(n < 1 for n in self.networks_of.values()):
@@ -100,6 +107,10 @@ class NADSettings:
         """`search` with the beta of `arch`: `beta[arch]` when given, else `official_beta(arch, beta_dataset)`."""
         beta = self.beta.get(arch)
         return dataclasses.replace(self.search, beta=official_beta(arch, self.beta_dataset) if beta is None else float(beta))
+
+    def calibrating(self, arch: str) -> bool:
+        """Whether `arch`'s beta comes from the beta check (a grid is given and no explicit beta)."""
+        return bool(self.beta_grid) and arch not in self.beta
 
     def network_seeds(self, arch: str, seeds: Sequence[int]) -> list[int]:
         """The runtime seeds `arch`'s networks are trained with (the first `networks_of[arch]` or
@@ -195,17 +206,36 @@ def network_name(arch: str, seed: int) -> str:
     return f"{arch}_s{seed}"
 
 
+def training_recipes(settings: NADSettings, root: str | Path, *, model_config: BackboneConfig,
+                     train_config: TrainConfig, search: RecipeSearch | None,
+                     device: str | torch.device | None = None) -> dict[str, TrainConfig]:
+    """Per arch, the recipe its networks are trained with: notebook 00's procedure (`select_recipe`:
+    `search`'s candidates scored on a tuning split, for the arch's model config) so that every
+    network is trained alike and its baseline is shared through the cache), or `train_config` (the
+    profile's [train]) when `search` is None (real data); then the arch's `train_overrides`."""
+    recipes = {}
+    for arch in settings.archs:
+        recipe = train_config
+        if search is not None:
+            config = dataclasses.replace(model_config, arch=arch, **settings.model_overrides.get(arch, {}))
+            recipe, _ = select_recipe(root, config, train_config, search, device=device)
+        recipes[arch] = dataclasses.replace(recipe, **settings.train_overrides.get(arch, {}))
+    return recipes
+
+
 def prepare_networks(settings: NADSettings, root: str | Path, image_shape: Sequence[int], *,
-                     model_config: BackboneConfig, train_config: TrainConfig, seeds: Sequence[int],
+                     model_config: BackboneConfig, recipes: Mapping[str, TrainConfig], seeds: Sequence[int],
                      device: str | torch.device | None = None) -> dict[str, Network]:
-    """`prepare_network` for every arch of `settings` and each of its `settings.network_seeds` (one
-    network for pretrained weights), with its gate locations for images of `image_shape`, by name."""
+    """`prepare_network` for every arch of `settings` with its recipe (`training_recipes`) and each of
+    its `settings.network_seeds` (one network for pretrained weights), with its gate locations for
+    images of `image_shape`, by name."""
     networks = {}
     for arch in settings.archs:
         pretrained = bool(settings.model_overrides.get(arch, {}).get("weights") or model_config.weights)
         for seed in settings.network_seeds(arch, seeds)[:1] if pretrained else settings.network_seeds(arch, seeds):
-            model, key, history = prepare_network(settings, arch, root, model_config=model_config,
-                                                  train_config=train_config, seed=seed, device=device)
+            model, key, history = prepare_network(dataclasses.replace(settings, train_overrides={}), arch, root,
+                                                  model_config=model_config, train_config=recipes[arch], seed=seed,
+                                                  device=device)
             networks[network_name(arch, seed)] = Network(model, arch, seed, key, history, gate_locations(model, image_shape))
     return networks
 
@@ -224,6 +254,47 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
     paths.save(folder / "paths.pt")
     cache.mark_done(folder, {"config": config, "classes": list(classes)})
     return paths
+
+
+def _key(network: Network, settings: NADSettings) -> dict[str, Any]:
+    return {**network.key, "images_per_class": settings.train_images_per_class}
+
+
+def calibrate_betas(networks: Mapping[str, Network], images: ClassImages, settings: NADSettings, *,
+                    device: str | torch.device | None = None) -> tuple[NADSettings, pd.DataFrame]:
+    """The beta check: for each arch that `settings.calibrating`, short searches of its first network
+    on `beta_classes` at every `beta_grid` value (cached), and the smallest beta whose paths keep at
+    most `beta_max_kept` of the units (mean over those classes; the largest beta when none does).
+    Returns the settings with those betas set and one row per (arch, beta): units kept, the path's
+    own-class accuracy on the val images and the original's, and whether it was chosen."""
+    first: dict[str, Network] = {}
+    for network in networks.values():
+        first.setdefault(network.arch, network)
+    rows, chosen = [], {}
+    for arch, network in first.items():
+        if not settings.calibrating(arch):
+            continue
+        classes = [c for c in settings.beta_classes if c in images.train]
+        try:
+            official = official_beta(arch, settings.beta_dataset)
+        except ValueError:  # an arch of no official connection type
+            official = None
+        for beta in sorted(settings.beta_grid):
+            config = dataclasses.replace(settings.search, beta=beta, epochs=settings.beta_epochs, stop_flip_rate=None)
+            found = search_paths_cached(network.model, network.locations, images.train, classes, config=config,
+                                        key=_key(network, settings), device=device, class_chunk=settings.class_chunk)
+            accuracy = path_accuracy(network.model, found, {c: images.val[c] for c in classes}, device=device)
+            rows.append({"arch": arch, "beta": beta, "official": beta == official,
+                         "classes": len(classes), "epochs": settings.beta_epochs,
+                         "units_kept": accuracy["units_kept"].mean(), "path_accuracy": accuracy["path_accuracy"].mean(),
+                         "original_accuracy": accuracy["original_accuracy"].mean()})
+        table = pd.DataFrame([r for r in rows if r["arch"] == arch])
+        sparse = table[table["units_kept"] <= settings.beta_max_kept]
+        chosen[arch] = float(sparse["beta"].min() if len(sparse) else table["beta"].max())
+    frame = pd.DataFrame(rows, columns=["arch", "beta", "official", "classes", "epochs", "units_kept", "path_accuracy",
+                                        "original_accuracy"])
+    frame["chosen"] = [chosen.get(a) == b for a, b in zip(frame["arch"], frame["beta"])]
+    return dataclasses.replace(settings, beta={**settings.beta, **chosen}), frame
 
 
 @dataclass
@@ -254,8 +325,8 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
         seeds = [config.seed, *settings.stability_seeds] if repeated else [config.seed]
         found = [search_paths_cached(network.model, network.locations, images.train, images.classes,
                                      config=dataclasses.replace(config, seed=seed),
-                                     key={**network.key, "images_per_class": settings.train_images_per_class},
-                                     device=device, class_chunk=settings.class_chunk) for seed in seeds]
+                                     key=_key(network, settings), device=device,
+                                     class_chunk=settings.class_chunk) for seed in seeds]
         paths[name] = found[0]
         if len(found) > 1:
             repeats[name] = found
