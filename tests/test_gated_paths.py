@@ -19,6 +19,7 @@ from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
 from replication.methods.gated_paths import search as nad_search
 from replication.models.backbones import BackboneConfig, build_backbone
+from replication.training.classifiers import RecipeSearch
 from replication.training.loop import TrainConfig
 from tests.helpers import assert_close
 
@@ -596,3 +597,28 @@ def test_beta_check_picks_the_smallest_sparse_beta(tmp_path, monkeypatch):
     explicit = dataclasses.replace(settings, beta={"tiny": 1.0})
     unchanged, empty = gp.calibrate_betas({"tiny_s0": network}, images, explicit, device="cpu")
     assert unchanged.search_config("tiny").beta == 1.0 and empty.empty
+
+
+def test_networks_per_arch_are_trained_with_each_archs_recipe(tiny_world, tmp_path, monkeypatch):
+    """Two seeds of one arch, one of another: names <arch>_s<seed>; each arch's recipe is notebook 00's
+    choice for it (here one candidate per search), then its train_overrides; too few seeds is an error."""
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    settings = gp.NADSettings(archs=("alexnet", "resnet18"), networks_per_arch=2, networks_of={"resnet18": 1},
+                              model_overrides={"alexnet": {"width": 0.125}}, train_overrides={"resnet18": {"epochs": 2}})
+    search = RecipeSearch(candidates={"only": {"epochs": 1, "lr": 0.02}})
+    recipes = gp.training_recipes(settings, tiny_world, model_config=BackboneConfig(arch="resnet18", small_input=True, width=0.125),
+                                  train_config=TrainConfig(epochs=3, batch_size=8, lr=0.01), search=search, device="cpu")
+    assert (recipes["alexnet"].epochs, recipes["alexnet"].lr) == (1, 0.02)
+    assert (recipes["resnet18"].epochs, recipes["resnet18"].lr) == (2, 0.02)
+    plain = gp.training_recipes(settings, tiny_world, model_config=BackboneConfig(arch="resnet18"),
+                                train_config=TrainConfig(epochs=3, batch_size=8, lr=0.01), search=None)
+    assert plain["alexnet"].epochs == 3 and plain["resnet18"].epochs == 2
+    networks = gp.prepare_networks(settings, tiny_world, (3, 32, 32),
+                                   model_config=BackboneConfig(arch="resnet18", small_input=True, width=0.125),
+                                   recipes=recipes, seeds=[0, 5], device="cpu")
+    assert list(networks) == ["alexnet_s0", "alexnet_s5", "resnet18_s0"]
+    assert networks["alexnet_s5"].key["train"].seed == 5 and networks["resnet18_s0"].key["train"].epochs == 2
+    table = gp.training_table(networks)
+    assert table["epochs"].tolist() == [1, 1, 2] and table["network"].tolist() == list(networks)
+    with pytest.raises(ValueError, match="asks for 2 networks of alexnet but \\[runtime\\] seeds lists 1"):
+        settings.network_seeds("alexnet", [0])
