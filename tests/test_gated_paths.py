@@ -622,3 +622,16 @@ def test_networks_per_arch_are_trained_with_each_archs_recipe(tiny_world, tmp_pa
     assert table["epochs"].tolist() == [1, 1, 2] and table["network"].tolist() == list(networks)
     with pytest.raises(ValueError, match="asks for 2 networks of alexnet but \\[runtime\\] seeds lists 1"):
         settings.network_seeds("alexnet", [0])
+
+
+def test_pathset_subset_keeps_rows_and_trace():
+    model, locations, class_images = tiny_setup()
+    paths = gp.search_paths(model, locations, class_images, config=gp.PathSearchConfig(beta=0.5, epochs=2, batch_size=4),
+                            device="cpu")
+    part = paths.subset([2, 0])
+    assert part.classes == [2, 0] and set(part.trace["class_id"]) == {0, 2}
+    assert all(torch.equal(p, torch.stack([full[2], full[0]])) for p, full in zip(part.logits, paths.logits))
+    alone = gp.search_paths(model, locations, {c: class_images[c] for c in (2, 0)}, [2, 0],
+                            config=gp.PathSearchConfig(beta=0.5, epochs=2, batch_size=4), device="cpu")
+    for a, b in zip(alone.logits, part.logits):  # per-class seeding: a class's path ignores its company
+        assert_close(a, b, atol=1e-5)

@@ -60,7 +60,8 @@ class NADSettings:
     alike (the first runtime seeds; `networks_of[arch]` overrides it), so that networks of one
     connection type give the null of N6; a pretrained arch is always one network.
     `stability_seeds`: further search seeds run on the first network of each of `stability_archs`
-    (None = every arch) for path stability. beta check [I]: with a `beta_grid`, the first network
+    (None = every arch) for path stability, on the classes `stability_classes` (None = all; a
+    class's path does not depend on which classes are searched with it). beta check [I]: with a `beta_grid`, the first network
     of each arch is searched for `beta_epochs` on the classes `beta_classes` at every grid value,
     and the arch's beta is the smallest whose paths keep at most `beta_max_kept` of the units
     (the largest when none does; `calibrate_betas`); an explicit `beta[arch]` skips the check.
@@ -90,6 +91,7 @@ class NADSettings:
     networks_of: Mapping[str, int] = field(default_factory=dict)
     stability_seeds: tuple[int, ...] = ()
     stability_archs: tuple[str, ...] | None = None
+    stability_classes: tuple[int, ...] | None = None
     beta_grid: tuple[float, ...] = ()
     beta_classes: tuple[int, ...] = (0, 1, 2)
     beta_epochs: int = 20
@@ -300,7 +302,8 @@ def calibrate_betas(networks: Mapping[str, Network], images: ClassImages, settin
 @dataclass
 class Searches:
     """The path searches of notebook 05: each network's `paths` (search seed of [nad.search]), the
-    `repeats` of the first network of each stability arch (that search and one per stability seed)
+    `repeats` of the first network of each stability arch (that search and one per stability seed,
+    on the stability classes)
     and the wall `seconds` of every network's searches (about 0 when cached)."""
 
     paths: dict[str, PathSet]
@@ -322,14 +325,16 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
         config = settings.search_config(network.arch)
         repeated = first[network.arch] == name and (settings.stability_archs is None
                                                     or network.arch in settings.stability_archs)
-        seeds = [config.seed, *settings.stability_seeds] if repeated else [config.seed]
-        found = [search_paths_cached(network.model, network.locations, images.train, images.classes,
-                                     config=dataclasses.replace(config, seed=seed),
-                                     key=_key(network, settings), device=device,
-                                     class_chunk=settings.class_chunk) for seed in seeds]
-        paths[name] = found[0]
-        if len(found) > 1:
-            repeats[name] = found
+
+        def search(seed: int, classes: Sequence[int]) -> PathSet:
+            return search_paths_cached(network.model, network.locations, images.train, classes,
+                                       config=dataclasses.replace(config, seed=seed), key=_key(network, settings),
+                                       device=device, class_chunk=settings.class_chunk)
+
+        paths[name] = search(config.seed, images.classes)
+        if repeated and settings.stability_seeds:
+            classes = list(settings.stability_classes or images.classes)
+            repeats[name] = [paths[name].subset(classes), *(search(seed, classes) for seed in settings.stability_seeds)]
         seconds[name] = time.perf_counter() - start
     return Searches(paths, repeats, seconds)
 
@@ -357,12 +362,13 @@ def convergence_table(networks: Mapping[str, Network], searches: Searches) -> pd
 
 
 def stability_table(searches: Searches, *, n_random: int = 20, seed: int = 0, empty_iou: float = 1.0) -> pd.DataFrame:
-    """Per network searched with several seeds: the mean over classes of the path IoU between searches
-    (`similarity.path_stability`) next to that of same-size random unit sets, and the searches' seeds."""
+    """Per network searched with several seeds: the classes compared, the mean over them of the path
+    IoU between searches (`similarity.path_stability`) next to that of same-size random unit sets,
+    and the searches' seeds."""
     rows = []
     for name, found in searches.repeats.items():
         table = path_stability(found, n_random=n_random, seed=seed, empty_value=empty_iou)
-        rows.append({"network": name, "searches": len(found),
+        rows.append({"network": name, "searches": len(found), "classes": len(table),
                      "search_seeds": " ".join(str(p.config["seed"]) for p in found),
                      "path_iou": table["stability"].mean(), "path_iou_min": table["stability"].min(),
                      "random_iou": table["random"].mean()})

@@ -150,6 +150,12 @@ class PathSet:
         return cls(list(data["classes"]), [GateLocation(**loc) for loc in data["locations"]],
                    list(data["logits"]), dict(data["config"]), trace)
 
+    def subset(self, classes: Sequence[int]) -> "PathSet":
+        """The paths (and trace rows) of `classes` only, in that order."""
+        rows = [self.row(c) for c in classes]
+        return PathSet(list(classes), list(self.locations), [m[rows] for m in self.logits], dict(self.config),
+                       self.trace[self.trace["class_id"].isin(classes)].reset_index(drop=True))
+
     def init_agreement(self) -> pd.DataFrame:
         """Per class: the share of its path decisions (m > 0) equal to those of its random initial
         logits, overall and per location: 0.5 is a search that forgot its start, 1.0 one that never left it."""
