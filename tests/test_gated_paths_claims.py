@@ -164,3 +164,12 @@ def test_n7_is_clustered_by_true_class_and_needs_misclassifications():
     assert "0.825" in clustered.ours and "n=2 true classes" in clustered.ours  # class means 0.95 and 0.70
     none = judged(network(ranks=(), rank_classes=()))["N7"]
     assert none.verdict == "not testable here" and "no misclassified val image" in none.ours
+
+
+def test_a_network_below_the_accuracy_bar_is_not_judged():
+    weak = network(family="residual")
+    weak.accuracy = weak.accuracy.assign(original_accuracy=0.5)
+    rows = judged(weak)
+    assert all(rows[cid].verdict == "not testable here" for cid in ("N1", "N4", "N5", "N7"))
+    assert "val accuracy 0.500 below the 0.9 bar" in rows["N1"].ours
+    assert judged(network(), weak)["N1"].verdict == "confirmed"  # judged on the learned network alone

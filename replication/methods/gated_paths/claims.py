@@ -54,23 +54,35 @@ def _n6_test(results: Mapping[str, ArchitectureResult]) -> tuple[ClaimTest | Non
 
 def claim_tests(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None = None, *,
                 chance: float = 0.25, max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5,
-                deep_layers: int = 3) -> tuple[list[ClaimTest], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+                deep_layers: int = 3, min_accuracy: float = 0.9,
+                ) -> tuple[list[ClaimTest], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
     """Every test of N1-N7 (one per claim, network and condition), the networks a claim cannot be tested
     on with the reason (`{claim: {network: reason}}`, network "" for a claim on all networks), and the
     numbers shown before each effect (`{claim: {network: text}}`).
 
     N1: per class, accuracy drop (original - path) below `max_accuracy_drop`, units kept below
     `max_units_kept`, and the share of other classes' images the path labels as its class at most
-    `max_accuracy_drop` above the original's (specificity: a path that only biases the net fails). N2: per class, own rule concepts found on the path minus on random unit sets of
-    the same per-layer sizes (needs `concepts`, the `path_concepts` tables). N3: N1 on networks of all
+    `max_accuracy_drop` above the original's (specificity: a path that only biases the net fails).
+    N2: per class, own rule concepts found on the path minus on random unit sets of the same per-layer sizes (needs `concepts`, the `path_concepts` tables). N3: N1 on networks of all
     four `CONNECTION_TYPES`. N4: per class, deep hit rate (last `deep_layers` locations) above `chance`
     and above the control (another class's path on the same quadrants). N5: per class, the drop of
     the largest dip, corrected for the layer pairs searched. N6: `_n6_test`. N7: the rank of
     s(true, predicted) among s(true, .), per true class, above 0.5 (chance).
+    A network whose val accuracy (mean over classes) is below `min_accuracy` has not learned the
+    task: no claim is judged on it (each says why) and N6 leaves it out.
     """
     tests: list[ClaimTest] = []
-    untestable: dict[str, dict[str, str]] = {cid: {} for cid in ("N2", "N3", "N6", "N7")}
+    untestable: dict[str, dict[str, str]] = {cid: {} for cid in ("N1", "N2", "N3", "N4", "N5", "N6", "N7")}
     details: dict[str, dict[str, str]] = {cid: {} for cid in ("N2", "N5", "N6")}
+    learned = {}
+    for arch, r in results.items():
+        accuracy = float(r.accuracy["original_accuracy"].mean())
+        if accuracy < min_accuracy:
+            for cid in ("N1", "N2", "N4", "N5", "N7"):
+                untestable[cid][arch] = f"val accuracy {accuracy:.3f} below the {min_accuracy} bar"
+        else:
+            learned[arch] = r
+    results = learned
     for arch, r in results.items():
         drop = r.accuracy["original_accuracy"] - r.accuracy["path_accuracy"]
         tests.append(ClaimTest("N1", arch, bound_effect(drop, unit=UNIT, bound=max_accuracy_drop, direction="lower"),
@@ -128,13 +140,14 @@ def _verdict(claim_id: str, judged: list[Judged], blocked: Mapping[str, str]) ->
 
 def claim_results(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None,
                   reference: Mapping[str, Any], *, profile: str, search_seed: int, chance: float = 0.25,
-                  max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5) -> list[ClaimResult]:
+                  max_accuracy_drop: float = 0.05, max_units_kept: float = 0.5,
+                  min_accuracy: float = 0.9) -> list[ClaimResult]:
     """The claims table of notebook 05: each claim's text and paper value from `reference`
     (`reporting.claims.load_reference`), our judged effects (`claim_tests`, one Holm family), the unit
     and n, a reduced-run note under every profile but `paper`, the networks and the search seed."""
     claims = {c["id"]: c for c in reference["claims"]}
     tests, untestable, details = claim_tests(results, concepts, chance=chance, max_accuracy_drop=max_accuracy_drop,
-                                             max_units_kept=max_units_kept)
+                                             max_units_kept=max_units_kept, min_accuracy=min_accuracy)
     judged = judge_tests(tests)
     reduced = "" if profile == "paper" else f"REDUCED RUN ({profile}); "
     family = f"; Holm over the notebook's {len(tests)} tests"
