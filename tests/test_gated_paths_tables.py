@@ -28,39 +28,46 @@ def residual_model() -> nn.Module:
     return model
 
 
-def network(model: nn.Module, history: pd.DataFrame | None = None, locations=LOCATIONS) -> gp.Network:
-    return gp.Network(model=model, key={}, history=history, locations=list(locations))
+def network(model: nn.Module, history: pd.DataFrame | None = None, locations=LOCATIONS, arch: str = "net",
+            seed: int = 0) -> gp.Network:
+    return gp.Network(model=model, arch=arch, seed=seed, key={}, history=history, locations=list(locations))
 
 
 def result(*, accuracy: pd.DataFrame | None = None, empty_layers: int = 0, hit_summary: pd.DataFrame | None = None,
-           control_summary: pd.DataFrame | None = None, similarity: torch.Tensor | None = None) -> gp.ArchitectureResult:
+           control_summary: pd.DataFrame | None = None, similarity: torch.Tensor | None = None,
+           paths: gp.PathSet | None = None) -> gp.ArchitectureResult:
     """One network's result with only the fields a table reads."""
-    return gp.ArchitectureResult(arch="net", family="plain", paths=None, accuracy=accuracy, hits=None, control_hits=None,
+    return gp.ArchitectureResult(arch="net", family="plain", paths=paths, accuracy=accuracy, hits=None, control_hits=None,
                                  hit_summary=hit_summary, control_summary=control_summary, similarity=similarity,
                                  empty_layers=empty_layers, misclassification=None)
 
 
-def test_placement_table_lists_family_gates_units_channels_and_spatial_sizes():
-    networks = {"vgg": network(plain_model()), "res": network(residual_model(), locations=LOCATIONS[1:])}
+def test_placement_table_lists_each_archs_first_network():
+    networks = {"vgg_s0": network(plain_model(), arch="vgg"), "vgg_s1": network(plain_model(), arch="vgg", seed=1),
+                "res_s0": network(residual_model(), locations=LOCATIONS[1:], arch="res")}
     expected = pd.DataFrame({"arch": ["vgg", "res"], "family": ["plain", "residual"], "gates": [2, 1],
                              "units": [10, 6], "channels": ["4 6", "6"], "spatial": ["8 2", "2"]})
     pd.testing.assert_frame_equal(gp.placement_table(networks), expected)
 
 
 def test_training_table_reads_the_last_epoch_and_marks_pretrained_networks():
-    history = pd.DataFrame({"val_acc": [0.5, 2 / 3]})
-    table = gp.training_table({"trained": network(plain_model(), history), "pretrained": network(plain_model())})
-    expected = pd.DataFrame({"arch": ["trained", "pretrained"], "val_accuracy": [0.667, np.nan], "epochs": [2, 0]})
-    pd.testing.assert_frame_equal(table, expected)
+    history = pd.DataFrame({"train_acc": [0.5, 0.75], "val_acc": [0.5, 2 / 3]})
+    table = gp.training_table({"trained": network(plain_model(), history, seed=3), "pretrained": network(plain_model())})
+    assert table["network"].tolist() == ["trained", "pretrained"] and table["seed"].tolist() == [3, 0]
+    assert table["epochs"].tolist() == [2, 0] and table["train_acc"].iloc[0] == 75.0
+    assert_close(table["val_acc"].iloc[0], 200 / 3) and math.isnan(table["val_acc"].iloc[1])
+    assert table["plateaued"].tolist() == [False, False]  # two epochs are no plateau; pretrained has no curve
 
 
 def test_path_accuracy_table_means_over_classes():
     accuracy = pd.DataFrame({"class_id": [0, 1], "original_accuracy": [1.0, 0.5], "path_accuracy": [0.75, 0.25],
-                             "units_kept": [0.5, 0.25]})
+                             "agreement": [1.0, 0.5], "original_false_positive": [0.0, 0.25],
+                             "path_false_positive": [0.5, 0.25], "units_kept": [0.5, 0.25]})
     table = gp.path_accuracy_table({"a": result(accuracy=accuracy, empty_layers=3),
                                     "b": result(accuracy=accuracy.iloc[:1], empty_layers=0)})
-    expected = pd.DataFrame({"arch": ["a", "b"], "original_accuracy": [0.75, 1.0], "path_accuracy": [0.5, 0.75],
-                             "units_kept": [0.375, 0.5], "empty_layer_pairs": [3, 0]})
+    expected = pd.DataFrame({"network": ["a", "b"], "original_accuracy": [0.75, 1.0], "path_accuracy": [0.5, 0.75],
+                             "agreement": [0.75, 1.0], "original_false_positive": [0.125, 0.0],
+                             "path_false_positive": [0.375, 0.5], "units_kept": [0.375, 0.5], "empty_layer_pairs": [3, 0]})
     pd.testing.assert_frame_equal(table, expected)
 
 
@@ -73,7 +80,7 @@ def hit_summary(hit_rates) -> pd.DataFrame:
 def test_hit_rate_table_puts_the_control_beside_each_networks_hit_rates():
     results = {"a": result(hit_summary=hit_summary([0.5, 0.75]), control_summary=hit_summary([0.25, 0.125])),
                "b": result(hit_summary=hit_summary([1.0, 0.0]), control_summary=hit_summary([0.5, 0.5]))}
-    expected = pd.DataFrame({"arch": ["a", "a", "b", "b"], "layer": [0, 1, 0, 1], "location": ["a", "b", "a", "b"],
+    expected = pd.DataFrame({"network": ["a", "a", "b", "b"], "layer": [0, 1, 0, 1], "location": ["a", "b", "a", "b"],
                              "depth": [0.0, 1.0, 0.0, 1.0], "hit_rate": [0.5, 0.75, 1.0, 0.0],
                              "hit_std": [0.1, 0.2, 0.1, 0.2], "control": [0.25, 0.125, 0.5, 0.5],
                              "n_mosaics": [10, 10, 10, 10], "empty_maps": [0, 1, 0, 1]}, index=[0, 1, 0, 1])
@@ -86,10 +93,13 @@ def test_diversity_table_joins_diversity_its_se_and_the_mean_concepts_on_paths()
     varied = torch.tensor([[1.0, 0.2, 0.4], [0.2, 1.0, 0.6], [0.4, 0.6, 1.0]])
     uniform = torch.tensor([[1.0, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]])
     concepts = pd.DataFrame({"class_id": [0, 1, 2], "distinct_concepts": [1, 2, 6], "own_concepts_found": [0.0, 0.5, 1.0]})
-    table = gp.diversity_table({"a": result(similarity=varied), "b": result(similarity=uniform)},
-                               {"b": concepts.iloc[:2], "a": concepts})
-    assert list(table.columns) == ["arch", "path_diversity", "diversity_se", "distinct_concepts", "own_concepts_found"]
-    assert list(table["arch"]) == ["b", "a"]  # the order of the concept tables
+    full = gp.PathSet([0, 1, 2], LOCATIONS[:1], [torch.ones(3, 4)], {})  # every unit on every path
+    table = gp.diversity_table({"a": result(similarity=varied, paths=full), "b": result(similarity=uniform, paths=full)},
+                               {"b": concepts.iloc[:2], "a": concepts}, n_random=3)
+    assert list(table.columns) == ["network", "path_diversity", "diversity_se", "random_diversity", "random_diversity_sd",
+                                   "distinct_concepts", "own_concepts_found"]
+    assert list(table["network"]) == ["b", "a"]  # the order of the concept tables
+    assert table["random_diversity"].tolist() == [0.0, 0.0]  # full random paths are all identical
     assert_close(table["path_diversity"].tolist(), [0.5, 0.6], atol=1e-6)  # float32 similarities
     assert_close(table["diversity_se"].tolist(), [0.0, math.sqrt(2 / 3 * 0.08)], atol=1e-6)
     assert table["distinct_concepts"].tolist() == [1.5, 3.0] and table["own_concepts_found"].tolist() == [0.25, 0.5]

@@ -100,7 +100,8 @@ CGL_TRAIN = {
     "gpu": (TrainConfig(epochs=30, batch_size=256, lr=0.05, weight_decay=1e-4, schedule="cosine"), (30, 0.05)),
     "paper": (TrainConfig(epochs=90, batch_size=256, lr=0.01, weight_decay=1e-4, schedule="step", step_size=30), (90, 0.01)),
 }
-NAD_SEARCH_EPOCHS = {"ci": 2, "default": 20, "gpu": 20, "paper": 20}
+# NAD's search: epochs (the cap when a stopping rule is set) and the flip-rate rule (None = fixed schedule)
+NAD_SEARCH = {"ci": (2, 0.01), "default": (30, 0.01), "gpu": (170, 0.01), "paper": (20, None)}
 
 
 @pytest.mark.parametrize("name", ["ci", "default", "gpu", "paper"])
@@ -114,7 +115,9 @@ def test_nested_sections_build_the_configs_the_profiles_built_before(name: str, 
         **{**vars(train), "seed": 1, "weight_decay": 0.0, "epochs": synthetic_epochs, "lr": synthetic_lr})
     nad = profile.build(NADSettings, "nad")
     for arch in nad.archs:
-        assert nad.search_config(arch) == PathSearchConfig(beta=official_beta(arch), epochs=NAD_SEARCH_EPOCHS[name])
+        epochs, stop_flip_rate = NAD_SEARCH[name]
+        assert nad.search_config(arch) == PathSearchConfig(beta=official_beta(arch), epochs=epochs,
+                                                           stop_flip_rate=stop_flip_rate)
 
 
 def test_a_misspelt_key_in_a_nested_table_names_it(tmp_path: Path):
