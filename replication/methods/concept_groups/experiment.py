@@ -363,7 +363,8 @@ def run_sweep(train_set: Dataset, *, settings: CGLSettings, num_classes: int, se
     whether it was chosen; `tuning_images` is the n behind them."""
     grid = tuple(settings.lambda_grid)
     if len(grid) == 1:
-        return pd.DataFrame({"lambda": list(grid), "tuning_acc": [np.nan]}), grid[0]
+        return pd.DataFrame({"lambda": list(grid), "tuning_acc": [np.nan], "drop": [np.nan], "drop_se": [np.nan],
+                             "chosen": [True], "tuning_images": [0]}), grid[0]
     fit, tune = split_indices(len(train_set), settings.tuning_fraction, seed=seed)
     fit_set, tune_set = torch.utils.data.Subset(train_set, fit), torch.utils.data.Subset(train_set, tune)
     fit_set.fingerprint = {"source": train_set.fingerprint, "indices": cache.config_hash(fit)}
