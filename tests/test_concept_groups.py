@@ -32,6 +32,7 @@ from replication.methods.concept_groups import (
     GroupActivationLoss,
     SoftReceptiveField,
     SpatialLoss,
+    TrainedModel,
     VariantRecipe,
     activation_layers,
     build_model,
@@ -45,8 +46,10 @@ from replication.methods.concept_groups import (
     integrated_lr,
     mask_overlap,
     partition_filters,
+    plot_relevance,
     purity_pairs,
     ratio_of_unique_detectors,
+    relevance_distributions,
     relevance_summary,
     relevance_table,
     run_group_statistics,
@@ -55,6 +58,7 @@ from replication.methods.concept_groups import (
     soft_iou_distance,
     spatial_spread,
     train_variant,
+    training_record,
     weight_correlation,
     within_group_distance,
 )
@@ -705,3 +709,24 @@ def test_weight_correlation_within_and_across_groups():
     weight = torch.tensor([[1.0, 2, 3], [2, 4, 6], [3, 2, 1], [6, 4, 2], [5, 0, 5]]).view(5, 1, 1, 3)  # last one free
     within, across = weight_correlation(weight, partition_filters(5, 2))
     assert within == pytest.approx(1.0) and across == pytest.approx(-1.0)
+
+
+def test_relevance_distributions_and_training_record():
+    model = TwoLayerCNN(2, widths=(10, 20))
+    with torch.no_grad():
+        model.conv1.weight.fill_(0.0)
+        model.conv1.weight[:2] = 1.0  # group 0 of conv1: 2 filters x 27 weights of 1 -> beta sqrt(54)
+        model.conv2.weight.fill_(0.5)
+    settings = dataclasses.replace(SMALL, min_group_size=2)
+    table = relevance_distributions({("two_layer_cnn", "cgl", 3): model}, settings)
+    conv1 = table[table.layer == "conv1"]
+    assert_close(conv1.beta.tolist(), [math.sqrt(54), 0, 0, 0, 0], atol=1e-6)
+    assert conv1.of_max.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert_close(table[table.layer == "conv2"].of_max.tolist(), [1.0] * 5, atol=1e-9)
+    assert set(zip(table.arch, table.variant, table.seed)) == {("two_layer_cnn", "cgl", 3)}
+    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.5, 0.9], "val_acc": [0.4, 0.95], "seconds": [30.0, 30.0]})
+    record = training_record(TrainedModel("two_layer_cnn", "weight_decay", 3, model, history, None))
+    assert record == {"arch": "two_layer_cnn", "variant": "weight_decay", "seed": 3, "epochs": 2, "train_acc": 90.0,
+                      "val_acc": 95.0, "plateaued": False, "minutes": 1.0, "lambda_bn": 0.0}
+    fig = plot_relevance(table, labels={"cgl": "CGL"})
+    assert [ax.get_title() for ax in fig.axes] == ["conv1", "conv2"]
