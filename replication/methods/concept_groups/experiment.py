@@ -74,9 +74,11 @@ class CGLSettings:
     `train_images` / `synthetic_train_images` cap the training splits and `dissection_images` the
     dissected val split (seeded subsets, None = all; a cap makes the run reduced); `n_seeds` /
     `n_synthetic_seeds` how many of `seeds` (None: the profile's runtime seeds) each experiment uses (the
-    first ones). The block norm acts on the conv layers with >= `min_group_size` filters in each of
-    `groups` groups, L_g and L_s on those of them the code exposes (`grouped`) [I]; its weight follows
-    `lambda_bn_rule` and `shrinkage_fraction` (`lambda_bn`). G7 reads each unit's `top_images` most activating images.
+    first ones); `main_variants` which variants the main experiment trains (the synthetic task trains
+    all). The block norm acts on the conv layers with >= `min_group_size` filters in each of `groups`
+    groups, L_g and L_s on those of them the code exposes (`grouped`) [I]; its weight follows
+    `lambda_bn_rule` and `shrinkage_fraction` (`lambda_bn`). G7 reads each unit's `top_images` most
+    activating images.
     """
 
     synthetic_widths: tuple[int, int] = (128, 256)
@@ -103,6 +105,7 @@ class CGLSettings:
     accuracy_tolerance: float = 1.5
     train_images: int | None = None
     n_seeds: int = 3
+    main_variants: tuple[str, ...] = VARIANTS
     seeds: tuple[int, ...] | None = None
     groups: int = GROUPS
     analysis_images: int = 256
@@ -116,6 +119,11 @@ class CGLSettings:
                              "integrated block-norm shrinkage to match.")
         if self.min_group_size < 2:
             raise ValueError(f"[cgl] min_group_size = {self.min_group_size}: within-group pairs need groups of >= 2 filters.")
+        for variant in self.main_variants:
+            check_choice(variant, VARIANTS, "main_variants")
+        if not {"weight_decay", "cgl"} <= set(self.main_variants):
+            raise ValueError(f"[cgl] main_variants {self.main_variants} must hold weight_decay and cgl "
+                             "(the claims compare them).")
         for name in ("widths", "small_inputs"):
             if len(getattr(self, name)) != len(self.archs):
                 raise ValueError(f"[cgl] {name} {getattr(self, name)} must give one value per arch {self.archs}.")
@@ -388,15 +396,15 @@ def run_main(train_set: Dataset, val_set: Dataset, broden: Dataset, *, settings:
              lam: float, num_classes: int, dissection: DissectionConfig, batch_size: int,
              device: str | torch.device | None = None
              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[tuple[str, str, int], nn.Module]]:
-    """Tables 2-3: every arch x variant x seed trained (val accuracy recorded after every epoch), evaluated
-    (top-1 on val, `batch_size` images a batch) and dissected (all six categories, `dissection` settings)
+    """Tables 2-3: every arch x variant (`settings.main_variants`) x seed trained (val accuracy recorded
+    after every epoch), evaluated (top-1 on val, `batch_size` images a batch) and dissected (all six categories, `dissection` settings)
     at the paper's layers. Returns (detectors: one row per model and layer with unique detectors and
     filters, models: one `training_record` per model with top-1 and RUD, purity: `group_purity` of every
     dissected grouped layer's groups per model (G8), the learning curves, {(arch, variant, seed): model})."""
     layer_rows, model_rows, purity, histories, models = [], [], [], [], {}
     for arch in settings.archs:
         for seed in seeds:
-            for variant in VARIANTS:
+            for variant in settings.main_variants:
                 trained = train_variant(arch, variant, train_set, num_classes=num_classes, settings=settings, seed=seed,
                                         lam=lam, device=device, val_set=val_set)
                 models[(arch, variant, seed)] = trained.model
