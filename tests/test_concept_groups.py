@@ -610,6 +610,10 @@ def test_only_layers_with_large_enough_groups_are_grouped():
         dataclasses.replace(SMALL, min_group_size=5).cgl_config("two_layer_cnn", model, "block_norm", 0.0, 0, lambda_bn=1.0)
     with pytest.raises(ValueError, match="min_group_size"):
         CGLSettings(min_group_size=1)
+    with pytest.raises(ValueError, match="must hold weight_decay and cgl"):
+        CGLSettings(main_variants=("weight_decay", "block_norm"))
+    with pytest.raises(ValueError, match="main_variants"):
+        CGLSettings(main_variants=("weight_decay", "cgl", "l1"))
 
 
 def test_integrated_lr_sums_the_lr_of_every_step():
