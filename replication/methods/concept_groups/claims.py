@@ -157,9 +157,12 @@ def claim_results(reference: dict, synthetic: pd.DataFrame, synthetic_runs: pd.D
     t1 = {(r["regulariser"], r["layer"]): r["total"] for r in reference["table1_synthetic"]["rows"]}
 
     def means(table: pd.DataFrame, measure: str, treatment: str, digits: int, what: str = "diff") -> dict[str, str]:
-        """Per network: 'treatment mean vs control mean (relative change), <what> ' before its effect."""
+        """Per network with the treatment variant: 'treatment mean vs control mean (relative change), <what> '
+        before its effect."""
         out = {}
         for arch, rows in table.groupby("arch", sort=False):
+            if treatment not in set(rows.variant):
+                continue
             t, c = _paired(rows, measure, treatment)
             out[arch] = f"{t.mean():.{digits}f} vs {c.mean():.{digits}f} ({_relative(t.mean(), c.mean())}), {what} "
         return out
