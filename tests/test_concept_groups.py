@@ -734,3 +734,31 @@ def test_relevance_distributions_and_training_record():
                       "val_acc": 95.0, "plateaued": False, "minutes": 1.0, "lambda_bn": 0.0}
     fig = plot_relevance(table, labels={"cgl": "CGL"})
     assert [ax.get_title() for ax in fig.axes] == ["conv1", "conv2"]
+
+
+def test_sweep_stops_at_the_first_lambda_out_of_tolerance(monkeypatch):
+    """Tuning accuracy per lambda (20 images): R_bn alone 90%, 0.03 -> 90%, 0.3 -> 85% (5 points out), so 3 is
+    never trained; 0.3 loses one image of 20, so its paired drop has SE = sd(0 x 19, 1) / sqrt(20)."""
+    from replication.methods.concept_groups import experiment
+    correct = {0.0: [1] * 18 + [0] * 2, 0.03: [1] * 18 + [0] * 2, 0.3: [1] * 17 + [0] * 3}
+    trained = []
+
+    def fake_train(arch, variant, train_set, *, lam, **kwargs):
+        trained.append(lam)
+        return TrainedModel(arch, variant, 0, nn.Identity(), pd.DataFrame(), None)
+
+    def fake_predict(model, dataset, **kwargs):
+        hits = torch.tensor(correct[trained[-1]], dtype=torch.long)
+        return torch.ones(20, dtype=torch.long), torch.stack([1 - hits, hits], dim=1).float()
+
+    monkeypatch.setattr(experiment, "train_variant", fake_train)
+    monkeypatch.setattr(experiment, "predict", fake_predict)
+    data = TensorDataset(torch.zeros(100, 1), torch.zeros(100, dtype=torch.long))
+    data.fingerprint = {"test": 1}
+    settings = dataclasses.replace(SMALL, lambda_grid=(3.0, 0.03, 0.3), tuning_fraction=0.2)
+    table, chosen = experiment.run_sweep(data, settings=settings, num_classes=2, seed=0, batch_size=10)
+    assert trained == [0.0, 0.03, 0.3] and chosen == 0.03
+    assert table["lambda"].tolist() == [0.0, 0.03, 0.3] and table["chosen"].tolist() == [False, True, False]
+    assert_close(table["drop"].tolist(), [0.0, 0.0, 5.0], atol=1e-9)
+    assert table["drop_se"].iloc[2] == pytest.approx(100 * np.std([0] * 19 + [1], ddof=1) / math.sqrt(20))
+    assert set(table["tuning_images"]) == {20}
