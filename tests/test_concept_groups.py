@@ -24,12 +24,15 @@ from replication.analysis.features import dissect_layers
 from replication.data.broden import BrodenDataset
 from replication.data.subsets import InMemoryItems, seeded_indices, seeded_subset, split_indices
 from replication.methods.concept_groups import (
+    PAPER_SCHEDULE,
+    PAPER_TRAIN_IMAGES,
     BlockNorm,
     CGLConfig,
     CGLSettings,
     GroupActivationLoss,
     SoftReceptiveField,
     SpatialLoss,
+    TrainedModel,
     VariantRecipe,
     activation_layers,
     build_model,
@@ -39,16 +42,24 @@ from replication.methods.concept_groups import (
     group_purity,
     group_statistics,
     group_weight_norms,
+    grouped_layers,
+    integrated_lr,
+    mask_overlap,
     partition_filters,
+    plot_relevance,
     purity_pairs,
     ratio_of_unique_detectors,
+    relevance_distributions,
     relevance_summary,
     relevance_table,
     run_group_statistics,
     select_lambda,
+    shrinkage_budget,
     soft_iou_distance,
     spatial_spread,
     train_variant,
+    training_record,
+    weight_correlation,
     within_group_distance,
 )
 from replication.methods.concept_groups.eager_kernels import GroupShiftL1, SpatialSpread, StdSoftMap
@@ -57,6 +68,7 @@ from replication.models.backbones import build_backbone
 from replication.models.hooks import capture_activations
 from replication.models.small_cnns import TwoLayerCNN
 from replication.training import loop
+from replication.training.loop import TrainConfig
 from replication.reporting.claims import load_reference
 from replication.training.loop import TrainConfig, train
 from tests.broden_fixture import write_tiny_broden
@@ -572,26 +584,81 @@ def test_paper_layers_of_the_torchvision_backbones():
 
 
 # ------------------------------------------------------------------------------ training recipe
-SMALL = CGLSettings(synthetic_widths=(10, 20))
+SMALL = CGLSettings(synthetic_widths=(10, 20), min_group_size=2)
 
 
 def test_variant_recipe_key_is_the_cgl_cache_key():
-    recipe = VariantRecipe("two_layer_cnn", "block_norm", 2, SMALL, lam=0.1, seed=3)
+    recipe = VariantRecipe("two_layer_cnn", "block_norm", 2, SMALL, lam=0.1, seed=3, lambda_bn=0.7)
     model_key = {"arch": "two_layer_cnn", "num_classes": 2, "width": 1.0, "small_input": True,
                  "synthetic_widths": (10, 20), "global_pool": "max"}
     assert recipe.key(recipe.build()) == {"model": model_key, "loss": {"variant": "block_norm", "cgl": CGLConfig(
-        lambda_bn=5e-3, lambda_g=0.0, lambda_s=0.0, activation_layers=("conv1", "conv2"), seed=3)}}
-    baseline = VariantRecipe("two_layer_cnn", "weight_decay", 2, SMALL, lam=0.1, seed=3)
+        lambda_bn=0.7, lambda_g=0.0, lambda_s=0.0, activation_layers=("conv1", "conv2"),
+        block_norm_layers=("conv1", "conv2"), seed=3)}}
+    baseline = VariantRecipe("two_layer_cnn", "weight_decay", 2, SMALL, lam=0.1, seed=3, lambda_bn=0.7)
     assert baseline.key(baseline.build()) == {"model": model_key, "loss": {"variant": "weight_decay", "cgl": None}}
     assert baseline.loss_terms(baseline.build()) == []
+
+
+def test_only_layers_with_large_enough_groups_are_grouped():
+    """conv1 (10 filters) has groups of 2, conv2 (20) of 4: a minimum of 3 leaves conv1 ungrouped, 5 leaves none."""
+    settings = dataclasses.replace(SMALL, min_group_size=3)
+    model = build_model("two_layer_cnn", 2, settings)
+    assert grouped_layers(model, ["conv1", "conv2"], groups=5, min_group_size=3) == ("conv2",)
+    config = settings.cgl_config("two_layer_cnn", model, "cgl", 0.1, 0, lambda_bn=1.0)
+    assert config.activation_layers == config.block_norm_layers == ("conv2",)
+    with pytest.raises(ValueError, match="no layer has 5 groups of >= 5 filters"):
+        dataclasses.replace(SMALL, min_group_size=5).cgl_config("two_layer_cnn", model, "block_norm", 0.0, 0, lambda_bn=1.0)
+    with pytest.raises(ValueError, match="min_group_size"):
+        CGLSettings(min_group_size=1)
+    with pytest.raises(ValueError, match="must hold weight_decay and cgl"):
+        CGLSettings(main_variants=("weight_decay", "block_norm"))
+    with pytest.raises(ValueError, match="main_variants"):
+        CGLSettings(main_variants=("weight_decay", "cgl", "l1"))
+
+
+def test_integrated_lr_sums_the_lr_of_every_step():
+    # 10 images, batch 4 -> 3 steps an epoch; step schedule 0.1, 0.1, 0.01 (x0.1 every 2 epochs)
+    step = TrainConfig(epochs=3, batch_size=4, lr=0.1, schedule="step", step_size=2)
+    assert integrated_lr(step, 10) == pytest.approx(3 * (0.1 + 0.1 + 0.01))
+    # cosine over 2 epochs, per epoch: lr * (1 + cos(pi * e / 2)) / 2 = 0.2, 0.1
+    assert integrated_lr(TrainConfig(epochs=2, batch_size=5, lr=0.2, schedule="cosine"), 10) == pytest.approx(2 * 0.3)
+    assert integrated_lr(TrainConfig(epochs=4, batch_size=10, lr=0.5, schedule="none"), 10) == pytest.approx(2.0)
+    # the paper's run: 7,045 steps an epoch, 30 epochs at each of 0.01, 0.001, 0.0001
+    assert integrated_lr(PAPER_SCHEDULE, PAPER_TRAIN_IMAGES) == pytest.approx(7045 * 30 * 0.0111)
+    with pytest.raises(ValueError, match="at least one training image"):
+        integrated_lr(step, 0)
+
+
+def test_lambda_bn_rule_matches_the_papers_integrated_shrinkage():
+    config = TrainConfig(epochs=2, batch_size=5, lr=0.2, schedule="cosine")  # sum of lr 0.6 on 10 images
+    integrated = dataclasses.replace(SMALL, lambda_bn_rule="integrated")
+    lam = integrated.lambda_bn("alexnet", config, 10)
+    assert lam * integrated_lr(config, 10) == pytest.approx(5e-3 * integrated_lr(PAPER_SCHEDULE, PAPER_TRAIN_IMAGES))
+    assert integrated.lambda_bn("vgg16_bn", config, 10) == pytest.approx(lam / 5)  # VGG's published 1e-3
+    assert dataclasses.replace(SMALL, lambda_bn_rule="paper").lambda_bn("alexnet", config, 10) == 5e-3
+    assert dataclasses.replace(integrated, shrinkage_fraction=0.1).lambda_bn("alexnet", config, 10) == pytest.approx(lam / 10)
+    budget = shrinkage_budget(integrated, "alexnet", config, 10)
+    assert budget["shrinkage"] == pytest.approx(budget["paper_shrinkage"]) and budget["sum_lr"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="lambda_bn_rule"):
+        CGLSettings(lambda_bn_rule="scaled")
+    with pytest.raises(ValueError, match="shrinkage_fraction"):
+        CGLSettings(shrinkage_fraction=0.0)
+
+
+def test_seed_list_takes_the_first_seeds():
+    assert SMALL.seed_list((4, 5, 6), 2) == (4, 5)
+    assert dataclasses.replace(SMALL, seeds=(0, 1, 2, 3, 4)).seed_list((4, 5, 6), 5) == (0, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match="list more in \\[cgl\\] seeds"):
+        SMALL.seed_list((4, 5, 6), 4)
 
 
 def test_train_variant_builds_its_model_right_after_seeding(tmp_path, monkeypatch):
     monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
     seen = {}
 
-    def stop(model, train_set, *, loss_terms, **kwargs):
-        seen.update(state=copy.deepcopy(model.state_dict()), terms=[type(t).__name__ for t in loss_terms])
+    def stop(model, train_set, *, loss_terms, config, **kwargs):
+        seen.update(state=copy.deepcopy(model.state_dict()), terms=[type(t).__name__ for t in loss_terms],
+                    lambda_bn=loss_terms[0].weight, config=config)
         raise KeyboardInterrupt("stopped before training")
 
     monkeypatch.setattr(loop, "train", stop)
@@ -603,6 +670,8 @@ def test_train_variant_builds_its_model_right_after_seeding(tmp_path, monkeypatc
     expected = build_model("two_layer_cnn", 2, SMALL).state_dict()
     assert seen["state"].keys() == expected.keys() and all(torch.equal(seen["state"][k], expected[k]) for k in expected)
     assert seen["terms"] == ["BlockNorm", "GroupActivationLoss", "SpatialLoss"]
+    assert seen["lambda_bn"] == pytest.approx(SMALL.lambda_bn("two_layer_cnn", SMALL.train, 4))  # the rule, on 4 images
+    assert seen["config"].weight_decay == SMALL.train.weight_decay  # kept off the block norm's layers only
 
 
 def test_run_group_statistics_one_row_per_model():
@@ -614,9 +683,82 @@ def test_run_group_statistics_one_row_per_model():
         one_group.conv1.weight[2:] = 0  # conv1: only group 0 (filters 0, 1) has weight
     data = TensorDataset(torch.rand(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
     models = {("two_layer_cnn", "weight_decay", 0): uniform, ("two_layer_cnn", "cgl", 1): one_group}
-    table = run_group_statistics(models, data, settings=dataclasses.replace(SMALL, analysis_images=4), batch_size=3, device="cpu")
+    table = run_group_statistics(models, data, settings=dataclasses.replace(SMALL, analysis_images=4), quantile=0.1,
+                                 batch_size=3, device="cpu")
     assert table[["arch", "variant", "seed"]].values.tolist() == [["two_layer_cnn", "weight_decay", 0], ["two_layer_cnn", "cgl", 1]]
     assert_close(table["top_group_share"].tolist(), [0.2, (1.0 + 0.2) / 2], atol=1e-9)  # equal groups: 1/5
-    stats = group_statistics(uniform, ["conv1", "conv2"], data, images=4, batch_size=3, device="cpu")
-    assert table["within_group_distance"][0] == stats.within_group_distance.mean()
-    assert table["spatial_spread"][0] == stats.spatial_spread.mean()
+    stats = group_statistics(uniform, ["conv1", "conv2"], data, images=4, batch_size=3, device="cpu", quantile=0.1)
+    for column in ("within_group_distance", "spatial_spread", "psi_variance", "mask_iou_within", "top_area"):
+        assert table[column][0] == stats[column].mean()
+    assert table["mask_iou_gap"][0] == table["mask_iou_within"][0] - table["mask_iou_across"][0]
+    # identical filters: identical maps, so the masks of any two units coincide
+    assert_close(stats[["mask_iou_within", "mask_iou_across"]].to_numpy(), np.ones((2, 2)), atol=1e-9)
+
+
+def test_mask_overlap_on_hand_made_maps():
+    """Four units over 2 images x 4 positions; each fires (value > 0) at two places, the rest is 0, so the
+    top-25% level keeps exactly those two. Groups (0, 1), (2, 3). Unit 1 fires at (image 0, 1), (image 1, 1)."""
+    maps = torch.zeros(2, 4, 1, 4)
+    maps[0, 0, 0, [0, 1]] = 1.0  # unit 0: image 0, positions 0 and 1
+    maps[0, 1, 0, 1], maps[1, 1, 0, 1] = 2.0, 3.0  # unit 1: its strongest image is image 1
+    maps[1, 2, 0, [0, 1]] = 1.0  # units 2 and 3: the same two places of image 1
+    maps[1, 3, 0, [0, 1]] = 1.0
+    found = mask_overlap(maps, partition_filters(4, 2), quantile=0.25, top_images=1)
+    assert found["mask_iou_within"] == pytest.approx((1 / 3 + 1) / 2)  # units 0, 1 share 1 of 3 places; 2, 3 all
+    assert found["mask_iou_across"] == pytest.approx(2 * (1 / 3) / 4)  # of 4 pairs only (1, 2), (1, 3) overlap, 1 place of 3
+    assert found["top_area"] == pytest.approx((0.5 + 0.25 + 0.5 + 0.5) / 4)  # unit 1: one place of 4 in image 1
+
+
+def test_weight_correlation_within_and_across_groups():
+    weight = torch.tensor([[1.0, 2, 3], [2, 4, 6], [3, 2, 1], [6, 4, 2], [5, 0, 5]]).view(5, 1, 1, 3)  # last one free
+    within, across = weight_correlation(weight, partition_filters(5, 2))
+    assert within == pytest.approx(1.0) and across == pytest.approx(-1.0)
+
+
+def test_relevance_distributions_and_training_record():
+    model = TwoLayerCNN(2, widths=(10, 20))
+    with torch.no_grad():
+        model.conv1.weight.fill_(0.0)
+        model.conv1.weight[:2] = 1.0  # group 0 of conv1: 2 filters x 27 weights of 1 -> beta sqrt(54)
+        model.conv2.weight.fill_(0.5)
+    settings = dataclasses.replace(SMALL, min_group_size=2)
+    table = relevance_distributions({("two_layer_cnn", "cgl", 3): model}, settings)
+    conv1 = table[table.layer == "conv1"]
+    assert_close(conv1.beta.tolist(), [math.sqrt(54), 0, 0, 0, 0], atol=1e-6)
+    assert conv1.of_max.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert_close(table[table.layer == "conv2"].of_max.tolist(), [1.0] * 5, atol=1e-9)
+    assert set(zip(table.arch, table.variant, table.seed)) == {("two_layer_cnn", "cgl", 3)}
+    history = pd.DataFrame({"epoch": [1, 2], "train_acc": [0.5, 0.9], "val_acc": [0.4, 0.95], "seconds": [30.0, 30.0]})
+    record = training_record(TrainedModel("two_layer_cnn", "weight_decay", 3, model, history, None))
+    assert record == {"arch": "two_layer_cnn", "variant": "weight_decay", "seed": 3, "epochs": 2, "train_acc": 90.0,
+                      "val_acc": 95.0, "plateaued": False, "minutes": 1.0, "lambda_bn": 0.0}
+    fig = plot_relevance(table, labels={"cgl": "CGL"})
+    assert [ax.get_title() for ax in fig.axes] == ["conv1", "conv2"]
+
+
+def test_sweep_stops_at_the_first_lambda_out_of_tolerance(monkeypatch):
+    """Tuning accuracy per lambda (20 images): R_bn alone 90%, 0.03 -> 90%, 0.3 -> 85% (5 points out), so 3 is
+    never trained; 0.3 loses one image of 20, so its paired drop has SE = sd(0 x 19, 1) / sqrt(20)."""
+    from replication.methods.concept_groups import experiment
+    correct = {0.0: [1] * 18 + [0] * 2, 0.03: [1] * 18 + [0] * 2, 0.3: [1] * 17 + [0] * 3}
+    trained = []
+
+    def fake_train(arch, variant, train_set, *, lam, **kwargs):
+        trained.append(lam)
+        return TrainedModel(arch, variant, 0, nn.Identity(), pd.DataFrame(), None)
+
+    def fake_predict(model, dataset, **kwargs):
+        hits = torch.tensor(correct[trained[-1]], dtype=torch.long)
+        return torch.ones(20, dtype=torch.long), torch.stack([1 - hits, hits], dim=1).float()
+
+    monkeypatch.setattr(experiment, "train_variant", fake_train)
+    monkeypatch.setattr(experiment, "predict", fake_predict)
+    data = TensorDataset(torch.zeros(100, 1), torch.zeros(100, dtype=torch.long))
+    data.fingerprint = {"test": 1}
+    settings = dataclasses.replace(SMALL, lambda_grid=(3.0, 0.03, 0.3), tuning_fraction=0.2)
+    table, chosen = experiment.run_sweep(data, settings=settings, num_classes=2, seed=0, batch_size=10)
+    assert trained == [0.0, 0.03, 0.3] and chosen == 0.03
+    assert table["lambda"].tolist() == [0.0, 0.03, 0.3] and table["chosen"].tolist() == [False, True, False]
+    assert_close(table["drop"].tolist(), [0.0, 0.0, 5.0], atol=1e-9)
+    assert table["drop_se"].iloc[2] == pytest.approx(100 * np.std([0] * 19 + [1], ddof=1) / math.sqrt(20))
+    assert set(table["tuning_images"]) == {20}

@@ -25,6 +25,9 @@ run functions returning tables, `claim_results` and figure functions; all re-exp
 """
 from replication.methods.concept_groups.claims import claim_results
 from replication.methods.concept_groups.experiment import (
+    LAMBDA_BN_RULES,
+    PAPER_SCHEDULE,
+    PAPER_TRAIN_IMAGES,
     SYNTHETIC_CATEGORIES,
     VARIANT_LABELS,
     VARIANTS,
@@ -33,22 +36,27 @@ from replication.methods.concept_groups.experiment import (
     TrainedModel,
     VariantRecipe,
     build_model,
+    integrated_lr,
     main_task,
+    relevance_distributions,
     run_group_statistics,
     run_main,
     run_sweep,
     run_synthetic,
     select_lambda,
+    shrinkage_budget,
     synthetic_task,
     train_variant,
+    training_record,
 )
-from replication.methods.concept_groups.figures import plot_group_maps
+from replication.methods.concept_groups.figures import plot_group_maps, plot_relevance
 from replication.methods.concept_groups.groups import GROUPS, GroupPartition, group_weight_norms, partition_filters
 from replication.methods.concept_groups.layers import (
     ACTIVATION_CONVS,
     DISSECTED_CONVS,
     activation_layers,
     dissected_layers,
+    grouped_layers,
 )
 from replication.methods.concept_groups.losses import (
     LAYER_REDUCTIONS,
@@ -66,10 +74,12 @@ from replication.methods.concept_groups.metrics import (
     dissection_tables,
     group_purity,
     group_statistics,
+    mask_overlap,
     purity_pairs,
     ratio_of_unique_detectors,
     relevance_summary,
     relevance_table,
+    weight_correlation,
     within_group_distance,
 )
 from replication.methods.concept_groups.receptive_field import (
@@ -83,12 +93,15 @@ from replication.methods.concept_groups.receptive_field import (
 )
 
 __all__ = [
-    "ACTIVATION_CONVS", "DISSECTED_CONVS", "GROUPS", "KERNELS", "LAYER_REDUCTIONS", "LG_REDUCTIONS", "PAIRS_PER_FILTER",
-    "PAIR_SAMPLINGS", "RECEPTIVE_FIELD_MODULE", "SPATIAL_EPS", "STD_EPS", "SYNTHETIC_CATEGORIES", "VARIANTS",
-    "VARIANT_LABELS", "BlockNorm", "CGLConfig", "CGLSettings", "GroupActivationLoss", "GroupPartition", "MapStatistics",
-    "SoftReceptiveField", "SpatialLoss", "TaskData", "TrainedModel", "VariantRecipe", "activation_layers", "build_model",
-    "cgl_loss_terms", "claim_results", "dissected_layers", "dissection_tables", "group_purity", "group_statistics",
-    "group_weight_norms", "main_task", "partition_filters", "plot_group_maps", "purity_pairs", "ratio_of_unique_detectors",
-    "relevance_summary", "relevance_table", "run_group_statistics", "run_main", "run_sweep", "run_synthetic",
-    "select_lambda", "soft_iou_distance", "spatial_spread", "synthetic_task", "train_variant", "within_group_distance",
+    "ACTIVATION_CONVS", "DISSECTED_CONVS", "GROUPS", "KERNELS", "LAMBDA_BN_RULES", "LAYER_REDUCTIONS", "LG_REDUCTIONS",
+    "PAIRS_PER_FILTER", "PAIR_SAMPLINGS", "PAPER_SCHEDULE", "PAPER_TRAIN_IMAGES", "RECEPTIVE_FIELD_MODULE", "SPATIAL_EPS",
+    "STD_EPS", "SYNTHETIC_CATEGORIES", "VARIANTS", "VARIANT_LABELS", "BlockNorm", "CGLConfig", "CGLSettings",
+    "GroupActivationLoss", "GroupPartition", "MapStatistics", "SoftReceptiveField", "SpatialLoss", "TaskData",
+    "TrainedModel", "VariantRecipe", "activation_layers", "build_model", "cgl_loss_terms", "claim_results",
+    "dissected_layers", "dissection_tables", "group_purity", "group_statistics", "group_weight_norms", "grouped_layers",
+    "integrated_lr", "main_task", "mask_overlap", "partition_filters", "plot_group_maps", "plot_relevance",
+    "purity_pairs", "ratio_of_unique_detectors", "relevance_distributions", "relevance_summary", "relevance_table",
+    "run_group_statistics", "run_main", "run_sweep", "run_synthetic", "select_lambda", "shrinkage_budget",
+    "soft_iou_distance", "spatial_spread", "synthetic_task", "train_variant", "training_record", "weight_correlation",
+    "within_group_distance",
 ]

@@ -1,9 +1,12 @@
-"""The paper's qualitative figure: the soft receptive fields of one group's filters on the same images."""
+"""The paper's figures: the soft receptive fields of one group's filters on the same images (Figs. 2, 5) and
+the distribution of the groups' relevance factors beta (Fig. 4)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from torch import nn
@@ -50,5 +53,26 @@ def plot_group_maps(models: dict[str, nn.Module], layer: str, images: torch.Tens
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{layer}: soft receptive fields of one group (most relevant by beta)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_relevance(relevance: pd.DataFrame, *, labels: dict[str, str] | None = None) -> Figure:
+    """The paper's Fig. 4 as distributions: every group's relevance beta_gl (one dot per group and seed),
+    per variant, one panel per grouped layer (`relevance_distributions` of one arch). A block norm that
+    acts shrinks beta and spreads it over the groups; weight decay keeps it near uniform."""
+    layers = list(dict.fromkeys(relevance["layer"]))
+    variants = list(dict.fromkeys(relevance["variant"]))
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 2.8), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for ax, layer in zip(axes[0], layers):
+        for x, variant in enumerate(variants):
+            beta = relevance[(relevance.layer == layer) & (relevance.variant == variant)].beta.to_numpy()
+            ax.scatter(x + jitter.uniform(-0.15, 0.15, len(beta)), beta, s=10, alpha=0.7)
+        ax.set_xticks(range(len(variants)), [(labels or {}).get(v, v) for v in variants], rotation=30, fontsize=7)
+        ax.set_title(layer, fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("group relevance beta_gl = ||w_gl||_F")
     fig.tight_layout()
     return fig

@@ -1,5 +1,6 @@
 """The paper's measures of a CGL model: group coherence (G5), relevance (G6), spatial spread (G7),
-unique-detector ratio (Table 3) and group purity (G8)."""
+unique-detector ratio (Table 3) and group purity (G8); the untrained mask measures and collapse
+diagnostics that test G5 and G7 without the losses CGL trains."""
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from replication import runtime
 from replication.analysis.dissection import Dissection
+from replication.analysis.thresholds import TopValues, compare_to_thresholds, comparison_thresholds, quantile_level
 from replication.methods.concept_groups.groups import GROUPS, GroupPartition, group_weight_norms, partition_filters
 from replication.methods.concept_groups.losses import BlockNorm
 from replication.methods.concept_groups.receptive_field import SoftReceptiveField, distance_from_l1, spatial_spread
@@ -101,28 +103,97 @@ def group_purity(units: pd.DataFrame, model: nn.Module, layer: str, *, groups: i
     return pd.DataFrame(rows)
 
 
+def _pair_means(matrix: torch.Tensor, partition: GroupPartition) -> tuple[float, float]:
+    """Mean of a symmetric unit x unit `matrix` over pairs i < j of grouped units in the same group and in
+    different groups (free units left out)."""
+    group_of = partition.group_of()
+    i, j = torch.triu_indices(len(group_of), len(group_of), offset=1)
+    grouped = (group_of[i] >= 0) & (group_of[j] >= 0)
+    same = grouped & (group_of[i] == group_of[j])
+    values = matrix[i, j].double()
+    return float(values[same].mean()), float(values[grouped & ~same].mean())
+
+
+def mask_overlap(activations: torch.Tensor, partition: GroupPartition, *, quantile: float,
+                 top_images: int) -> dict[str, float]:
+    """Measures of one layer's thresholded activation masks that no CGL loss trains [I] (claims G5, G7).
+
+    `activations`: (N, C, H, W) maps of N images. Each unit's mask is where its map exceeds T_k, the
+    unit's top-`quantile` level over all images and positions (Network Dissection's threshold), at
+    feature-map resolution. Returns the mean IoU (over images and positions together) of the masks of
+    two units of one group (`mask_iou_within`) and of two grouped units of different groups
+    (`mask_iou_across`), and `top_area`: the share of the map above T_k in each unit's `top_images`
+    images with the largest maximum (the spec's above-T_k region of the top-K images), averaged over the
+    grouped units.
+    """
+    n, c = activations.shape[:2]
+    flat = activations.transpose(0, 1).reshape(c, -1).float()
+    top = TopValues(c, flat.shape[1], quantile_level(quantile), flat.device)
+    top.update(flat)
+    masks = compare_to_thresholds(flat, comparison_thresholds(top.thresholds(), ">")[:, None], ">").float()
+    intersection = masks @ masks.T
+    size = masks.sum(1)
+    union = size[:, None] + size[None, :] - intersection
+    iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.zeros_like(union))
+    within, across = _pair_means(iou, partition)
+    per_image = masks.reshape(c, n, -1)
+    best = activations.float().flatten(2).amax(-1).T.topk(min(top_images, n), dim=1).indices  # (C, K)
+    area = per_image.mean(-1).gather(1, best)[: partition.grouped].mean()
+    return {"mask_iou_within": within, "mask_iou_across": across, "top_area": float(area)}
+
+
+def weight_correlation(weight: torch.Tensor, partition: GroupPartition) -> tuple[float, float]:
+    """Mean Pearson correlation of two filters' weights within a group and across groups (a collapse
+    diagnostic: filters copied inside a group correlate near 1) [I]."""
+    flat = weight.detach().flatten(1).double().cpu()
+    centred = flat - flat.mean(1, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return _pair_means(unit @ unit.T, partition)
+
+
 @torch.no_grad()
 def group_statistics(model: nn.Module, layers: Sequence[str], dataset: Dataset, *, groups: int = GROUPS,
-                     images: int = 256, batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
-    """Per layer on up to `images` held-out images: mean within-group soft-IoU distance of psi (G5)
-    and mean spatial spread L_s with coordinates in [0, 1] (the spec's G7 proxy) [I]."""
+                     images: int = 256, batch_size: int, device: str | torch.device | None = None,
+                     quantile: float = 0.005, top_images: int = 10) -> pd.DataFrame:
+    """Per layer on up to `images` held-out images [I]:
+    - the trained losses as manipulation checks: mean within-group soft-IoU distance of psi (L_g, G5)
+      and mean spatial spread L_s with coordinates in [0, 1] (G7);
+    - collapse diagnostics: `psi_variance`, the per-image spatial variance of psi (about 0 for flat
+      maps), and the within/across-group weight correlation (`weight_correlation`);
+    - untrained measures (`mask_overlap`) on the output of the conv producing each layer (the dissected
+      activations): thresholded-mask IoU within and across groups (G5) and the above-T_k area of the top
+      images (G7).
+    """
     device = runtime.resolve_device(device)
     model = model.to(device).eval()
     subset = torch.utils.data.Subset(dataset, range(min(images, len(dataset))))
     field = SoftReceptiveField().to(device)
-    sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in layers}  # psi in the BN form for BN layers
+    sums = {layer: torch.zeros(3, dtype=torch.float64) for layer in layers}  # psi in the BN form for BN layers
+    convs = {layer: producing_conv(model, layer) for layer in layers}  # masks: the dissected conv outputs
+    kept: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     count = 0
-    with capture_activations(model, layers) as acts:
+    with capture_activations(model, list(dict.fromkeys([*layers, *convs.values()]))) as acts:
         for batch, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size):
             model(batch.to(device))
             for layer in layers:
                 psi = field.of_layer(model, layer, acts[layer])
-                distance = within_group_distance(psi, partition_filters(psi.shape[1], groups, min_size=2)).mean()
+                partition = partition_filters(psi.shape[1], groups, min_size=2)
+                distance = within_group_distance(psi, partition).mean()
                 spread = spatial_spread(psi, normalise_coordinates=True).mean()
-                sums[layer] += torch.stack([distance, spread]).double().cpu() * len(batch)
+                variance = psi[:, : partition.grouped].flatten(2).var(-1).mean()
+                sums[layer] += torch.stack([distance, spread, variance]).double().cpu() * len(batch)
+                kept[layer].append(acts[convs[layer]].detach().float().cpu())
             count += len(batch)
-    return pd.DataFrame([{"layer": layer, "within_group_distance": float(v[0] / count), "spatial_spread": float(v[1] / count)}
-                         for layer, v in sums.items()])
+    rows = []
+    for layer, v in sums.items():
+        activations = torch.cat(kept[layer])
+        partition = partition_filters(activations.shape[1], groups, min_size=2)
+        corr_within, corr_across = weight_correlation(model.get_submodule(convs[layer]).weight, partition)
+        rows.append({"layer": layer, "within_group_distance": float(v[0] / count), "spatial_spread": float(v[1] / count),
+                     "psi_variance": float(v[2] / count), "weight_corr_within": corr_within,
+                     "weight_corr_across": corr_across,
+                     **mask_overlap(activations, partition, quantile=quantile, top_images=top_images)})
+    return pd.DataFrame(rows)
 
 
 def purity_pairs(purity: pd.DataFrame, variant: str = "cgl") -> pd.DataFrame:
