@@ -61,9 +61,9 @@ class NADSettings:
     connection type give the null of N6; a pretrained arch is always one network.
     `stability_seeds`: further search seeds run on the first network of each of `stability_archs`
     (None = every arch) for path stability, on the classes `stability_classes` (None = all; a
-    class's path does not depend on which classes are searched with it). beta check [I]: with a `beta_grid`, the first network
-    of each arch is searched for `beta_epochs` on the classes `beta_classes` at every grid value,
-    and the arch's beta is the smallest whose paths keep at most `beta_max_kept` of the units
+    class's path does not depend on which classes are searched with it). beta check [I]: with a
+    `beta_grid`, the first network of each arch is searched for `beta_epochs` on the classes
+    `beta_classes` at every grid value, and the arch's beta is the smallest whose paths keep at most `beta_max_kept` of the units
     (the largest when none does; `calibrate_betas`); an explicit `beta[arch]` skips the check.
     """
 
@@ -258,6 +258,15 @@ def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], cla
     return paths
 
 
+def first_networks(networks: Mapping[str, Network]) -> dict[str, str]:
+    """Per arch, the name of its first network (the one the beta check, the stability searches and
+    the placement table read)."""
+    first: dict[str, str] = {}
+    for name, network in networks.items():
+        first.setdefault(network.arch, name)
+    return first
+
+
 def _key(network: Network, settings: NADSettings) -> dict[str, Any]:
     return {**network.key, "images_per_class": settings.train_images_per_class}
 
@@ -269,11 +278,9 @@ def calibrate_betas(networks: Mapping[str, Network], images: ClassImages, settin
     most `beta_max_kept` of the units (mean over those classes; the largest beta when none does).
     Returns the settings with those betas set and one row per (arch, beta): units kept, the path's
     own-class accuracy on the val images and the original's, and whether it was chosen."""
-    first: dict[str, Network] = {}
-    for network in networks.values():
-        first.setdefault(network.arch, network)
     rows, chosen = [], {}
-    for arch, network in first.items():
+    for arch, name in first_networks(networks).items():
+        network = networks[name]
         if not settings.calibrating(arch):
             continue
         classes = [c for c in settings.beta_classes if c in images.train]
@@ -317,9 +324,7 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
     its `settings.search_config`), and the first network of each of `settings.stability_archs`
     searched again with every `settings.stability_seeds`."""
     paths, repeats, seconds = {}, {}, {}
-    first = {}
-    for name, network in networks.items():
-        first.setdefault(network.arch, name)
+    first = first_networks(networks)
     for name, network in networks.items():
         start = time.perf_counter()
         config = settings.search_config(network.arch)
@@ -515,9 +520,7 @@ def save_paths(paths: Mapping[str, PathSet], folder: str | Path) -> None:
 def placement_table(networks: Mapping[str, Network]) -> pd.DataFrame:
     """Per arch (its first network): its connection family, the number of gates, the units they gate,
     and each gate's channels and spatial size (space-separated, in forward order)."""
-    first = {}
-    for network in networks.values():
-        first.setdefault(network.arch, network)
+    first = {arch: networks[name] for arch, name in first_networks(networks).items()}
     return pd.DataFrame([{"arch": arch, "family": connection_family(network.model), "gates": len(network.locations),
                           "units": sum(loc.channels for loc in network.locations),
                           "channels": " ".join(str(loc.channels) for loc in network.locations),
