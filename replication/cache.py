@@ -23,11 +23,12 @@ def canonical(config: Any) -> Any:
 
     A dataclass field declared with `metadata={"cache_key": False}` is left out: it says how a result
     is computed, not what it is (e.g. `TrainConfig.distributed`), so adding such a field keeps every
-    existing cache key.
+    existing cache key. A field declared with `metadata={"cache_key": "if_set"}` is keyed only when it
+    differs from its default: an option added later keeps the keys of every result computed without it.
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: canonical(getattr(config, f.name)) for f in dataclasses.fields(config)
-                if f.metadata.get("cache_key", True)}
+                if _keyed(f, getattr(config, f.name))}
     if isinstance(config, dict):
         return {str(k): canonical(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))}
     if isinstance(config, (list, tuple)):
@@ -35,6 +36,11 @@ def canonical(config: Any) -> Any:
     if isinstance(config, Path):
         return str(config)
     return config
+
+
+def _keyed(field: dataclasses.Field, value: Any) -> bool:
+    rule = field.metadata.get("cache_key", True)
+    return value != field.default if rule == "if_set" else bool(rule)
 
 
 def config_hash(config: Any, length: int = 12) -> str:

@@ -57,6 +57,21 @@ def test_width_scales_every_conv_and_keeps_torchvision_names(arch):
         assert [n for n, _ in quarter.named_modules()] == [n for n, _ in reference.named_modules()]
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_keep_stem_pool_halves_every_stage_and_keeps_the_cache_key_of_configs_without_it(arch):
+    from replication.cache import config_hash
+
+    model = build_backbone(arch, 10, small_input=True, width=0.25, keep_stem_pool=True).eval()
+    layer = anatomy_of(model).last_conv
+    with torch.no_grad(), capture_activations(model, layer) as acts:
+        model(torch.randn(1, 3, 64, 64))
+    assert tuple(acts[layer].shape[2:]) == (SMALL_64PX_SIZE[arch] // 2,) * 2
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in small(arch).named_modules()]
+    plain = BackboneConfig(arch, small_input=True)
+    assert config_hash(plain) == config_hash({"arch": arch, "small_input": True, "width": 1.0, "weights": None})
+    assert config_hash(BackboneConfig(arch, small_input=True, keep_stem_pool=True)) != config_hash(plain)
+
+
 def test_relus_are_not_inplace_so_hooks_see_pre_activations():
     model = small("alexnet").eval()
     with torch.no_grad(), capture_activations(model, "features.0") as acts:
@@ -93,6 +108,8 @@ def test_bad_arguments_say_what_is_valid():
         build_backbone("resnet34", 10)
     with pytest.raises(ValueError, match="width must be > 0"):
         build_backbone("resnet18", 10, width=0)
+    with pytest.raises(ValueError, match="does not apply to arch 'vgg16'"):
+        build_backbone("vgg16", 10, small_input=True, keep_stem_pool=True)
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:

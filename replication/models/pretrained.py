@@ -93,6 +93,9 @@ class PretrainedSpec:
 
 EDGE_MEAN = (127 / 255,) * 3  # TensorFlow's EfficientNet-Lite preprocessing: (pixel - 127) / 128
 EDGE_STD = (128 / 255,) * 3
+# the normalisation torchvision's networks expect, which every dataset here applies (data.broden.IMAGENET_MEAN)
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
 
 PRETRAINED = {
     "efficientnet_lite0": PretrainedSpec(
@@ -159,6 +162,41 @@ def pretrained(name: str = "efficientnet_lite0", *, weights: str | Path | None =
     model = timm.create_model(spec.timm_arch, pretrained=False, num_classes=spec.num_classes)
     model.load_state_dict(_renamed(state, model, f"{name} (timm {spec.timm_arch})", path, reinstall), strict=True)
     return model.to(resolve_device(device)).eval()
+
+
+class InputRenormalisation:
+    """A forward pre-hook that re-normalises a network's input: images normalised by `from_mean` /
+    `from_std` become images normalised by `to_mean` / `to_std` (exactly: the same [0, 1] pixels). It lets
+    a network with its own preprocessing read the datasets' tensors; a class, so that copies of the model
+    (`copy.deepcopy`) keep it."""
+
+    def __init__(self, from_mean: Sequence[float], from_std: Sequence[float], to_mean: Sequence[float],
+                 to_std: Sequence[float]) -> None:
+        source_mean, source_std = torch.tensor(from_mean), torch.tensor(from_std)
+        target_mean, target_std = torch.tensor(to_mean), torch.tensor(to_std)
+        self.scale = (source_std / target_std).view(1, 3, 1, 1)
+        self.shift = ((source_mean - target_mean) / target_std).view(1, 3, 1, 1)
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        images, *rest = args
+        return (images * self.scale.to(images) + self.shift.to(images), *rest)
+
+
+def pretrained_for_task(name: str, num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
+    """The ImageNet-trained network `name` (`pretrained`, on the CPU) with a fresh `num_classes`-way
+    classifier (timm's `reset_classifier`: its default initialisation), to be fine-tuned on a task.
+
+    It reads images normalised as torchvision's networks expect (`TORCHVISION_MEAN` / `TORCHVISION_STD`,
+    the datasets' normalisation) and converts them to its own (`InputRenormalisation`), at the size they
+    come in. Module names are those of `pretrained`, so its anatomy and gate placement still apply.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    spec = spec_of(name)
+    model = pretrained(name, weights=weights, device="cpu").train()
+    model.reset_classifier(num_classes)
+    model.register_forward_pre_hook(InputRenormalisation(TORCHVISION_MEAN, TORCHVISION_STD, spec.mean, spec.std))
+    return model
 
 
 def _renamed(state: Mapping[str, torch.Tensor], model: nn.Module, network: str, path: Path,

@@ -38,6 +38,7 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
 from replication.models.anatomy import connection_family
 from replication.reporting.claims import cluster_means
 from replication.models.backbones import BackboneConfig
+from replication.models.pretrained import PRETRAINED
 from replication.runtime import resolve_device
 from replication.training.classifiers import RecipeSearch, plateaued, select_recipe, train_world_classifier
 from replication.training.loop import TrainConfig
@@ -51,7 +52,8 @@ class NADSettings:
     overrides), resized to `image_size` (None = as stored, ConceptWorld); `max_classes`: the first
     classes only (spec open point 3: 100 for ImageNet; None = every class); `model_overrides[arch]` /
     `train_overrides[arch]` change the profile's [model] / [train] fields for that arch (an arch
-    without overrides is the shared baseline of notebook 00). `search` (the table [nad.search]) is the
+    without overrides is the shared baseline of notebook 00); `recipe_from[arch]`: the arch whose
+    searched recipe `arch` is trained with (`training_recipes`). `search` (the table [nad.search]) is the
     `PathSearchConfig` of every arch, with beta from `official_beta(arch, beta_dataset)` unless
     `beta[arch]` is given (`search_config`). `*_images_per_class` cap the images used (None = all).
     `dissect_layers`: dissect only the last gate locations (None = all). `mosaic_scale`: mosaic side /
@@ -73,6 +75,7 @@ class NADSettings:
     max_classes: int | None = None
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     train_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    recipe_from: Mapping[str, str] = field(default_factory=dict)
     beta: Mapping[str, float] = field(default_factory=dict)
     beta_dataset: str = "imagenet"
     search: PathSearchConfig = PathSearchConfig()
@@ -214,13 +217,24 @@ def training_recipes(settings: NADSettings, root: str | Path, *, model_config: B
     """Per arch, the recipe its networks are trained with: notebook 00's procedure (`select_recipe`:
     `search`'s candidates scored on a tuning split, for the arch's model config) so that every
     network is trained alike and its baseline is shared through the cache), or `train_config` (the
-    profile's [train]) when `search` is None (real data); then the arch's `train_overrides`."""
+    profile's [train]) when `search` is None (real data) or the arch is a pretrained network that is
+    fine-tuned (`pretrained.PRETRAINED`: a from-scratch recipe search does not apply) [I]; then the
+    arch's `train_overrides`.
+    An arch of `settings.recipe_from` takes the recipe chosen for the arch it names instead of its own
+    search (CPU time) [I]."""
+    chosen = {}
+
+    def searched(arch: str) -> TrainConfig:
+        if arch not in chosen:
+            config = dataclasses.replace(model_config, arch=arch, **settings.model_overrides.get(arch, {}))
+            chosen[arch], _ = select_recipe(root, config, train_config, search, device=device)
+        return chosen[arch]
+
     recipes = {}
     for arch in settings.archs:
         recipe = train_config
-        if search is not None:
-            config = dataclasses.replace(model_config, arch=arch, **settings.model_overrides.get(arch, {}))
-            recipe, _ = select_recipe(root, config, train_config, search, device=device)
+        if search is not None and arch not in PRETRAINED:
+            recipe = searched(settings.recipe_from.get(arch, arch))
         recipes[arch] = dataclasses.replace(recipe, **settings.train_overrides.get(arch, {}))
     return recipes
 
