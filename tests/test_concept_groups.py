@@ -11,6 +11,7 @@ import math
 import pickle
 import weakref
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -762,3 +763,28 @@ def test_sweep_stops_at_the_first_lambda_out_of_tolerance(monkeypatch):
     assert_close(table["drop"].tolist(), [0.0, 0.0, 5.0], atol=1e-9)
     assert table["drop_se"].iloc[2] == pytest.approx(100 * np.std([0] * 19 + [1], ddof=1) / math.sqrt(20))
     assert set(table["tuning_images"]) == {20}
+
+
+def test_fig5_panels_show_the_most_relevant_groups_first_units_top_images_and_their_above_threshold_area():
+    from replication.methods.concept_groups.figures import plot_top_activations
+
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[2, 0] = 3.0  # group 1 (filters 2, 3) has the larger norm: its first filter, 2, reads red
+        conv.weight[0, 1] = 1.0  # group 0's first filter reads green
+    images = torch.zeros(6, 3, 4, 4)
+    for i in range(6):  # image i: a red square of side 1 + i // 2 and a green square of side 3 - i // 2
+        images[i, 0, : 1 + i // 2, : 1 + i // 2] = 1.0 + 0.1 * i
+        images[i, 1, 3 - (3 - i // 2):, 3 - (3 - i // 2):] = 1.0 + 0.1 * (5 - i)
+    dataset = TensorDataset(images, torch.zeros(6, dtype=torch.long))
+    fig = plot_top_activations({"net": nn.Sequential(conv)}, "0", dataset, images=6, groups=2, units=2, top_k=2,
+                               quantile=0.1, mean=(0, 0, 0), std=(1, 1, 1), batch_size=4, device="cpu")
+    rows = np.array(fig.axes).reshape(2, 2)
+    assert rows[0, 0].get_ylabel() == "net\nunit 2 (group 1)" and rows[1, 0].get_ylabel() == "net\nunit 0 (group 0)"
+    # T_k is the top 10% of 96 red values: above it only the brightest red pixels (images 5 and 4)
+    red = (images[:, 0] * 3.0).flatten()
+    level = torch.quantile(red, 0.9, interpolation="linear").item()
+    expected = [float((images[i, 0] * 3.0 > level).float().mean()) for i in (5, 4)]
+    assert [ax.get_xlabel() for ax in rows[0]] == [f"area {a:.2f}" for a in expected]
+    plt.close(fig)

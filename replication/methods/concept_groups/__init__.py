@@ -18,7 +18,7 @@ Modules, lowest first (each imports only those before it):
   -> `TaskData`), `VariantRecipe`, `train_variant` and the run functions `run_sweep`, `run_synthetic`,
   `run_main`, `run_group_statistics`;
 - `claims`: `claim_results(...) -> list[ClaimResult]` (G1-G8);
-- `figures`: `plot_group_maps`.
+- `figures`: `plot_group_maps`, `plot_top_activations` (Fig. 5), `plot_relevance`.
 
 The experiment convention (as for every paper): a settings dataclass built from the profile section,
 run functions returning tables, `claim_results` and figure functions; all re-exported here.
@@ -49,7 +49,7 @@ from replication.methods.concept_groups.experiment import (
     train_variant,
     training_record,
 )
-from replication.methods.concept_groups.figures import plot_group_maps, plot_relevance
+from replication.methods.concept_groups.figures import plot_group_maps, plot_relevance, plot_top_activations
 from replication.methods.concept_groups.groups import GROUPS, GroupPartition, group_weight_norms, partition_filters
 from replication.methods.concept_groups.layers import (
     ACTIVATION_CONVS,
@@ -99,7 +99,7 @@ __all__ = [
     "GroupActivationLoss", "GroupPartition", "MapStatistics", "SoftReceptiveField", "SpatialLoss", "TaskData",
     "TrainedModel", "VariantRecipe", "activation_layers", "build_model", "cgl_loss_terms", "claim_results",
     "dissected_layers", "dissection_tables", "group_purity", "group_statistics", "group_weight_norms", "grouped_layers",
-    "integrated_lr", "main_task", "mask_overlap", "partition_filters", "plot_group_maps", "plot_relevance",
+    "integrated_lr", "main_task", "mask_overlap", "partition_filters", "plot_group_maps", "plot_relevance", "plot_top_activations",
     "purity_pairs", "ratio_of_unique_detectors", "relevance_distributions", "relevance_summary", "relevance_table",
     "run_group_statistics", "run_main", "run_sweep", "run_synthetic", "select_lambda", "shrinkage_budget",
     "soft_iou_distance", "spatial_spread", "synthetic_task", "train_variant", "training_record", "weight_correlation",

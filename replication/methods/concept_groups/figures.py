@@ -1,5 +1,6 @@
-"""The paper's figures: the soft receptive fields of one group's filters on the same images (Figs. 2, 5) and
-the distribution of the groups' relevance factors beta (Fig. 4)."""
+"""The paper's figures: the soft receptive fields of one group's filters on the same images (Fig. 2), the
+top-activating images of units with their above-T_k regions (Fig. 5) and the distribution of the groups'
+relevance factors beta (Fig. 4)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,8 +12,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from torch.utils.data import Dataset
+
 from replication import runtime
 from replication.methods.concept_groups.groups import GROUPS, group_weight_norms, partition_filters
+from replication.methods.concept_groups.metrics import above_threshold
 from replication.methods.concept_groups.receptive_field import SoftReceptiveField
 from replication.models.anatomy import producing_conv
 from replication.models.hooks import capture_activations
@@ -53,6 +57,56 @@ def plot_group_maps(models: dict[str, nn.Module], layer: str, images: torch.Tens
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{layer}: soft receptive fields of one group (most relevant by beta)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def plot_top_activations(models: dict[str, nn.Module], layer: str, dataset: Dataset, *, images: int,
+                         groups: int = GROUPS, units: int = 2, top_k: int = 5, quantile: float = 0.005,
+                         mean: Sequence[float], std: Sequence[float], batch_size: int,
+                         device: str | torch.device | None = None) -> Figure:
+    """The paper's Fig. 5: for each model, `units` units of `layer`'s conv (the first filter of each of
+    its `units` most relevant groups by beta [I]) and the `top_k` of the first `images` images of
+    `dataset` with the largest maximum activation, dimmed outside the region above T_k (the unit's
+    top-`quantile` level over those images, Network Dissection's threshold; the feature-map mask is
+    enlarged to the image by nearest neighbours). The label gives the region's share of the map: a
+    compact region is the paper's claim for L_s (G7). Rows: model x unit; columns: images.
+    """
+    device = runtime.resolve_device(device)
+    subset = torch.utils.data.Subset(dataset, range(min(images, len(dataset))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
+    pixels = torch.cat([batch[0] for batch in loader])
+    shown = (pixels * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    fig, axes = plt.subplots(len(models) * units, top_k, figsize=(1.5 * top_k, 1.6 * len(models) * units),
+                             squeeze=False)
+    for m, (name, model) in enumerate(models.items()):
+        model = model.to(device).eval()
+        conv = producing_conv(model, layer)
+        maps = []
+        with capture_activations(model, [conv]) as acts:
+            for start in range(0, len(pixels), batch_size):
+                model(pixels[start:start + batch_size].to(device))
+                maps.append(acts[conv].cpu())
+        maps = torch.cat(maps)
+        masks = above_threshold(maps, quantile=quantile)
+        weight = model.get_submodule(conv).weight.detach().cpu()
+        partition = partition_filters(weight.shape[0], groups)
+        chosen = group_weight_norms(weight, partition).argsort(descending=True)[:units]
+        for u, group in enumerate(chosen.tolist()):
+            unit = group * partition.group_size
+            best = maps[:, unit].flatten(1).amax(1).topk(top_k).indices
+            row = axes[m * units + u]
+            for ax, index in zip(row, best.tolist()):
+                mask = masks[index, unit].float()
+                region = torch.nn.functional.interpolate(mask[None, None], size=shown.shape[2:], mode="nearest")[0]
+                ax.imshow((shown[index] * (0.25 + 0.75 * region)).permute(1, 2, 0).numpy())
+                ax.set_xlabel(f"area {float(mask.mean()):.2f}", fontsize=7)
+            row[0].set_ylabel(f"{name}\nunit {unit} (group {group})", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{layer}: top-{top_k} images per unit, outside the above-T_k region dimmed", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -114,6 +114,17 @@ def _pair_means(matrix: torch.Tensor, partition: GroupPartition) -> tuple[float,
     return float(values[same].mean()), float(values[grouped & ~same].mean())
 
 
+def above_threshold(activations: torch.Tensor, *, quantile: float) -> torch.Tensor:
+    """(N, C, H, W) booleans: where each unit's map exceeds T_k, its top-`quantile` level over all N images
+    and positions (Network Dissection's threshold, at feature-map resolution)."""
+    n, c = activations.shape[:2]
+    flat = activations.transpose(0, 1).reshape(c, -1).float()
+    top = TopValues(c, flat.shape[1], quantile_level(quantile), flat.device)
+    top.update(flat)
+    masks = compare_to_thresholds(flat, comparison_thresholds(top.thresholds(), ">")[:, None], ">")
+    return masks.reshape(c, n, *activations.shape[2:]).transpose(0, 1)
+
+
 def mask_overlap(activations: torch.Tensor, partition: GroupPartition, *, quantile: float,
                  top_images: int) -> dict[str, float]:
     """Measures of one layer's thresholded activation masks that no CGL loss trains [I] (claims G5, G7).
@@ -127,10 +138,7 @@ def mask_overlap(activations: torch.Tensor, partition: GroupPartition, *, quanti
     grouped units.
     """
     n, c = activations.shape[:2]
-    flat = activations.transpose(0, 1).reshape(c, -1).float()
-    top = TopValues(c, flat.shape[1], quantile_level(quantile), flat.device)
-    top.update(flat)
-    masks = compare_to_thresholds(flat, comparison_thresholds(top.thresholds(), ">")[:, None], ">").float()
+    masks = above_threshold(activations, quantile=quantile).transpose(0, 1).reshape(c, -1).float()
     intersection = masks @ masks.T
     size = masks.sum(1)
     union = size[:, None] + size[None, :] - intersection
