@@ -53,12 +53,7 @@ def plot_group_maps(models: dict[str, nn.Module], layer: str, images: torch.Tens
                 row[f + 1].imshow(maps[i, f].numpy(), cmap="magma", vmin=0, vmax=1)
                 if m == 0 and i == 0:
                     row[f + 1].set_title(f"filter {group * partition.group_size + f}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{layer}: soft receptive fields of one group (most relevant by beta)", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _image_grid_done(fig, axes, f"{layer}: soft receptive fields of one group (most relevant by beta)")
 
 
 @torch.no_grad()
@@ -103,10 +98,15 @@ def plot_top_activations(models: dict[str, nn.Module], layer: str, dataset: Data
                 ax.imshow((shown[index] * (0.25 + 0.75 * region)).permute(1, 2, 0).numpy())
                 ax.set_xlabel(f"area {float(mask.mean()):.2f}", fontsize=7)
             row[0].set_ylabel(f"{name}\nunit {unit} (group {group})", fontsize=7)
+    return _image_grid_done(fig, axes, f"{layer}: top-{top_k} images per unit, outside the above-T_k region dimmed")
+
+
+def _image_grid_done(fig: Figure, axes: np.ndarray, title: str) -> Figure:
+    """A grid of images without ticks, titled and laid out."""
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{layer}: top-{top_k} images per unit, outside the above-T_k region dimmed", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
