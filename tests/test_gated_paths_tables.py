@@ -135,3 +135,14 @@ def test_recipes_are_searched_once_per_arch_borrowed_by_recipe_from_and_not_sear
     assert searched == ["resnet18"]
     assert recipes["densenet121"] == recipes["resnet18"] == TrainConfig(epochs=1, batch_size=8, lr=0.1)
     assert recipes["efficientnet_lite0"] == TrainConfig(epochs=30, batch_size=64, lr=0.01)
+
+
+def test_each_network_is_analysed_under_its_arch_so_that_n6_can_pair_networks_of_one_arch(monkeypatch):
+    from replication.methods.gated_paths import experiment
+
+    monkeypatch.setattr(experiment, "analyse_architecture", lambda model, arch, paths, *args, **kwargs: (arch, paths))
+    networks = {f"resnet18_s{seed}": gp.Network(residual_model(), "resnet18", seed, {}, None, LOCATIONS) for seed in (0, 1)}
+    images = gp.ClassImages(None, None, [0], train={}, val={})
+    results = gp.analyse_networks(networks, {"resnet18_s1": "paths of s1"}, images, [], gp.NADSettings(),
+                                  mosaic_size=8, batch_size=4)
+    assert results == {"resnet18_s1": ("resnet18", "paths of s1")}

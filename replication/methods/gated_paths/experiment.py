@@ -442,9 +442,10 @@ def analyse_networks(networks: Mapping[str, Network], paths: Mapping[str, PathSe
                      device: str | torch.device | None = None) -> dict[str, ArchitectureResult]:
     """`analyse_architecture` of every network whose `paths` were searched: path accuracy on the
     validation images, hit rates on `mosaics` of validation images."""
-    return {arch: analyse_architecture(networks[arch].model, arch, paths[arch], images.val, images.val_set, mosaics,
-                                       settings, mosaic_size=mosaic_size, batch_size=batch_size, device=device)
-            for arch in paths}
+    return {name: analyse_architecture(networks[name].model, networks[name].arch, paths[name], images.val,
+                                       images.val_set, mosaics, settings, mosaic_size=mosaic_size,
+                                       batch_size=batch_size, device=device)
+            for name in paths}
 
 
 @dataclass(frozen=True)
