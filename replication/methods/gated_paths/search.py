@@ -322,26 +322,27 @@ def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
 
 
 class _SampleSquaredError(torch.autograd.Function):
-    """||output - target||^2 per sample (over all dims but the first); target takes no gradient.
+    """||output - target||^2 per sample (over all dims but the first); `target` takes no gradient.
 
-    Autograd's own backward of `square().mean()` (or of a norm) takes two to three passes over the
-    difference and a full-size temporary; this one is a single pass.
+    One pass over the difference each way, with no full-size temporary: the difference is written
+    over `target` (pass one that is not needed afterwards) and the backward scales it in place (so it
+    runs once: no `retain_graph`). Autograd's own `square().mean()` takes three passes and two temporaries.
     """
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        difference = output - target
+        difference = torch.sub(output, target, out=target)
         ctx.save_for_backward(difference)
         return torch.linalg.vector_norm(difference, dim=tuple(range(1, difference.dim()))).square()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (difference,) = ctx.saved_tensors
-        return difference * (2 * grad).view(-1, *[1] * (difference.dim() - 1)), None
+        return difference.mul_((2 * grad).view(-1, *[1] * (difference.dim() - 1))), None
 
 
 def _sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of each sample (dim 0)."""
+    """Mean squared difference of each sample (dim 0); overwrites `target` (`_SampleSquaredError`)."""
     return _SampleSquaredError.apply(output, target) / output[0].numel()
 
 
@@ -376,7 +377,8 @@ def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, 
         correct.append(model(images[start:start + batch_size].to(device)).argmax(1) == labels[start:start + batch_size])
         for name, value in hooks.outputs.items():
             outputs.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in outputs.items()}, torch.cat(correct)
+    return {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in outputs.items()}, \
+        torch.cat(correct)
 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
@@ -438,6 +440,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                 weights = correct.to(logits.dtype) if config.mse_on_correct_only else ones
                 mse = _segment_mean(sum(_sample_mse(hooks.outputs[name], original[name]) for name in original),
                                     rows, weights, n_classes)
+                del original  # now the differences, which the backward turns into gradients in place
                 act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
                 sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in gate_logits) / n_layers
                 losses = act + config.beta * sparsity
