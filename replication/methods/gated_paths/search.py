@@ -346,6 +346,17 @@ def _sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _SampleSquaredError.apply(output, target) / output[0].numel()
 
 
+def _rows(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`value[index]` (dim 0) in `value`'s memory format, copied row by row (`index_select`; on a
+    channels-last tensor through its storage order, where `value[index]` takes a slower path)."""
+    if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
+        rows = torch.empty(len(index), *value.shape[1:], dtype=value.dtype, device=value.device,
+                           memory_format=torch.channels_last)
+        torch.index_select(value.permute(0, 2, 3, 1), 0, index, out=rows.permute(0, 2, 3, 1))
+        return rows
+    return value.index_select(0, index)
+
+
 def search_copy(model: nn.Module, locations: Sequence[GateLocation]) -> tuple[nn.Module, torch.memory_format]:
     """A copy of the frozen eval-mode `model` that computes the same function faster for path search.
 
@@ -432,7 +443,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                         if not cache_original:
                             original = {name: value[keep] for name, value in original.items()}
                 if cache_original:
-                    original = {name: value[index] for name, value in cached_outputs.items()}
+                    original = {name: _rows(value, index) for name, value in cached_outputs.items()}
                 hooks.set([gate_values(m, config.gate_function) for m in gate_logits], rows)
                 logits = model(x)
                 ones = torch.ones_like(correct, dtype=logits.dtype)
