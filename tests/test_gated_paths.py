@@ -170,6 +170,15 @@ def test_class_path_loss_known_value():
     assert_close(loss, math.log(3) + (1.0 + 9.0) / 2 / 2 + 2.0 * 0.25)
 
 
+def test_sample_mse_value_and_its_one_pass_gradient_by_hand():
+    output = torch.tensor([[1.0, 2.0], [0.0, 4.0]]).view(2, 1, 1, 2).requires_grad_(True)
+    target = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    mse = nad_search._sample_mse(output, target)
+    assert_close(mse, [(1 + 4) / 2, (1 + 9) / 2])
+    (grad,) = torch.autograd.grad((mse * torch.tensor([1.0, 2.0])).sum(), output)
+    assert_close(grad.flatten(1), [[1.0, 2.0], [-2.0, 6.0]])  # weight * 2 (output - target) / 2
+
+
 def test_each_step_moves_every_layer_by_lr():
     model, locations, class_images = tiny_setup()
     config = gp.PathSearchConfig(beta=1.0, epochs=1, batch_size=16, skip_batches_without_correct=False)

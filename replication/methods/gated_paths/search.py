@@ -321,6 +321,42 @@ def _segment_mean(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
     return total / count.clamp_min(1)
 
 
+class _SampleSquaredError(torch.autograd.Function):
+    """||output - target||^2 per sample (over all dims but the first); `target` takes no gradient.
+
+    One pass over the difference each way, with no full-size temporary: the difference is written
+    over `target` (pass one that is not needed afterwards) and the backward scales it in place (so it
+    runs once: no `retain_graph`). Autograd's own `square().mean()` takes three passes and two temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        difference = torch.sub(output, target, out=target)
+        ctx.save_for_backward(difference)
+        return torch.linalg.vector_norm(difference, dim=tuple(range(1, difference.dim()))).square()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (difference,) = ctx.saved_tensors
+        return difference.mul_((2 * grad).view(-1, *[1] * (difference.dim() - 1))), None
+
+
+def _sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of each sample (dim 0); overwrites `target` (`_SampleSquaredError`)."""
+    return _SampleSquaredError.apply(output, target) / output[0].numel()
+
+
+def _rows(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`value[index]` (dim 0) in `value`'s memory format, copied row by row (`index_select`; on a
+    channels-last tensor through its storage order, where `value[index]` takes a slower path)."""
+    if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
+        rows = torch.empty(len(index), *value.shape[1:], dtype=value.dtype, device=value.device,
+                           memory_format=torch.channels_last)
+        torch.index_select(value.permute(0, 2, 3, 1), 0, index, out=rows.permute(0, 2, 3, 1))
+        return rows
+    return value.index_select(0, index)
+
+
 def search_copy(model: nn.Module, locations: Sequence[GateLocation]) -> tuple[nn.Module, torch.memory_format]:
     """A copy of the frozen eval-mode `model` that computes the same function faster for path search.
 
@@ -342,17 +378,18 @@ def _original_bytes(locations: Sequence[GateLocation], n_images: int) -> int:
 
 
 @torch.no_grad()
-def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, label: int, batch_size: int,
+def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                       device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The original net's outputs at every gate location, and whether it classifies each image as `label`."""
+    """The original net's outputs at every gate location, and whether it classifies each image as its label."""
     hooks.set(None)
     outputs: dict[str, list[torch.Tensor]] = {}
     correct = []
     for start in range(0, len(images), batch_size):
-        correct.append(model(images[start:start + batch_size].to(device)).argmax(1) == label)
+        correct.append(model(images[start:start + batch_size].to(device)).argmax(1) == labels[start:start + batch_size])
         for name, value in hooks.outputs.items():
             outputs.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in outputs.items()}, torch.cat(correct)
+    return {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in outputs.items()}, \
+        torch.cat(correct)
 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
@@ -361,6 +398,7 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                   memory_format: torch.memory_format) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
 
+    The chunk's images are pooled in one tensor; a step gathers its batch from it by `index`.
     `cache_original`: run the original net once per image and keep its outputs (the images are fixed
     tensors, so they are the same every epoch) instead of once per step as the official loop does.
     `memory_format`: the layout `model` runs fastest in (`search_copy`).
@@ -368,32 +406,31 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
     n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
     gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
                    for l in range(n_layers)]
-    images = [class_images[c].contiguous(memory_format=memory_format) for c in classes]
-    class_ids = torch.tensor(classes, device=device)
+    sizes = torch.tensor([len(class_images[c]) for c in classes])
+    first_image = (sizes.cumsum(0) - sizes).tolist()
+    images = torch.cat([class_images[c] for c in classes]).contiguous(memory_format=memory_format)
+    image_rows = torch.repeat_interleave(torch.arange(n_classes), sizes).to(device)
+    image_labels = torch.tensor(classes, device=device)[image_rows]
     tracker = _EpochTracker(classes, gate_logits, config)
     with frozen(model), gated(model, locations) as hooks:
-        cached = [_original_outputs(model, hooks, images[k], c, max(bs, 256), device) for k, c in enumerate(classes)
-                  ] if cache_original else None
+        if cache_original:
+            cached_outputs, cached_correct = _original_outputs(model, hooks, images, image_labels, max(bs, 256), device)
         for epoch in progress(range(config.epochs), desc=f"search epochs ({n_classes} classes)"):
             if not tracker.running.any():
                 break
-            orders = [plan.orders[epoch] if tracker.running[k] else plan.orders[epoch][:0] for k, plan in enumerate(plans)]
-            steps = max(math.ceil(len(order) / bs) for order in orders)
-            for step in range(steps):
-                batches = [(k, order[step * bs:(step + 1) * bs]) for k, order in enumerate(orders)
-                           if step * bs < len(order)]
-                x = torch.cat([images[k][batch] for k, batch in batches]).to(device, memory_format=memory_format)
-                rows = torch.cat([torch.full((len(batch),), k, dtype=torch.long) for k, batch in batches]).to(device)
-                labels = class_ids[rows]
-                if cached is None:
+            orders = [first + plan.orders[epoch] for first, plan, running
+                      in zip(first_image, plans, tracker.running.tolist()) if running]
+            for step in range(max(math.ceil(len(order) / bs) for order in orders)):
+                index = torch.cat([order[step * bs:(step + 1) * bs] for order in orders]).to(device)
+                rows, labels = image_rows[index], image_labels[index]
+                x = images[index.to(images.device)].to(device)
+                if cache_original:
+                    correct = cached_correct[index]
+                else:
                     hooks.set(None)
                     with torch.no_grad():
                         correct = model(x).argmax(1) == labels
                     original = dict(hooks.outputs)
-                else:
-                    correct = torch.cat([cached[k][1][batch.to(device)] for k, batch in batches])
-                    original = {name: torch.cat([cached[k][0][name][batch.to(device)] for k, batch in batches])
-                                for name in cached[0][0]}
                 stepping = torch.zeros(n_classes, dtype=torch.bool, device=device)
                 stepping[rows] = True
                 if config.skip_batches_without_correct:
@@ -402,15 +439,19 @@ def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_ima
                     if not keep.any():
                         continue
                     if not keep.all():
-                        x, rows, labels, correct = x[keep], rows[keep], labels[keep], correct[keep]
-                        original = {name: value[keep] for name, value in original.items()}
+                        index, x, rows, labels, correct = index[keep], x[keep], rows[keep], labels[keep], correct[keep]
+                        if not cache_original:
+                            original = {name: value[keep] for name, value in original.items()}
+                if cache_original:
+                    original = {name: _rows(value, index) for name, value in cached_outputs.items()}
                 hooks.set([gate_values(m, config.gate_function) for m in gate_logits], rows)
                 logits = model(x)
                 ones = torch.ones_like(correct, dtype=logits.dtype)
                 ce = _segment_mean(F.cross_entropy(logits, labels, reduction="none"), rows, ones, n_classes)
                 weights = correct.to(logits.dtype) if config.mse_on_correct_only else ones
-                mse = sum(_segment_mean((hooks.outputs[name] - original[name]).square().mean(dim=(1, 2, 3)),
-                                        rows, weights, n_classes) for name in original)
+                mse = _segment_mean(sum(_sample_mse(hooks.outputs[name], original[name]) for name in original),
+                                    rows, weights, n_classes)
+                del original  # now the differences, which the backward turns into gradients in place
                 act = (ce + mse) / n_layers if config.divide_ce_by_layers else ce + mse / n_layers
                 sparsity = sum(torch.sigmoid(m).pow(2).mean(1) for m in gate_logits) / n_layers
                 losses = act + config.beta * sparsity
