@@ -1,0 +1,38 @@
+"""Unsupervised Interpretable Basis Extraction (UIBE, paper 04, notebook 04) and its supervised
+baseline IBD, scored by S¹/S² through the shared dissection. Reconstructed from the authors' later
+papers: `shared/papers/04_unsupervised_interpretable_basis.md` and sections 4-6 and 9 of
+`network_dissection_and_broden.md`.
+
+Modules, lowest first (this file only re-exports their public names):
+- `detectors`: pixel vectors of a layer (`pixel_matrix`), `Standardizer`, `LinearDetectors` (what every
+  basis reduces to for the dissection: rows w and thresholds t, fires ⟺ w·x > t);
+- `uibe`: `UIBEConfig`, `UIBEModel`, `uibe_losses`, `fit_uibe` -> `UIBEBasis`;
+- `ibd`: `IBDConfig`, `cell_labels`, `fit_ibd` -> `IBDBasis`;
+- `metrics`: S¹/S² (closed forms, integrands, exact integrals, per category), `one_hotness`, detection IoUs;
+- `planted`: the planted test of shared spec section 9 (`planted_basis_data`, `planted_test`);
+- `experiment`: `score_basis` (train/val dissections of one basis) and `scores_table`.
+Not yet: the notebook's settings, claims U1-U5 and figures.
+"""
+from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, pixel_matrix
+from replication.methods.interpretable_basis.experiment import BasisScores, score_basis, scores_table
+from replication.methods.interpretable_basis.ibd import IBDBasis, IBDConfig, cell_labels, fit_ibd, ibd_concepts
+from replication.methods.interpretable_basis.metrics import (best_threshold_iou, detection_iou, direction_table,
+                                                             integrated_scores, match_detectors, matched_iou,
+                                                             one_hotness, s_by_category, s_integrands, s_scores,
+                                                             train_labels)
+from replication.methods.interpretable_basis.planted import (PlantedConfig, PlantedData, PlantedResult, concept_masks,
+                                                             oracle_recovery_iou, planted_basis_data, planted_samples,
+                                                             planted_test, recovery_iou)
+from replication.methods.interpretable_basis.uibe import (ORTHOGONAL_MAPS, UIBEBasis, UIBEConfig, UIBEModel,
+                                                          fit_uibe, restart_seed, uibe_losses)
+
+__all__ = [
+    "LinearDetectors", "Standardizer", "pixel_matrix",
+    "BasisScores", "score_basis", "scores_table",
+    "IBDBasis", "IBDConfig", "cell_labels", "fit_ibd", "ibd_concepts",
+    "best_threshold_iou", "detection_iou", "direction_table", "integrated_scores", "match_detectors", "matched_iou",
+    "one_hotness", "s_by_category", "s_integrands", "s_scores", "train_labels",
+    "PlantedConfig", "PlantedData", "PlantedResult", "concept_masks", "oracle_recovery_iou", "planted_basis_data",
+    "planted_samples", "planted_test", "recovery_iou",
+    "ORTHOGONAL_MAPS", "UIBEBasis", "UIBEConfig", "UIBEModel", "fit_uibe", "restart_seed", "uibe_losses",
+]
