@@ -101,6 +101,7 @@ def test_basis_stays_orthonormal_and_the_lowest_loss_restart_is_kept():
     assert fitted.margin > 0
     assert fitted.restart == int(np.argmin(fitted.restart_losses)) and len(set(fitted.restart_losses)) == 3
     assert sorted(fitted.history.restart.unique()) == [0, 1, 2]
+    assert fitted.settings()["seed"] == 5 and fitted.settings()["restart"] == fitted.restart and fitted.settings()["is_uibe"]
     again = ib.fit_uibe(data.train, config, seed=5, device="cpu")
     assert torch.equal(again.directions, fitted.directions)  # seeded
     assert not torch.equal(ib.fit_uibe(data.train, config, seed=6, device="cpu").directions, fitted.directions)
@@ -251,7 +252,7 @@ def test_ibd_recovers_a_planted_linear_concept():
     square = (cells == 3).any(dim=1)
     pixels = torch.randn(len(cells), 6, generator=generator) * 0.3 + 3.0 * square[:, None] * direction
     fitted = ib.fit_ibd(pixels, cells, world, ib.IBDConfig(categories=("object",), lr=0.5), seed=0, device="cpu")
-    assert set(fitted.names) == {"disk", "square"}
+    assert set(fitted.names) == {"disk", "square"} and fitted.settings()["concepts"] == 2
     k = fitted.names.index("square")
     assert fitted.positives[k] == int(square.sum())
     fires = fitted.detectors().scores(pixels.double())[:, k] > 0
