@@ -7,8 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from replication.analysis.dissection import DissectionConfig, dissect_features
+from replication.data.broden import BrodenDataset
 from replication.methods import interpretable_basis as ib
 from tests.helpers import assert_close
 from tests.test_dissection import SIZE, random_world
@@ -309,3 +311,44 @@ def test_uibe_and_ibd_on_cuda_match_cpu():
     a, b = (ib.fit_ibd(pixels, cells, world, ib.IBDConfig(categories=("object",), epochs=2), device=d)
             for d in ("cpu", "cuda"))
     assert_close(b.weight, a.weight, atol=1e-4)
+
+
+def test_a_fixed_basis_keeps_its_directions_and_fits_only_the_shared_bias_and_margin():
+    pixels = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    config = ib.UIBEConfig(batch_size=16, lr=0.05, epochs=5, restarts=4)
+    fitted = ib.fit_uibe(pixels, config, device="cpu", basis=rotation)
+    assert torch.equal(fitted.directions, rotation.float())
+    assert len(fitted.restart_losses) == 1 and (fitted.bias != 0 or fitted.margin != 1)
+    with pytest.raises(ValueError, match="orthonormal rows"):
+        ib.fit_uibe(pixels, config, device="cpu", basis=2 * rotation)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_compare_bases_on_a_tiny_world(tiny_world):
+    train, val = BrodenDataset(tiny_world, split="train"), BrodenDataset(tiny_world, split="val")
+    torch.manual_seed(0)
+    result = ib.compare_bases(TinyNet(), "relu", train, val, config=DissectionConfig(batch_size=4, quantile=0.05),
+                              uibe=ib.UIBEConfig(batch_size=256, lr=0.01, epochs=2),
+                              ibd=ib.IBDConfig(epochs=2), seed=0, device="cpu")
+    table = result.table.set_index("basis")
+    assert list(table.index) == ["natural", "random rotation", "UIBE", "IBD"]
+    assert (table.directions[["natural", "random rotation", "UIBE"]] == 6).all()
+    assert table.loc["IBD", "directions"] == len(result.ibd.labels) > 0
+    assert (table.s1 >= table.s2 - 1e-12).all()
+    ibd_scores = result.scores["IBD"]
+    assert ibd_scores.table.label_number.tolist() == result.ibd.labels.tolist()  # each probe keeps its concept
+    assert ibd_scores.train.config["threshold_source"] == "given"
+    assert np.array_equal(result.scores["random rotation"].val.thresholds, result.scores["random rotation"].train.thresholds)
+    assert list(result.one_hot.basis) == ["natural", "random rotation", "UIBE", "IBD"]
+    assert result.one_hot.one_hot_share.between(0, 1).all()

@@ -10,11 +10,13 @@ Modules, lowest first (this file only re-exports their public names):
 - `ibd`: `IBDConfig`, `cell_labels`, `fit_ibd` -> `IBDBasis`;
 - `metrics`: S¹/S² (closed forms, integrands, exact integrals, per category), `one_hotness`, detection IoUs;
 - `planted`: the planted test of shared spec section 9 (`planted_basis_data`, `planted_test`);
-- `experiment`: `score_basis` (train/val dissections of one basis) and `scores_table`.
+- `experiment`: `score_basis` (train/val dissections of one basis), `scores_table`, and `compare_bases`
+  (natural basis, random rotation, UIBE and IBD on one layer: S¹/S² and one-hotness).
 Not yet: the notebook's settings, claims U1-U5 and figures.
 """
 from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, pixel_matrix
-from replication.methods.interpretable_basis.experiment import BasisScores, score_basis, scores_table
+from replication.methods.interpretable_basis.experiment import (BasisComparison, BasisScores, compare_bases, score_basis,
+                                                             scores_table)
 from replication.methods.interpretable_basis.ibd import IBDBasis, IBDConfig, cell_labels, fit_ibd, ibd_concepts
 from replication.methods.interpretable_basis.metrics import (best_threshold_iou, detection_iou, direction_table,
                                                              integrated_scores, match_detectors, matched_iou,
@@ -28,7 +30,7 @@ from replication.methods.interpretable_basis.uibe import (ORTHOGONAL_MAPS, UIBEB
 
 __all__ = [
     "LinearDetectors", "Standardizer", "pixel_matrix",
-    "BasisScores", "score_basis", "scores_table",
+    "BasisComparison", "BasisScores", "compare_bases", "score_basis", "scores_table",
     "IBDBasis", "IBDConfig", "cell_labels", "fit_ibd", "ibd_concepts",
     "best_threshold_iou", "detection_iou", "direction_table", "integrated_scores", "match_detectors", "matched_iou",
     "one_hotness", "s_by_category", "s_integrands", "s_scores", "train_labels",

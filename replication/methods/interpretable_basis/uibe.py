@@ -97,26 +97,37 @@ class UIBEConfig:
 
 
 class UIBEModel(nn.Module):
-    """z = (U x̃ − b) / M with U's rows orthonormal (orthogonal parametrisation), shared b and M = exp(m)."""
+    """z = (U x̃ − b) / M with U's rows orthonormal (orthogonal parametrisation), shared b and M = exp(m).
 
-    def __init__(self, init: torch.Tensor, orthogonal_map: str = "matrix_exp"):
+    `fixed=True` keeps U = `init` as a buffer and learns only b and M: the same parametrisation for a
+    given basis (the natural basis, a random rotation), as claim U1's comparison needs."""
+
+    def __init__(self, init: torch.Tensor, orthogonal_map: str = "matrix_exp", *, fixed: bool = False):
         super().__init__()
         directions, dim = init.shape
         if directions > dim:
             raise ValueError(f"UIBE needs I <= D orthonormal directions; got I = {directions} for D = {dim}.")
-        self.rotation = parametrizations.orthogonal(nn.Linear(dim, directions, bias=False),
-                                                    orthogonal_map=orthogonal_map)
-        with torch.no_grad():
-            self.rotation.weight = init.float()
+        self.rotation = None
+        if fixed:
+            self.register_buffer("fixed_directions", init.float().clone())
+        else:
+            self.rotation = parametrizations.orthogonal(nn.Linear(dim, directions, bias=False),
+                                                        orthogonal_map=orthogonal_map)
+            with torch.no_grad():
+                self.rotation.weight = init.float()
         self.bias = nn.Parameter(torch.zeros(()))
         self.log_margin = nn.Parameter(torch.zeros(()))
+
+    @property
+    def directions(self) -> torch.Tensor:
+        return self.fixed_directions if self.rotation is None else self.rotation.weight
 
     @property
     def margin(self) -> torch.Tensor:
         return self.log_margin.exp()
 
     def forward(self, standardized: torch.Tensor) -> torch.Tensor:
-        return (self.rotation(standardized) - self.bias) / self.margin
+        return (standardized @ self.directions.T - self.bias) / self.margin
 
 
 def uibe_losses(logits: torch.Tensor, margin: torch.Tensor, config: UIBEConfig) -> dict[str, torch.Tensor]:
@@ -188,9 +199,12 @@ def restart_seed(seed: int, restart: int) -> int:
 
 
 def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: int = 0,
-             device: str | torch.device | None = None) -> UIBEBasis:
+             device: str | torch.device | None = None, basis: torch.Tensor | None = None) -> UIBEBasis:
     """Fit UIBE on P × D training pixel vectors (`detectors.pixel_matrix` of a layer's features; they
-    stay where they are, mini-batches go to `device`) and keep the restart of lowest training loss."""
+    stay where they are, mini-batches go to `device`) and keep the restart of lowest training loss.
+
+    `basis` (I × D orthonormal rows in the standardised space, e.g. the identity or a random rotation)
+    fixes U and fits only the shared b and M, once (`config.directions` and `restarts` are then unused)."""
     if pixels.ndim != 2 or len(pixels) < 2:
         raise ValueError(f"pixels must be a P × D matrix of pixel vectors with P >= 2; got shape {tuple(pixels.shape)}. "
                          "Use detectors.pixel_matrix(features).")
@@ -199,36 +213,44 @@ def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: i
     device = resolve_device(device)
     dim = pixels.shape[1]
     directions = config.directions or dim
-    if directions > dim:
+    if basis is not None:
+        basis = torch.as_tensor(basis, dtype=torch.float64)
+        if basis.ndim != 2 or basis.shape[1] != dim or basis.shape[0] > dim or not torch.allclose(
+                basis @ basis.T, torch.eye(len(basis), dtype=torch.float64), atol=1e-5):
+            raise ValueError(f"basis must be I × {dim} with orthonormal rows; got shape {tuple(basis.shape)} "
+                             "(or rows that are not orthonormal). Use torch.eye(D) or analysis.rotation.random_rotation.")
+    elif directions > dim:
         raise ValueError(f"config.directions = {directions} exceeds the feature dimension D = {dim}; "
                          "UIBE's basis is orthonormal, so use I <= D.")
     standardizer = Standardizer.fit(pixels)
     fits, histories = [], []
-    for restart in range(config.restarts):
-        model, history = _fit_once(pixels, standardizer, config, directions, restart_seed(seed, restart), restart, device)
+    for restart in range(1 if basis is not None else config.restarts):
+        model, history = _fit_once(pixels, standardizer, config, directions, restart_seed(seed, restart), restart,
+                                   device, basis)
         fits.append((_training_loss(model, pixels, standardizer, config, device), model))
         histories.append(history)
     losses = [loss for loss, _ in fits]
     best = int(np.argmin(losses))
     model = fits[best][1]
     return UIBEBasis(
-        directions=model.rotation.weight.detach().cpu(), bias=float(model.bias.detach()), margin=float(model.margin.detach()),
+        directions=model.directions.detach().cpu(), bias=float(model.bias.detach()), margin=float(model.margin.detach()),
         standardizer=standardizer, config=config, seed=seed, restart=best, restart_losses=losses,
         history=pd.concat(histories, ignore_index=True),
     )
 
 
-def _fit_once(pixels, standardizer, config, directions, seed, restart, device) -> tuple[UIBEModel, pd.DataFrame]:
-    init = random_rotation(pixels.shape[1], seed)[:directions]
+def _fit_once(pixels, standardizer, config, directions, seed, restart, device, basis) -> tuple[UIBEModel, pd.DataFrame]:
+    init = random_rotation(pixels.shape[1], seed)[:directions] if basis is None else basis
     with torch.random.fork_rng(devices=[]):  # the parametrisation completes U to a square matrix with torch.randn
         torch.manual_seed(seed)
-        model = UIBEModel(init, config.orthogonal_map).to(device)
+        model = UIBEModel(init, config.orthogonal_map, fixed=basis is not None).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=config.plateau_factor, patience=config.plateau_patience, cooldown=config.plateau_cooldown)
     generator = torch.Generator().manual_seed(seed)
     rows, halvings = [], 0
-    for epoch in progress(range(config.epochs), desc=f"UIBE restart {restart + 1}/{config.restarts}"):
+    desc = "UIBE: b and M of a fixed basis" if basis is not None else f"UIBE restart {restart + 1}/{config.restarts}"
+    for epoch in progress(range(config.epochs), desc=desc):
         sums = None
         for index in torch.randperm(len(pixels), generator=generator).split(config.batch_size):
             terms = uibe_losses(model(standardizer(pixels[index].to(device).float())), model.margin, config)
