@@ -3,6 +3,7 @@ planted concept, S¹/S² (closed forms = integrals; Network Dissection's counts 
 planted test of shared spec section 9."""
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -352,3 +353,17 @@ def test_compare_bases_on_a_tiny_world(tiny_world):
     assert np.array_equal(result.scores["random rotation"].val.thresholds, result.scores["random rotation"].train.thresholds)
     assert list(result.one_hot.basis) == ["natural", "random rotation", "UIBE", "IBD"]
     assert result.one_hot.one_hot_share.between(0, 1).all()
+
+
+def test_figures_draw_the_integrands_whose_areas_are_s1_and_s2():
+    table = table_of([2, 2, 3, -1, 5], [0.3, 0.5, 0.04, 0.0, 0.0])
+    fake = ib.BasisScores("hand", None, None, table, ib.s_scores(table), pd.DataFrame())
+    fig = ib.plot_threshold_curves({"hand": fake})
+    solid, dashed = fig.axes[0].lines[:2]
+    for line, key in ((solid, "s1"), (dashed, "s2")):
+        x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+        assert_close(np.sum(np.diff(x) * y[1:]), ib.s_scores(table)[key], atol=1e-12)  # "pre" steps: y[i] on (x[i-1], x[i]]
+    bars = ib.plot_scores(pd.DataFrame({"basis": ["a", "a", "b"], "s1": [1.0, 3.0, 2.0], "s2": [1.0, 1.0, 0.5]}))
+    heights = [patch.get_height() for patch in bars.axes[0].patches]
+    assert heights == [2.0, 2.0, 1.0, 0.5]  # S¹ means of a and b, then S² means
+    plt.close("all")

@@ -11,12 +11,14 @@ Modules, lowest first (this file only re-exports their public names):
 - `metrics`: S¹/S² (closed forms, integrands, exact integrals, per category), `one_hotness`, detection IoUs;
 - `planted`: the planted test of shared spec section 9 (`planted_basis_data`, `planted_test`);
 - `experiment`: `score_basis` (train/val dissections of one basis), `scores_table`, and `compare_bases`
-  (natural basis, random rotation, UIBE and IBD on one layer: S¹/S² and one-hotness).
-Not yet: the notebook's settings, claims U1-U5 and figures.
+  (natural basis, random rotation, UIBE and IBD on one layer: S¹/S² and one-hotness);
+- `figures`: `plot_scores` (S¹/S² bars), `plot_threshold_curves` (their integrands against ξ).
+Not yet: the notebook's settings and claims U1-U5.
 """
 from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, pixel_matrix
 from replication.methods.interpretable_basis.experiment import (BasisComparison, BasisScores, compare_bases, score_basis,
                                                              scores_table)
+from replication.methods.interpretable_basis.figures import plot_scores, plot_threshold_curves
 from replication.methods.interpretable_basis.ibd import IBDBasis, IBDConfig, cell_labels, fit_ibd, ibd_concepts
 from replication.methods.interpretable_basis.metrics import (best_threshold_iou, detection_iou, direction_table,
                                                              integrated_scores, match_detectors, matched_iou,
@@ -31,6 +33,7 @@ from replication.methods.interpretable_basis.uibe import (ORTHOGONAL_MAPS, UIBEB
 __all__ = [
     "LinearDetectors", "Standardizer", "pixel_matrix",
     "BasisComparison", "BasisScores", "compare_bases", "score_basis", "scores_table",
+    "plot_scores", "plot_threshold_curves",
     "IBDBasis", "IBDConfig", "cell_labels", "fit_ibd", "ibd_concepts",
     "best_threshold_iou", "detection_iou", "direction_table", "integrated_scores", "match_detectors", "matched_iou",
     "one_hotness", "s_by_category", "s_integrands", "s_scores", "train_labels",
