@@ -15,7 +15,7 @@ Modules, lowest first (this file only re-exports their public names):
 - `figures`: `plot_scores` (S¹/S² bars), `plot_threshold_curves` (their integrands against ξ).
 Not yet: the notebook's settings and claims U1-U5.
 """
-from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, pixel_matrix
+from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, derived_seed, pixel_matrix
 from replication.methods.interpretable_basis.experiment import (BasisComparison, BasisScores, compare_bases, score_basis,
                                                              scores_table)
 from replication.methods.interpretable_basis.figures import plot_scores, plot_threshold_curves
@@ -28,10 +28,10 @@ from replication.methods.interpretable_basis.planted import (PlantedConfig, Plan
                                                              oracle_recovery_iou, planted_basis_data, planted_samples,
                                                              planted_test, recovery_iou)
 from replication.methods.interpretable_basis.uibe import (ORTHOGONAL_MAPS, UIBEBasis, UIBEConfig, UIBEModel,
-                                                          fit_uibe, restart_seed, uibe_losses)
+                                                          fit_uibe, uibe_losses)
 
 __all__ = [
-    "LinearDetectors", "Standardizer", "pixel_matrix",
+    "LinearDetectors", "Standardizer", "derived_seed", "pixel_matrix",
     "BasisComparison", "BasisScores", "compare_bases", "score_basis", "scores_table",
     "plot_scores", "plot_threshold_curves",
     "IBDBasis", "IBDConfig", "cell_labels", "fit_ibd", "ibd_concepts",
@@ -39,5 +39,5 @@ __all__ = [
     "one_hotness", "s_by_category", "s_integrands", "s_scores", "train_labels",
     "PlantedConfig", "PlantedData", "PlantedResult", "concept_masks", "oracle_recovery_iou", "planted_basis_data",
     "planted_samples", "planted_test", "recovery_iou",
-    "ORTHOGONAL_MAPS", "UIBEBasis", "UIBEConfig", "UIBEModel", "fit_uibe", "restart_seed", "uibe_losses",
+    "ORTHOGONAL_MAPS", "UIBEBasis", "UIBEConfig", "UIBEModel", "fit_uibe", "uibe_losses",
 ]

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def derived_seed(seed: int, key: int) -> int:
+    """A seed for one part of a seeded computation (a restart, a concept's probe): distinct per (seed, key)."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
 def pixel_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from replication.data.broden import broden_loader
-from replication.methods.interpretable_basis.detectors import LinearDetectors
+from replication.methods.interpretable_basis.detectors import LinearDetectors, derived_seed
 from replication.runtime import progress, resolve_device
 
 
@@ -137,7 +137,7 @@ def fit_ibd(pixels: torch.Tensor, cells: torch.Tensor, dataset, config: IBDConfi
     weights, biases, positives = [], [], []
     for label in progress(concepts, desc="IBD probes"):
         positive = (cells == label).any(dim=1)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, label]).generate_state(1)[0]))
+        generator = torch.Generator().manual_seed(derived_seed(seed, label))
         w, b = _train_probe(pixels, positive, config, generator, device)
         weights.append(w)
         biases.append(b)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from replication.analysis.rotation import random_rotation
-from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer
+from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, derived_seed
 from replication.runtime import progress, resolve_device
 
 ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
@@ -186,16 +186,11 @@ class UIBEBasis:
     def original_directions(self) -> torch.Tensor:
         """u_i ⊘ σ normalised to unit length: the directions in the original feature space, not
         orthogonal unless σ is isotropic (spec 04 section 3.3)."""
-        weight = self.directions.double() / self.standardizer.std.double()
+        weight = self.detectors().weight
         return weight / weight.norm(dim=1, keepdim=True)
 
     def settings(self) -> dict:
         return {**asdict(self.config), "seed": self.seed, "restart": self.restart, "is_uibe": self.config.is_uibe}
-
-
-def restart_seed(seed: int, restart: int) -> int:
-    """The seed of one restart: distinct for every (seed, restart) pair."""
-    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
 
 
 def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: int = 0,
@@ -225,7 +220,7 @@ def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: i
     standardizer = Standardizer.fit(pixels)
     fits, histories = [], []
     for restart in range(1 if basis is not None else config.restarts):
-        model, history = _fit_once(pixels, standardizer, config, directions, restart_seed(seed, restart), restart,
+        model, history = _fit_once(pixels, standardizer, config, directions, derived_seed(seed, restart), restart,
                                    device, basis)
         fits.append((_training_loss(model, pixels, standardizer, config, device), model))
         histories.append(history)
