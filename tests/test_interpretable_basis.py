@@ -160,6 +160,7 @@ def test_one_hotness_by_hand():
     assert_close(result["mean_entropy_bits"], (2 * math.log2(3) + 1) / 4, atol=1e-6)
     assert result["one_hot_share"] == 0.25 and result["none_active_share"] == 0.5
     assert result["dead_directions"] == 1 and result["max_entropy_bits"] == math.log2(3)
+    assert_close(result["active_share"], (0 + 1 + 2 + 0) / 12)
 
 
 # ---------------------------------------------------------------- S¹ and S²
@@ -339,7 +340,8 @@ class TinyNet(nn.Module):
 def test_compare_bases_on_a_tiny_world(tiny_world):
     train, val = BrodenDataset(tiny_world, split="train"), BrodenDataset(tiny_world, split="val")
     torch.manual_seed(0)
-    result = ib.compare_bases(TinyNet(), "relu", train, val, config=DissectionConfig(batch_size=4, quantile=0.05),
+    data = ib.layer_data(TinyNet(), "relu", train, val, batch_size=4, device="cpu")
+    result = ib.compare_bases(data, train, val, config=DissectionConfig(batch_size=4, quantile=0.05),
                               uibe=ib.UIBEConfig(batch_size=256, lr=0.01, epochs=2),
                               ibd=ib.IBDConfig(epochs=2), seed=0, device="cpu")
     table = result.table.set_index("basis")
@@ -354,6 +356,31 @@ def test_compare_bases_on_a_tiny_world(tiny_world):
     assert list(result.one_hot.basis) == ["natural", "random rotation", "UIBE", "IBD"]
     assert result.one_hot.one_hot_share.between(0, 1).all()
 
+
+
+def test_run_comparisons_over_seeds_and_the_notebook_tables(tiny_world):
+    train, val = BrodenDataset(tiny_world, split="train"), BrodenDataset(tiny_world, split="val")
+    torch.manual_seed(0)
+    model = TinyNet()
+    network = ib.SubjectNetwork("tiny", model, "relu", train, val, "random init")
+    data = {"tiny": ib.layer_data(model, "relu", train, val, batch_size=4, device="cpu")}
+    settings = ib.UIBESettings(networks=("tiny",), layers={"tiny": "relu"}, seeds=(0, 1),
+                               fit=ib.UIBEConfig(batch_size=256, lr=0.01, epochs=2), ibd=ib.IBDConfig(epochs=1))
+    config = DissectionConfig(batch_size=4, quantile=0.05)
+    result = ib.run_comparisons({"tiny": network}, data, settings, config=config, device="cpu")
+    assert sorted(result.runs) == [("tiny", 0), ("tiny", 1)]
+    assert len(result.scores) == len(result.one_hot) == 8 and set(result.scores.seed) == {0, 1}
+    summary = ib.seed_summary(result.scores, ["s1", "s2"])
+    assert list(summary.index.get_level_values("basis")) == ["natural", "random rotation", "UIBE", "IBD"]
+    assert summary.loc[("tiny", "natural"), ("s1", "std")] == 0  # the natural basis does not depend on the seed
+    check = ib.metric_reduction_check(result, {"tiny": network}, xi=config.iou_threshold)
+    assert len(check) == 8 and check.equal.all()
+    found = ib.concepts_found(result.runs["tiny", 0], xi=0.0)
+    assert set(found.found_by) <= {"both", "UIBE only", "IBD only"} and len(found) > 0
+    table = ib.network_table({"tiny": network}, data)
+    assert table.loc[0, "dim"] == 6 and table.loc[0, "train_images"] == len(train)
+    sensitivity = ib.directions_sensitivity(data["tiny"], settings.fit, [2, None], device="cpu")
+    assert sensitivity.directions.tolist() == [2, 6] and sensitivity.active_share.between(0, 1).all()
 
 def test_figures_draw_the_integrands_whose_areas_are_s1_and_s2():
     table = table_of([2, 2, 3, -1, 5], [0.3, 0.5, 0.04, 0.0, 0.0])

@@ -101,8 +101,9 @@ def s_by_category(table: pd.DataFrame, *, xi: float = 0.04) -> pd.DataFrame:
 @torch.no_grad()
 def one_hotness(logits: torch.Tensor, *, dead_share: float = 0.001) -> dict[str, float]:
     """How one-hot y = sigmoid(logits) is over P × I pixels: mean entropy (bits) of q = y / ‖y‖₁,
-    the share of pixels with exactly one y > 0.5, the share with none, and the number of directions
-    active (y > 0.5) on fewer than `dead_share` of the pixels (dead directions, spec 04 section 8)."""
+    the share of pixels with exactly one y > 0.5, the share with none, the mean share of directions
+    active per pixel (1/I when one-hot; near 1 when a fit collapsed to all directions on), and the
+    number of directions active on fewer than `dead_share` of the pixels (dead directions, spec 04 section 8)."""
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty P × I matrix; got shape {tuple(logits.shape)}.")
     log_y = torch.nn.functional.logsigmoid(logits.double())
@@ -115,6 +116,7 @@ def one_hotness(logits: torch.Tensor, *, dead_share: float = 0.001) -> dict[str,
         "max_entropy_bits": math.log2(logits.shape[1]),
         "one_hot_share": float((per_pixel == 1).double().mean()),
         "none_active_share": float((per_pixel == 0).double().mean()),
+        "active_share": float(active.double().mean()),
         "dead_directions": int((active.double().mean(dim=0) < dead_share).sum()),
     }
 

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from replication.analysis.rotation import random_rotation
+from replication.methods.interpretable_basis.detectors import derived_seed
 from replication.methods.interpretable_basis.metrics import best_threshold_iou, detection_iou, match_detectors, matched_iou
 from replication.methods.interpretable_basis.uibe import UIBEBasis, UIBEConfig, fit_uibe
 
@@ -135,3 +136,37 @@ def planted_test(data: PlantedData, config: UIBEConfig, *, seed: int = 0, rotati
                           for name, values in bases.items()])
     table["abs_cos_min"] = [float(cosines.min()), np.nan, np.nan]
     return PlantedResult(table, fitted)
+
+
+@dataclass(frozen=True)
+class PlantedRun:
+    """The planted test repeated over data `seeds` (the unit of replication: each seed draws new samples,
+    a new hiding rotation and new restarts): `n_train` / `n_test` samples, the data's shape and UIBE's
+    fit (spec section 9: I = 3, at least 8 restarts keeping the lowest training loss)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    n_train: int = 600
+    n_test: int = 2000
+    data: PlantedConfig = PlantedConfig()
+    fit: UIBEConfig = UIBEConfig(directions=3, batch_size=100, lr=0.03, epochs=40, restarts=8)
+
+    def __post_init__(self):
+        if not self.seeds or self.n_train < 2 or self.n_test < 1:
+            raise ValueError(f"PlantedRun needs at least one seed, n_train >= 2 and n_test >= 1; got seeds={self.seeds}, "
+                             f"n_train={self.n_train}, n_test={self.n_test}.")
+        if (self.fit.directions or self.data.dim) < self.data.concepts:
+            raise ValueError(f"PlantedRun.fit.directions = {self.fit.directions} < {self.data.concepts} planted concepts: "
+                             "every concept needs a direction to be matched with.")
+
+
+def run_planted(run: PlantedRun, *, device: str | torch.device | None = None) -> pd.DataFrame:
+    """`planted_test` once per data seed (UIBE fitted with the same seed, the reference rotation with a
+    seed derived from it): one row per seed and basis, with the chosen restart and its training loss."""
+    rows = []
+    for seed in run.seeds:
+        data = planted_basis_data(run.n_train, run.n_test, run.data, seed=seed)
+        result = planted_test(data, run.fit, seed=seed, rotation_seed=derived_seed(seed, 1), device=device)
+        losses = result.uibe.restart_losses
+        rows.append(result.table.assign(seed=seed, restart=result.uibe.restart, restarts=len(losses),
+                                        training_loss=min(losses)))
+    return pd.concat(rows, ignore_index=True)
