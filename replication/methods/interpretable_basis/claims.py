@@ -36,7 +36,7 @@ def _per_seed(frame: pd.DataFrame, network: str, basis: str, column: str) -> pd.
 
 
 def claim_tests(planted: pd.DataFrame, scores: pd.DataFrame, one_hot: pd.DataFrame, *, pass_iou: float = 0.90,
-                max_active_share: float = 0.5) -> tuple[list[ClaimTest], dict[str, dict[str, str]]]:
+                max_active_share: float = 0.25) -> tuple[list[ClaimTest], dict[str, dict[str, str]]]:
     """Every test of P1, U1, U3 and U5 (one per claim, network and condition), and the networks U3 and
     U5 cannot be tested on with the reason (`{claim: {network: reason}}`: UIBE collapsed).
 
@@ -79,7 +79,7 @@ def _ours(judged: Sequence[Judged], blocked: Mapping[str, str]) -> str:
 
 
 def claim_results(planted: pd.DataFrame, scores: pd.DataFrame, one_hot: pd.DataFrame, reduction: pd.DataFrame,
-                  reference: Mapping[str, Any], *, profile: str, max_active_share: float = 0.5) -> list[ClaimResult]:
+                  reference: Mapping[str, Any], *, profile: str, max_active_share: float = 0.25) -> list[ClaimResult]:
     """The claims table of notebook 04: each claim's text and paper value from `reference` (also P1's
     pass level), our judged effects (`claim_tests`, one Holm family), U2 from U1 and U3 per network, U4
     from `reduction` (`metric_reduction_check`), the unit and n, a reduced-run note under every profile
