@@ -365,6 +365,27 @@ def test_identity_basis_and_permutation_basis():
     assert permuted.config["basis_shape"] == [4, 4]
 
 
+def test_given_thresholds_replace_the_quantile_rule():
+    world = random_world(n=6, seed=7)
+    features = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    fitted = dissect_features(features, world, quantile=0.05, device="cpu")
+    reused = dissect_features(features, world, quantile=0.05, device="cpu", thresholds=fitted.thresholds)
+    pd.testing.assert_frame_equal(fitted.units, reused.units)
+    assert fitted.config["threshold_source"] == "quantile" and reused.config["threshold_source"] == "given"
+    # a detector's own rule w·a > t: threshold t on the basis row w fires where w·a − t > 0 does
+    row, cut = torch.tensor([[0.5, -1.0, 0.0, 2.0]]), 0.3
+    shifted = torch.cat([features, torch.ones(6, 1, 4, 4)], dim=1)
+    by_rule = dissect_features(features, world, device="cpu", basis=row, thresholds=[cut])
+    by_zero = dissect_features(shifted, world, device="cpu", basis=torch.cat([row, torch.tensor([[-cut]])], 1),
+                               thresholds=[0.0])
+    assert np.array_equal(by_rule.counts["intersection"], by_zero.counts["intersection"])
+    assert by_rule.units.loc[0, "mask_fraction"] == by_zero.units.loc[0, "mask_fraction"] > 0
+    with pytest.raises(ValueError, match="3 thresholds were given for 4 units"):
+        dissect_features(features, world, device="cpu", thresholds=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="thresholds must be a vector of finite numbers"):
+        dissect_features(features, world, device="cpu", thresholds=[[0.0] * 4])
+
+
 def test_bad_inputs_fail_with_clear_messages():
     world = random_world(n=2)
     features = torch.zeros(2, 3, 4, 4)

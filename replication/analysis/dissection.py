@@ -19,6 +19,12 @@ For every unit k of a layer (or every direction of a `basis` applied to its chan
    (scene, texture) cover the whole mask;
 4. label = argmax_l IoU (per category and overall); detector when IoU ≥ `iou_threshold`.
 
+Given thresholds. `thresholds=` (one per unit or basis direction) replaces step 1: no quantile is
+fitted and the masks are S_k > T_k with the given T_k. It serves thresholds fitted on another split
+(S¹/S² label on train and score on val with the train thresholds) and learned linear detectors, whose
+own rule w·a > t is a basis row w with threshold t (resizing is a convex combination of the map's
+values, so resizing w·a and comparing with t is resizing w·a − t and comparing with 0).
+
 Passes. Pass 1 runs the forward pass once, feeds the exact per-unit quantile state and counts the
 label pixels; when the layer's features (float32) and the compacted labels fit `feature_budget_bytes`
 they are kept in memory (on `device`) and pass 2 (the tally) replays them, so the network and the
@@ -370,13 +376,15 @@ def dissect(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     basis: torch.Tensor | None = None,
+    thresholds: torch.Tensor | np.ndarray | None = None,
     **options,
 ) -> Dissection:
     """Dissect `layer` of `model` on a Broden-format `dataset` (see the module docstring).
 
     The model is moved to `device` and run in eval mode (its mode is restored). `basis`
     (D_out × channels) dissects the directions basis @ a instead of the channels a (rotations,
-    learned bases). `options`: the fields of `DissectionOptions`.
+    learned bases). `thresholds` (one per unit or direction) replaces the quantile rule (module
+    docstring, "Given thresholds"). `options`: the fields of `DissectionOptions`.
     """
     settings = DissectionOptions.from_keywords(options)
     device = resolve_device(device)
@@ -384,7 +392,7 @@ def dissect(
     model.to(device)
     return _dissect(_ModelSource(model, layer, device), dataset, layer=layer, categories=categories,
                     quantile=quantile, iou_threshold=iou_threshold, batch_size=batch_size, device=device,
-                    basis=basis, options=settings)
+                    basis=basis, thresholds=thresholds, options=settings)
 
 
 def dissect_features(
@@ -397,12 +405,13 @@ def dissect_features(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     basis: torch.Tensor | None = None,
+    thresholds: torch.Tensor | np.ndarray | None = None,
     layer: str = "features",
     **options,
 ) -> Dissection:
     """Dissect precomputed (or planted) feature maps `features` (N × K × h × w, in dataset order).
 
-    Same semantics and `options` as `dissect`; `layer` only names the result.
+    Same semantics, `basis`, `thresholds` and `options` as `dissect`; `layer` only names the result.
     """
     settings = DissectionOptions.from_keywords(options)
     if features.ndim != 4 or features.shape[0] != len(dataset):
@@ -411,11 +420,12 @@ def dissect_features(
         )
     device = resolve_device(device)
     return _dissect(_TensorSource(features, device), dataset, layer=layer, categories=categories, quantile=quantile,
-                    iou_threshold=iou_threshold, batch_size=batch_size, device=device, basis=basis, options=settings)
+                    iou_threshold=iou_threshold, batch_size=batch_size, device=device, basis=basis,
+                    thresholds=thresholds, options=settings)
 
 
 @torch.no_grad()
-def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, batch_size, device, basis,
+def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, batch_size, device, basis, thresholds,
              options: DissectionOptions) -> Dissection:
     level = quantile_level(quantile, options.quantile_rule)
     scored = scored_categories(dataset, categories)
@@ -427,6 +437,7 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
         basis = torch.as_tensor(basis).to(device=device, dtype=torch.float32)
         if basis.ndim != 2:
             raise ValueError(f"basis must be a (directions × channels) matrix; got shape {tuple(basis.shape)}.")
+    given = _given_thresholds(thresholds, device)
     mask_size = tuple(int(s) for s in dataset.mask_size)
     num_labels = int(dataset.num_labels)
     loader = broden_loader(dataset, batch_size=batch_size, num_workers=options.num_workers)
@@ -434,32 +445,30 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
 
     # Pass 1: forward once; quantile state, label counts, per-image maxima; keep batches if they fit.
     stored: list[tuple[int, torch.Tensor | None, _Labels]] | None = []
-    image_max, offset, quantiles, tally = [], 0, None, None
+    image_max, offset, quantiles, tally = [], 0, None, None  # quantiles stay None when thresholds are given
     for features, batch in progress(source.passes(loader, basis), desc=f"dissect {layer}: pass 1",
                                     total=len(loader)):
         labels = _Labels.from_batch(batch, device, num_labels)
         units, height, width = features.shape[1:]
-        if quantiles is None:
-            n = n_images * height * width
-            exact_bytes = TopValues.bytes_needed(units, n, level)
-            method, budget = options.quantile_method, options.quantile_budget_bytes
-            if method == "exact" or (method == "auto" and exact_bytes <= budget):
-                quantiles = TopValues(units, n, level, device)
-            else:  # buffers for up to 38 levels (n ≤ capacity · 2^38) fit the budget
-                capacity = options.sketch_capacity or max(1024, budget // (units * 4 * 40))
-                quantiles = CompactorSketch(units, n, level, capacity)
+        if tally is None:
+            if given is not None and len(given) != units:
+                raise ValueError(f"{len(given)} thresholds were given for {units} units or directions; "
+                                 "pass one threshold per unit (per basis row).")
+            if given is None:
+                quantiles = _quantile_state(units, n_images * height * width, level, options, device)
             per_image = labels.nbytes() / len(labels.present) + (0 if source.resident else units * height * width * 4)
             if per_image * n_images > options.feature_budget_bytes:
                 stored = None
             tally = _Tally(units, num_labels, len(dataset.categories), mask_size, options.upsample, options.antialias,
                            options.mask_comparison, options.denominator, dataset.primary_category, device)
-        quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
+        if quantiles is not None:
+            quantiles.update(features.permute(1, 0, 2, 3).reshape(units, -1))
         tally.count_labels(labels)
         image_max.append(features.amax(dim=(2, 3)))
         if stored is not None:
             stored.append((offset, None if source.resident else features, labels))
         offset += len(labels.present)
-    thresholds = quantiles.thresholds()
+    thresholds = given if quantiles is None else quantiles.thresholds()
     compare_at = comparison_thresholds(thresholds, options.mask_comparison)
 
     # Pass 2: the tally, from memory or by running the forward pass again.
@@ -474,12 +483,34 @@ def _dissect(source, dataset, *, layer, categories, quantile, iou_threshold, bat
 
     config = {
         **asdict(options), "layer": layer, "quantile": quantile, "quantile_level": level,
-        "quantile_method": quantiles.method, "quantile_rank_error": quantiles.rank_error / quantiles.n,
+        "threshold_source": "quantile" if quantiles is not None else "given",
+        "quantile_method": quantiles.method if quantiles is not None else None,
+        "quantile_rank_error": quantiles.rank_error / quantiles.n if quantiles is not None else 0.0,
         "iou_threshold": iou_threshold, "categories": scored, "n_images": n_images, "feature_shape": [units, height, width],
         "mask_size": list(mask_size), "basis_shape": None if basis is None else list(basis.shape),
         "forward_passes": forward_passes, "seed": None,
     }
     return _result(tally, thresholds, dataset, scored, torch.cat(image_max).cpu().numpy(), config)
+
+
+def _quantile_state(units: int, n: int, level: float, options: DissectionOptions, device: torch.device):
+    """Exact top values while they fit `quantile_budget_bytes` ("auto"), else the bounded-memory sketch."""
+    method, budget = options.quantile_method, options.quantile_budget_bytes
+    if method == "exact" or (method == "auto" and TopValues.bytes_needed(units, n, level) <= budget):
+        return TopValues(units, n, level, device)
+    capacity = options.sketch_capacity or max(1024, budget // (units * 4 * 40))  # up to 38 levels fit the budget
+    return CompactorSketch(units, n, level, capacity)
+
+
+def _given_thresholds(thresholds, device: torch.device) -> torch.Tensor | None:
+    """Given per-unit thresholds as a float64 vector on `device` (None: fit the quantile rule)."""
+    if thresholds is None:
+        return None
+    given = torch.as_tensor(np.asarray(thresholds.detach().cpu() if torch.is_tensor(thresholds) else thresholds,
+                                       dtype=np.float64)).to(device)
+    if given.ndim != 1 or not bool(torch.isfinite(given).all()):
+        raise ValueError(f"thresholds must be a vector of finite numbers, one per unit; got shape {tuple(given.shape)}.")
+    return given
 
 
 def _result(tally: _Tally, thresholds: torch.Tensor, dataset, scored: list[str], image_max: np.ndarray,

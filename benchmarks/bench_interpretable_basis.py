@@ -1,0 +1,63 @@
+"""UIBE's basis training throughput: pixel vectors per second through `fit_uibe`'s training steps.
+
+Times `fit_uibe` on random pixel vectors (D = `--dim`, default 512 as ResNet-18's layer4) for I = `--directions`
+(default 500, EDDP's, and D), `--epochs` epochs of `--pixels` pixels in batches of `--batch` (the spec's 4096),
+one restart, on `--device` (CPU: this process's CPU time, summed over a profile's [runtime] threads). A fit
+includes the standardisation and the final loss pass, so the rate slightly understates the steps' own. One
+warm-up fit per setting, then `--rounds` rounds; the best round is reported as pixels/s, with the seconds an
+epoch over 3.1 M pixels (ResNet-18 layer4 over Broden) would take. No budget: it sizes the notebook's epochs.
+(On two shared CPU cores, D = 512: about 5,000 pixels/s; the D × D matrix exponential of the orthogonal
+parametrisation, forward and backward, dominates each step.)
+
+    python benchmarks/bench_interpretable_basis.py [--profile default] [--dim 512] [--directions 500 512] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from replication import runtime
+from replication.methods.interpretable_basis import UIBEConfig, fit_uibe
+from replication.profiles import load_profile
+
+BRODEN_PIXELS = 63_305 * 49  # ResNet-18 layer4 (7 × 7) over every Broden image
+
+
+def fit_seconds(pixels: torch.Tensor, config: UIBEConfig, device: torch.device) -> float:
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    start = clock()
+    fit_uibe(pixels, config, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--directions", type=int, nargs="+", default=[500, 512])
+    parser.add_argument("--pixels", type=int, default=4 * 4096)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    threads = runtime.set_cpu_threads(load_profile(args.profile).build(runtime.RuntimeSettings, "runtime").threads)
+    device = runtime.resolve_device(args.device)
+    pixels = torch.randn(args.pixels, args.dim, generator=torch.Generator().manual_seed(0))
+    print(f"UIBE training on {device}, threads={threads} (profile {args.profile}), D={args.dim}, "
+          f"batch {args.batch}, {args.epochs} epochs of {args.pixels} pixels")
+    for directions in args.directions:
+        config = UIBEConfig(directions=directions, batch_size=args.batch, epochs=args.epochs)
+        fit_seconds(pixels[: args.batch], UIBEConfig(directions=directions, batch_size=args.batch, epochs=1), device)
+        best = min(fit_seconds(pixels, config, device) for _ in range(args.rounds))
+        rate = args.pixels * args.epochs / best
+        print(f"I={directions}: {rate:,.0f} pixels/s; one epoch over ResNet-18 layer4 on Broden "
+              f"({BRODEN_PIXELS:,} pixels) ~ {BRODEN_PIXELS / rate:,.0f} s")
+
+
+if __name__ == "__main__":
+    main()
