@@ -184,5 +184,6 @@ def test_a_network_below_the_accuracy_bar_is_not_judged():
     assert "val accuracy 0.500 below the 0.9 bar" in rows["N1"].ours
     assert judged(network(), weak)["N1"].verdict == "confirmed"  # judged on the learned network alone
     assert rows["N3"].ours == "not testable here (no network reached the 0.9 val accuracy bar)"
+    assert rows["N6"].ours.startswith("not testable here (networks per arch: none;")
     four = [network(family=f) for f in ("plain", "dense", "nas")] + [weak]
     assert "no residual network here that learned the task" in judged(*four)["N3"].ours

@@ -36,7 +36,7 @@ def _n6_test(results: Mapping[str, ArchitectureResult]) -> tuple[ClaimTest | Non
     within = [(a, b) for a, b in pairs if results[a].arch == results[b].arch]
     between = [(a, b) for a, b in pairs if results[a].family != results[b].family]
     if not within or not between:
-        counts = ", ".join(f"{arch} {n}" for arch, n in Counter(r.arch for r in results.values()).items())
+        counts = ", ".join(f"{arch} {n}" for arch, n in Counter(r.arch for r in results.values()).items()) or "none"
         return None, (f"networks per arch: {counts}; the null needs two networks of one arch trained alike, "
                       "and a network of a second connection type to compare"), ""
     classes = sorted(set.intersection(*(set(c.index) for c in curves.values())))
