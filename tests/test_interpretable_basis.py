@@ -153,6 +153,15 @@ def test_detection_and_oracle_ious_by_hand():
         ib.matched_iou(np.zeros((1, 2)))
 
 
+def test_shuffled_pixels_keep_each_dimension_and_break_the_joint_structure():
+    pixels = torch.arange(2000, dtype=torch.float32).reshape(1000, 2)  # the two dimensions move together
+    shuffled = ib.shuffled_pixels(pixels, seed=0)
+    for d in range(2):
+        assert torch.equal(shuffled[:, d].sort().values, pixels[:, d])
+    assert abs(float(torch.corrcoef(shuffled.T)[0, 1])) < 0.1 and float(torch.corrcoef(pixels.T)[0, 1]) == pytest.approx(1)
+    assert torch.equal(ib.shuffled_pixels(pixels, seed=0), shuffled)
+
+
 def test_one_hotness_by_hand():
     logits = torch.tensor([[0.0, 0.0, 0.0], [60.0, -60.0, -60.0], [60.0, 60.0, -60.0], [-60.0, -60.0, -60.0]])
     result = ib.one_hotness(logits)
@@ -353,7 +362,7 @@ def test_compare_bases_on_a_tiny_world(tiny_world):
     assert ibd_scores.table.label_number.tolist() == result.ibd.labels.tolist()  # each probe keeps its concept
     assert ibd_scores.train.config["threshold_source"] == "given"
     assert np.array_equal(result.scores["random rotation"].val.thresholds, result.scores["random rotation"].train.thresholds)
-    assert list(result.one_hot.basis) == ["natural", "random rotation", "UIBE", "IBD"]
+    assert list(result.one_hot.basis) == ["natural", "random rotation", "UIBE", "IBD", ib.SHUFFLED]
     assert result.one_hot.one_hot_share.between(0, 1).all()
 
 
@@ -369,7 +378,7 @@ def test_run_comparisons_over_seeds_and_the_notebook_tables(tiny_world):
     config = DissectionConfig(batch_size=4, quantile=0.05)
     result = ib.run_comparisons({"tiny": network}, data, settings, config=config, device="cpu")
     assert sorted(result.runs) == [("tiny", 0), ("tiny", 1)]
-    assert len(result.scores) == len(result.one_hot) == 8 and set(result.scores.seed) == {0, 1}
+    assert len(result.scores) == 8 and len(result.one_hot) == 10 and set(result.scores.seed) == {0, 1}
     summary = ib.seed_summary(result.scores, ["s1", "s2"])
     assert list(summary.index.get_level_values("basis")) == ["natural", "random rotation", "UIBE", "IBD"]
     assert summary.loc[("tiny", "natural"), ("s1", "std")] == 0  # the natural basis does not depend on the seed

@@ -51,9 +51,10 @@ def planted_table(uibe: list[float], reference: float = 0.6) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def network_tables(networks=("net_a", "net_b"), *, uibe_s1=20.0, uibe_s2=5.0, collapsed=()) -> tuple[pd.DataFrame, pd.DataFrame]:
+def network_tables(networks=("net_a", "net_b"), *, uibe_s1=20.0, uibe_s2=5.0, null_share=0.2,
+                   collapsed=()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """scores / one_hot long tables: UIBE far above the references on S¹, S² and one-hot share, with S¹
-    above IBD and S² below it; a small spread over seeds."""
+    above IBD and S² below it, and above UIBE on shuffled features (`null_share`); a small spread over seeds."""
     values = {"natural": (2.0, 1.5, 0.1), "random rotation": (1.5, 1.0, 0.1), "UIBE": (uibe_s1, uibe_s2, 0.7),
               "IBD": (10.0, 10.0, 0.3)}
     scores, one_hot = [], []
@@ -65,6 +66,8 @@ def network_tables(networks=("net_a", "net_b"), *, uibe_s1=20.0, uibe_s2=5.0, co
                 active = 0.9 if basis == "UIBE" and network in collapsed else 0.1
                 one_hot.append({"network": network, "seed": seed, "basis": basis, "one_hot_share": share + jitter,
                                 "active_share": active})
+            one_hot.append({"network": network, "seed": seed, "basis": ib.SHUFFLED, "one_hot_share": null_share - jitter,
+                            "active_share": 0.1})
     return pd.DataFrame(scores), pd.DataFrame(one_hot)
 
 
@@ -87,6 +90,14 @@ def test_clear_effects_are_confirmed_and_the_table_carries_paper_values_units_an
     assert row.loc["P1", "unit"] == "data seeds, n=5" and row.loc["U1", "unit"].startswith("basis seeds, n=5 per network")
     assert row.loc["U1", "note"].startswith("REDUCED RUN (ci); ") and "Holm" in row.loc["U3", "note"]
     assert "net_a S¹ vs natural" in row.loc["U3", "ours"] and "95% CI" in row.loc["U3", "ours"]
+    assert "net_a one-hot share vs UIBE on shuffled features" in row.loc["U1", "ours"]
+    assert "manipulation check" in row.loc["U1", "ours"] and "natural 0.100 ± 0.016 SD (n=5)" in row.loc["U1", "ours"]
+
+
+def test_u1_is_judged_against_the_shuffled_features_null_not_against_the_untrained_bases():
+    scores, one_hot = network_tables(null_share=0.7)  # the objective alone makes shuffled features as one-hot as real ones
+    result, _ = verdicts(tables=(planted_table([0.93, 0.95, 0.94, 0.96, 0.92]), scores, one_hot, reduction_table()))
+    assert result["U1"] != "confirmed" and result["U2"] != "confirmed"
 
 
 def test_wrong_side_effects_are_refuted():

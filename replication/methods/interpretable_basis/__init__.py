@@ -19,9 +19,10 @@ Modules, lowest first (this file only re-exports their public names):
 - `claims`: P1 (the planted test) and U1-U5 through the claims kit (`claim_tests`, `claim_results`);
 - `figures`: `plot_scores` (S¹/S² bars), `plot_threshold_curves` (their integrands against ξ).
 """
-from replication.methods.interpretable_basis.detectors import LinearDetectors, Standardizer, derived_seed, pixel_matrix
-from replication.methods.interpretable_basis.claims import claim_results, claim_tests
-from replication.methods.interpretable_basis.experiment import (BasisComparison, BasisScores, Comparisons, LayerData,
+from replication.methods.interpretable_basis.detectors import (LinearDetectors, Standardizer, derived_seed, pixel_matrix,
+                                                             shuffled_pixels)
+from replication.methods.interpretable_basis.claims import claim_results, claim_tests, one_hot_checks
+from replication.methods.interpretable_basis.experiment import (SHUFFLED, BasisComparison, BasisScores, Comparisons, LayerData,
                                                              SubjectNetwork, UIBESettings, compare_bases, concepts_found,
                                                              directions_grid, directions_sensitivity,
                                                              layer_data, metric_reduction_check, network_table,
@@ -40,9 +41,9 @@ from replication.methods.interpretable_basis.uibe import (ORTHOGONAL_MAPS, UIBEB
                                                           fit_uibe, uibe_losses)
 
 __all__ = [
-    "LinearDetectors", "Standardizer", "derived_seed", "pixel_matrix",
-    "claim_results", "claim_tests",
-    "BasisComparison", "BasisScores", "Comparisons", "LayerData", "SubjectNetwork", "UIBESettings", "compare_bases",
+    "LinearDetectors", "Standardizer", "derived_seed", "pixel_matrix", "shuffled_pixels",
+    "claim_results", "claim_tests", "one_hot_checks",
+    "SHUFFLED", "BasisComparison", "BasisScores", "Comparisons", "LayerData", "SubjectNetwork", "UIBESettings", "compare_bases",
     "concepts_found", "directions_grid", "directions_sensitivity", "layer_data", "metric_reduction_check", "network_table", "run_comparisons", "score_basis",
     "scores_table", "seed_summary", "subject_networks",
     "plot_scores", "plot_threshold_curves",

@@ -27,6 +27,15 @@ def pixel_matrix(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
+def shuffled_pixels(pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    """`pixels` (P × D) with every dimension permuted across pixels independently (seeded): each
+    dimension keeps its values, the pixels lose their joint structure. The null for claim U1: what the
+    objective alone makes one-hot on features without concepts."""
+    generator = torch.Generator().manual_seed(seed)
+    columns = [column[torch.randperm(len(column), generator=generator)] for column in pixels.T]
+    return torch.stack(columns, dim=1)
+
+
 @dataclass(frozen=True)
 class Standardizer:
     """Per-dimension z-score x̃ = (x − mean) / std; dimensions with std 0 keep std 1 (they stay 0)."""

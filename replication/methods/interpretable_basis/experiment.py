@@ -25,7 +25,7 @@ from replication.analysis.rotation import random_rotation
 from replication.data.broden import BrodenDataset
 from replication.data.sources import DataSources
 from replication.data.subsets import seeded_subset
-from replication.methods.interpretable_basis.detectors import LinearDetectors, pixel_matrix
+from replication.methods.interpretable_basis.detectors import LinearDetectors, derived_seed, pixel_matrix, shuffled_pixels
 from replication.methods.interpretable_basis.ibd import IBDBasis, IBDConfig, cell_labels, fit_ibd
 from replication.methods.interpretable_basis.metrics import (direction_table, one_hotness, s_by_category, s_integrands,
                                                              s_scores)
@@ -101,10 +101,14 @@ def layer_data(model: nn.Module, layer: str, train_set, val_set, *, batch_size: 
     return LayerData(layer, train_features, val_features, cells)
 
 
+SHUFFLED = "UIBE on shuffled features"  # claim U1's null (`compare_bases`)
+
+
 @dataclass
 class BasisComparison:
     """Paper 04's comparison on one layer: `scores` per basis (natural, random rotation, UIBE, IBD),
-    their `table` (S¹, S², counts at the IoU threshold) and `one_hot` (claim U1 on val pixels), and the
+    their `table` (S¹, S², counts at the IoU threshold) and `one_hot` (claim U1 on val pixels, with its
+    null `SHUFFLED`), and the
     fitted `uibe` and `ibd` bases."""
 
     layer: str
@@ -122,7 +126,8 @@ def compare_bases(data: LayerData, train_set, val_set, *, config: DissectionConf
     on one layer's `data` (`layer_data`), and score them with the natural basis and a random rotation
     (`rotation_seed`) by `score_basis`. One-hotness on the val pixels: UIBE and IBD with their own
     logits, the natural basis and the rotation under UIBE's parametrisation with b and M fitted on
-    train (`fit_uibe(basis=...)`)."""
+    train (`fit_uibe(basis=...)`), and the null of claim U1: UIBE fitted on the train pixels with every
+    dimension shuffled across pixels (`shuffled_pixels`), its one-hotness read on val pixels shuffled alike."""
     device = resolve_device(device)
     train_pixels, val_pixels = pixel_matrix(data.train_features), pixel_matrix(data.val_features)
     dim = train_pixels.shape[1]
@@ -142,9 +147,13 @@ def compare_bases(data: LayerData, train_set, val_set, *, config: DissectionConf
         "random rotation": fit_uibe(train_pixels, uibe, seed=seed, device=device, basis=rotation),
         "UIBE": fitted,
     }
-    one_hot = [{"basis": name, **one_hotness(basis.logits(val_pixels, batch_size=config.batch_size * 64, device=device))}
+    chunk = config.batch_size * 64
+    one_hot = [{"basis": name, **one_hotness(basis.logits(val_pixels, batch_size=chunk, device=device))}
                for name, basis in logits.items()]
     one_hot.append({"basis": "IBD", **one_hotness(probes.detectors().scores(val_pixels.double()).float())})
+    null = fit_uibe(shuffled_pixels(train_pixels, derived_seed(seed, 2)), uibe, seed=seed, device=device)
+    one_hot.append({"basis": SHUFFLED, **one_hotness(null.logits(shuffled_pixels(val_pixels, derived_seed(seed, 3)),
+                                                                  batch_size=chunk, device=device))})
     return BasisComparison(data.layer, scores, scores_table(list(scores.values())), pd.DataFrame(one_hot), fitted, probes)
 
 
