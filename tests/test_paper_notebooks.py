@@ -1,5 +1,5 @@
-"""Notebooks 00 (Network Dissection), 03 (CGL) and 05 (NAD) executed through their real-data branch on
-tests/paper_fixture.py's files (Broden, ImageFolder class folders, full-size checkpoints), with
+"""Notebooks 00 (Network Dissection), 03 (CGL), 04 (UIBE) and 05 (NAD) executed through their real-data
+branch on tests/paper_fixture.py's files (Broden, ImageFolder class folders, full-size checkpoints), with
 tests/profiles/paper-fixture.toml: paper.toml's sections and `$VAR` paths at tiny budgets, so a user with
 real data only sets paths.
 
@@ -20,7 +20,8 @@ from replication.reproduce import notebook_paths, run_notebook
 from tests.paper_fixture import PAPER_VARIABLES, write_paper_fixture
 
 FIXTURE_PROFILE = Path(__file__).resolve().parent / "profiles" / "paper-fixture.toml"
-CLAIMS = {"00": ["D1"], "03": [f"G{n}" for n in range(1, 9)], "05": [f"N{n}" for n in range(1, 8)]}
+CLAIMS = {"00": ["D1"], "03": [f"G{n}" for n in range(1, 9)], "04": ["P1", *(f"U{n}" for n in range(1, 6))],
+          "05": [f"N{n}" for n in range(1, 8)]}
 
 
 def _variables_read(profile: str | Path) -> dict[str, set[tuple[str, str]]]:
