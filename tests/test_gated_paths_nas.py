@@ -13,8 +13,11 @@ from replication.methods.gated_paths import gates as nad_gates
 from replication.methods.gated_paths import search as nad_search
 from replication.models.anatomy import anatomy_of
 from replication.models.hooks import get_module
-from replication.models.pretrained import pretrained
+from replication.models.backbones import BackboneConfig
+from replication.models.pretrained import TORCHVISION_MEAN, TORCHVISION_STD, pretrained, spec_of
+from replication.training.loop import TrainConfig
 from tests.helpers import assert_close
+from tests.paper_fixture import write_image_folders
 
 # EfficientNet-Lite0's gates at a 224-px input, (channels, spatial size): stem bn1, the 16 MBConv blocks
 # (stages of 1, 2, 2, 3, 3, 4, 1 blocks), head bn2.
@@ -113,3 +116,24 @@ def test_a_family_without_placement_is_a_one_line_error(lite0, monkeypatch):
                                          r"known: dense, nas, plain, residual \(add a rule") as error:
         gp.gate_locations(lite0, (3, SIZE, SIZE))
     assert "\n" not in str(error.value)
+
+
+def test_on_imagenet_class_folders_lite0_is_analysed_as_its_own_imagenet_classifier(tmp_path):
+    def prepare(root):
+        return gp.prepare_network(gp.NADSettings(archs=("efficientnet_lite0",)), "efficientnet_lite0", root,
+                                  model_config=BackboneConfig(arch="efficientnet_lite0"),
+                                  train_config=TrainConfig(epochs=1, batch_size=4, lr=0.01),
+                                  seed=0, device="cpu")
+
+    write_image_folders(tmp_path / "five", counts={"train": 1})
+    with pytest.raises(ValueError, match="has 5 class folders, not ImageNet's 1000"):
+        prepare(tmp_path / "five")
+    write_image_folders(tmp_path / "imagenet", {f"n{index:08d}": (0, 0, 0) for index in range(1000)}, {"train": 1})
+    model, key, history = prepare(tmp_path / "imagenet")
+    assert history is None and "train" not in key and not model.training
+    images = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(TORCHVISION_MEAN).view(1, 3, 1, 1), torch.tensor(TORCHVISION_STD).view(1, 3, 1, 1)
+    spec = spec_of("efficientnet_lite0")
+    own = (images - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert_close(model((images - mean) / std), pretrained("efficientnet_lite0", device="cpu")(own), atol=1e-4)

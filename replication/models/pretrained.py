@@ -182,20 +182,24 @@ class InputRenormalisation:
         return (images * self.scale.to(images) + self.shift.to(images), *rest)
 
 
-def pretrained_for_task(name: str, num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
-    """The ImageNet-trained network `name` (`pretrained`, on the CPU) with a fresh `num_classes`-way
-    classifier (timm's `reset_classifier`: its default initialisation), to be fine-tuned on a task.
+def imagenet_classifier(name: str, *, weights: str | Path | None = None) -> nn.Module:
+    """The ImageNet-trained network `name` (`pretrained`, on the CPU, eval mode) as the 1000-way
+    classifier it is, reading images normalised as torchvision's networks expect (`TORCHVISION_MEAN` /
+    `TORCHVISION_STD`, the datasets' normalisation), converted to its own (`InputRenormalisation`), at the
+    size they come in. Module names are those of `pretrained`, so its anatomy and gate placement apply."""
+    spec = spec_of(name)
+    model = pretrained(name, weights=weights, device="cpu")
+    model.register_forward_pre_hook(InputRenormalisation(TORCHVISION_MEAN, TORCHVISION_STD, spec.mean, spec.std))
+    return model
 
-    It reads images normalised as torchvision's networks expect (`TORCHVISION_MEAN` / `TORCHVISION_STD`,
-    the datasets' normalisation) and converts them to its own (`InputRenormalisation`), at the size they
-    come in. Module names are those of `pretrained`, so its anatomy and gate placement still apply.
-    """
+
+def pretrained_for_task(name: str, num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
+    """`imagenet_classifier` with a fresh `num_classes`-way classifier (timm's `reset_classifier`: its
+    default initialisation), in train mode, to be fine-tuned on a task."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    spec = spec_of(name)
-    model = pretrained(name, weights=weights, device="cpu").train()
+    model = imagenet_classifier(name, weights=weights).train()
     model.reset_classifier(num_classes)
-    model.register_forward_pre_hook(InputRenormalisation(TORCHVISION_MEAN, TORCHVISION_STD, spec.mean, spec.std))
     return model
 
 

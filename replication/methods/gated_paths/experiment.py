@@ -38,7 +38,7 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
 from replication.models.anatomy import connection_family
 from replication.reporting.claims import cluster_means
 from replication.models.backbones import BackboneConfig
-from replication.models.pretrained import PRETRAINED
+from replication.models.pretrained import PRETRAINED, imagenet_classifier, spec_of
 from replication.runtime import resolve_device
 from replication.training.classifiers import RecipeSearch, plateaued, select_recipe, train_world_classifier
 from replication.training.loop import TrainConfig
@@ -167,8 +167,11 @@ def load_class_images(settings: NADSettings, root: str | Path, *, batch_size: in
 def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model_config: BackboneConfig,
                     train_config: TrainConfig, seed: int,
                     device: str | torch.device | None = None) -> tuple[nn.Module, dict[str, Any], pd.DataFrame | None]:
-    """The network NAD disentangles for `arch`: pretrained from `weights`, or trained on `root` through
-    the shared cache (`train_world_classifier`, so the [model] baseline is notebook 00's).
+    """The network NAD disentangles for `arch`: pretrained from `weights`; on real class folders, an arch
+    of `pretrained.PRETRAINED` as the ImageNet classifier it is (`imagenet_classifier`: the folders must be
+    ImageNet's 1000 classes, whose sorted wnids are its logits' order); or trained on `root` through the
+    shared cache (`train_world_classifier`, so the [model] baseline is notebook 00's; a PRETRAINED arch is
+    fine-tuned there).
 
     `model_config` / `train_config` are the profile's [model] / [train]; `arch`, `seed` and the
     settings' overrides for `arch` are applied to them. Returns the frozen model in eval mode, a key
@@ -178,10 +181,18 @@ def prepare_network(settings: NADSettings, arch: str, root: str | Path, *, model
     train_config = dataclasses.replace(dataclasses.replace(train_config, seed=seed), **settings.train_overrides.get(arch, {}))
     train_set = ClassificationDataset(root, "train", image_size=settings.image_size)
     key = {"model": model_config, "data": train_set.fingerprint}
-    if not model_config.weights and train_set.layout != "conceptworld":
+    real = train_set.layout != "conceptworld"
+    if real and arch in PRETRAINED:
+        imagenet = spec_of(arch).num_classes
+        if len(train_set.classes) != imagenet:
+            raise ValueError(f"[nad] arch {arch} is analysed as its ImageNet classifier on real data, but {root} has "
+                             f"{len(train_set.classes)} class folders, not ImageNet's {imagenet} (one per wnid, "
+                             "as ILSVRC's train folder); use [nad] max_classes to analyse fewer.")
+        model, history = imagenet_classifier(arch, weights=model_config.weights), None
+    elif not model_config.weights and real:
         raise ValueError(f"[nad] arch {arch} has no weights and only ConceptWorld networks are trained here; set "
                          f"model_overrides.{arch}.weights to a pretrained file for the class folders at {root}.")
-    if model_config.weights:
+    elif model_config.weights:
         model, history = model_config.build(len(train_set.classes)), None
     else:
         result = train_world_classifier(root, model_config, train_config, device=device)
