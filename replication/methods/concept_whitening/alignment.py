@@ -211,12 +211,6 @@ class ConceptAlignment:
             layer.update_rotation(steps=self.cayley_steps)
 
 
-def alignment_identity(callback: ConceptAlignment) -> dict[str, Any]:
-    """What identifies an alignment in words (for tables): objective, λ_h, interval, layers."""
-    return {"objective": callback.objective, "lambda_h": callback.lambda_h, "interval": callback.interval,
-            "layers": ", ".join(callback.layers)}
-
-
 def node_table(tree: ConceptTree, sets: Mapping[str, ConceptSets]) -> list[dict[str, Any]]:
     """One row per node: axis, parent, depth, branch and the size of its set in each of `sets`."""
     return [{"node": node, "axis": tree.axis(node), "parent": tree.parent(node) or "", "depth": tree.depth(node),

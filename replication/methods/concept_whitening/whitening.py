@@ -126,7 +126,7 @@ class ConceptWhitening(nn.Module):
 
     Training mode whitens with the batch's μ and W (autograd through the Newton iterations) and updates
     the running buffers with `momentum`; eval mode uses the running buffers. While `recording` is a
-    concept index j (set by `accumulating`), a forward also computes that batch's alignment gradient row
+    concept index j (set by `alignment.ConceptAlignment`), a forward also computes that batch's alignment gradient row
     (`alignment_gradient`) and keeps it in `_recorded` for the alignment step. `activation` is applied
     after the rotation (timm's BatchNormAct2d applies its own; ResNet's bn1 needs none). The rotated map
     passes through `self.rotated` (an identity) so hooks can read it."""
