@@ -264,3 +264,19 @@ def test_replace_with_cw_refuses_other_layers():
     assert isinstance(model.bn, ConceptWhitening) and layers["bn"].channels == 8
     with pytest.raises(ValueError, match="channels"):
         model.bn(torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("profile", ["ci", "default", "gpu"])
+def test_profile_cw_layers_are_batchnorms_of_their_networks(profile):
+    from replication.methods.concept_whitening import CWSettings
+    from replication.models.backbones import BackboneConfig
+    from replication.profiles import load_profile
+
+    loaded = load_profile(profile)
+    settings = loaded.build(CWSettings, "cw")
+    for network in settings.networks:
+        config = loaded.build(BackboneConfig, "model", arch=network, **settings.model_overrides.get(network, {}))
+        model = config.build(18)
+        for layer in (settings.layers[network], settings.second_layers.get(network)):
+            if layer is not None:
+                assert isinstance(get_module(model, layer), nn.BatchNorm2d), (profile, network, layer)
