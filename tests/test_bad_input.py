@@ -25,6 +25,7 @@ from replication.data.classification import ClassificationDataset, ImageFileErro
 from replication.data.sources import BrodenSource
 from replication.methods.concept_groups import CGLSettings
 from replication.methods.gated_paths import NADSettings
+from replication.methods.concept_whitening import CWSettings
 from replication.methods.interpretable_basis import UIBESettings
 from replication.models.backbones import BackboneConfig, build_backbone, load_weights
 from replication.models.hooks import capture_activations, get_module
@@ -38,7 +39,7 @@ TINY_WORLD = '[world]\npreset = "classification"\nn_images = 12\nimage_size = 32
 BUILT_SECTIONS = {"world": cw.WorldConfig, "cgl_world": cw.WorldConfig, "model": BackboneConfig,
                   "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings, "runtime": RuntimeSettings,
                   "dissection": DissectionConfig, "baselines": BaselineSettings, "broden": BrodenSource,
-                  "uibe": UIBESettings}
+                  "uibe": UIBESettings, "cw": CWSettings}
 
 
 @pytest.fixture()

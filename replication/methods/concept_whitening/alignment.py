@@ -1,0 +1,218 @@
+"""Concept alignment during training: the concept tree and its image sets, the hierarchical objectives
+and the step callback that rotates every CW layer every `interval` batches (spec 01 sections 3.4, 3.7).
+
+Objectives [I] (spec 3.7), each a setting of `ConceptAlignment`:
+- "flat" (H0): CW's objective over every tree node, node n aligned with axis a(n);
+- "ancestor" (H1): also, images of child c activate the axis of its parent p with weight λ_h: row a(p)
+  of the gradient receives λ_h x (c's gradient row), computed with the same activation mode.
+In one alignment call every node contributes one concept batch; row j of the raw gradient is the sum of
+the contributions aimed at axis j, then smoothed into sum_G as the official code does per concept batch
+(so the flat objective with one batch per node is exactly the official update). H2, the subspace variant,
+belongs to a later paper (MGCW) and is not implemented.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from replication import io
+from replication.data.classification import ConceptImageDataset
+from replication.data.world_statistics import concept_image_sets
+from replication.methods.concept_whitening.whitening import ConceptWhitening
+from replication.models.hooks import forward_until, get_module
+from replication.models.surgery import eval_mode
+
+OBJECTIVES = ("flat", "ancestor")
+
+
+@dataclass(frozen=True)
+class ConceptTree:
+    """The concept nodes that own an axis, in breadth-first order (node i -> axis i), each with its
+    parent among them (None for a top node) and its `leaves` (the labelled nodes whose images form its set)."""
+
+    nodes: tuple[str, ...]
+    parents: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"concept tree nodes must be unique (one axis each), got {self.nodes}.")
+        if len(self.parents) != len(self.nodes) or any(p is not None and p not in self.nodes for p in self.parents):
+            raise ValueError("every parent of a concept tree node must be a node of the tree (or None).")
+
+    def axis(self, node: str) -> int:
+        return self.nodes.index(node)
+
+    def parent(self, node: str) -> str | None:
+        return self.parents[self.axis(node)]
+
+    def children(self, node: str) -> list[str]:
+        return [n for n, p in zip(self.nodes, self.parents) if p == node]
+
+    @property
+    def leaves(self) -> list[str]:
+        return [n for n in self.nodes if not self.children(n)]
+
+    def leaves_under(self, node: str) -> list[str]:
+        """The leaves of the subtree rooted at `node` (itself when it is a leaf)."""
+        children = self.children(node)
+        return [node] if not children else [leaf for child in children for leaf in self.leaves_under(child)]
+
+    def depth(self, node: str) -> int:
+        parent = self.parent(node)
+        return 0 if parent is None else 1 + self.depth(parent)
+
+    def branch(self, node: str) -> str:
+        """The top node above `node` (its branch of the tree)."""
+        parent = self.parent(node)
+        return node if parent is None else self.branch(parent)
+
+    @classmethod
+    def from_world(cls, root: str | Path, *, levels: int = 2) -> ConceptTree:
+        """The top `levels` levels below the root of a ConceptWorld's `concept_tree.json` (2: the
+        superclasses and their objects), breadth-first."""
+        tree = io.read_json(Path(root) / "concept_tree.json")
+        if levels < 1:
+            raise ValueError(f"levels = {levels}: keep at least one level of the concept tree.")
+        nodes, parents, frontier = [], [], [(child, None) for child in tree["children"]]
+        for _ in range(levels):
+            following = []
+            for node, parent in frontier:
+                nodes.append(node["name"])
+                parents.append(parent)
+                following += [(child, node["name"]) for child in node["children"]]
+            frontier = following
+        if len(set(nodes)) != len(nodes):
+            raise ValueError(f"levels = {levels} of {root}/concept_tree.json repeat names (shared parts); keep fewer levels.")
+        return cls(tuple(nodes), tuple(parents))
+
+
+def alignment_targets(tree: ConceptTree, objective: str = "flat", lambda_h: float = 1.0) -> dict[str, dict[int, float]]:
+    """Per node, the axes its concept batch's gradient row is added to, with weights: its own axis
+    (weight 1) and, for "ancestor", its parent's axis (weight `lambda_h`)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"alignment objective {objective!r}; choose one of {OBJECTIVES}.")
+    targets = {}
+    for node in tree.nodes:
+        targets[node] = {tree.axis(node): 1.0}
+        parent = tree.parent(node)
+        if objective == "ancestor" and parent is not None and lambda_h != 0:
+            targets[node][tree.axis(parent)] = lambda_h
+    return targets
+
+
+@dataclass
+class ConceptSets:
+    """Concept crops in memory: `images` (N × 3 × H × W), the `leaf` index of each (into `tree.leaves`)
+    and per node the indices of its set (the union of its leaves' crops, spec open point 3)."""
+
+    tree: ConceptTree
+    images: torch.Tensor
+    leaf: torch.Tensor
+    members: dict[str, torch.Tensor]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.leaf.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def sample(self, node: str, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` crops of `node`'s set drawn without replacement (all of them when fewer)."""
+        members = self.members[node]
+        chosen = members[torch.randperm(len(members), generator=generator)[:count]]
+        return self.images[chosen]
+
+
+def concept_sets(root: str | Path, tree: ConceptTree, *, split: str, per_leaf: int | None, image_size: int,
+                 batch_size: int = 256, min_pixels: int = 16) -> ConceptSets:
+    """The ConceptWorld crops of every leaf of `tree` on `split` (`world_statistics.concept_image_sets`,
+    the `per_leaf` largest instances), decoded once at `image_size`; internal nodes get their leaves' crops."""
+    sets = concept_image_sets(root, tree.leaves, split=split, limit=per_leaf, min_pixels=min_pixels)
+    dataset = ConceptImageDataset(root, sets, image_size=image_size)
+    images, leaves = [], []
+    for batch, leaf in DataLoader(dataset, batch_size=batch_size):
+        images.append(batch)
+        leaves.append(leaf)
+    leaf = torch.cat(leaves)
+    members = {node: torch.cat([torch.nonzero(leaf == tree.leaves.index(name)).flatten() for name in tree.leaves_under(node)])
+               for node in tree.nodes}
+    return ConceptSets(tree, torch.cat(images), leaf, members)
+
+
+def cw_layers(model: nn.Module, names: Sequence[str]) -> dict[str, ConceptWhitening]:
+    layers = {name: get_module(model, name) for name in names}
+    wrong = [name for name, layer in layers.items() if not isinstance(layer, ConceptWhitening)]
+    if wrong:
+        raise ValueError(f"{wrong} are not ConceptWhitening layers; replace them first (replace_with_cw).")
+    return layers
+
+
+@dataclass
+class ConceptAlignment:
+    """The step callback that aligns every CW layer in `layers` every `interval` optimiser steps (CW Alg. 2):
+    in eval mode, one batch of `concept_batch` crops per tree node (drawn with a generator seeded by `seed`
+    and the step), each forwarded up to the last CW layer with the layers recording its gradient row; the
+    rows are added to their `objective`'s target axes, smoothed into sum_G, and R takes `cayley_steps`
+    Cayley steps. Runs after the step's SGD update (the official code aligns before the next batch's)."""
+
+    layers: tuple[str, ...]
+    tree: ConceptTree
+    concepts_fingerprint: str
+    interval: int = 20
+    objective: str = "flat"
+    lambda_h: float = 1.0
+    concept_batch: int = 64
+    cayley_steps: int = 2
+    seed: int = 0
+    concepts: ConceptSets | None = field(default=None, repr=False, metadata={"cache_key": False})
+    name: str = "concept_alignment"
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.concept_batch < 1 or self.cayley_steps < 1:
+            raise ValueError(f"ConceptAlignment needs interval, concept_batch and cayley_steps >= 1; got "
+                             f"{self.interval}, {self.concept_batch}, {self.cayley_steps}.")
+        self.targets = alignment_targets(self.tree, self.objective, self.lambda_h)
+
+    def __call__(self, model: nn.Module, *, step: int, epoch: int) -> None:
+        if step % self.interval == 0:
+            self.align(model, step=step)
+
+    @torch.no_grad()
+    def align(self, model: nn.Module, *, step: int = 0) -> None:
+        """One alignment call: gradient rows from one concept batch per node, then the rotation update."""
+        if self.concepts is None:
+            raise ValueError("ConceptAlignment has no concept images; pass concepts=concept_sets(...).")
+        layers = cw_layers(model, self.layers)
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rows = {name: {} for name in layers}
+        with eval_mode(model), forward_until(model, list(self.layers)) as forward:
+            for node in self.tree.nodes:
+                images = self.concepts.sample(node, self.concept_batch, generator).to(device)
+                for layer in layers.values():
+                    layer.recording, layer._recorded = self.tree.axis(node), []
+                try:
+                    forward(images)
+                finally:
+                    for layer in layers.values():
+                        layer.recording = None
+                for name, layer in layers.items():
+                    (gradient,) = layer._recorded
+                    layer.counter += 1
+                    for axis, weight in self.targets[node].items():
+                        rows[name][axis] = rows[name].get(axis, 0) + weight * gradient
+        for name, layer in layers.items():
+            layer.accumulate(rows[name])
+            layer.update_rotation(steps=self.cayley_steps)
+
+
+def node_table(tree: ConceptTree, sets: Mapping[str, ConceptSets]) -> list[dict[str, Any]]:
+    """One row per node: axis, parent, depth, branch and the size of its set in each of `sets`."""
+    return [{"node": node, "axis": tree.axis(node), "parent": tree.parent(node) or "", "depth": tree.depth(node),
+             "branch": tree.branch(node), **{f"{split}_images": len(s.members[node]) for split, s in sets.items()}}
+            for node in tree.nodes]
