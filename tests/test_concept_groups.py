@@ -646,6 +646,17 @@ def test_lambda_bn_rule_matches_the_papers_integrated_shrinkage():
         CGLSettings(shrinkage_fraction=0.0)
 
 
+def test_the_synthetic_cnn_can_match_its_own_share_of_the_shrinkage():
+    config = TrainConfig(epochs=2, batch_size=5, lr=0.2, schedule="cosine")
+    integrated = dataclasses.replace(SMALL, lambda_bn_rule="integrated", shrinkage_fraction=0.03)
+    split = dataclasses.replace(integrated, synthetic_shrinkage_fraction=0.1)
+    assert split.lambda_bn("alexnet", config, 10) == integrated.lambda_bn("alexnet", config, 10)
+    assert split.lambda_bn("two_layer_cnn", config, 10) == pytest.approx(integrated.lambda_bn("two_layer_cnn", config, 10) * 0.1 / 0.03)
+    assert shrinkage_budget(split, "two_layer_cnn", config, 10)["fraction"] == 0.1
+    with pytest.raises(ValueError, match="synthetic_shrinkage_fraction"):
+        CGLSettings(synthetic_shrinkage_fraction=-1.0)
+
+
 def test_seed_list_takes_the_first_seeds():
     assert SMALL.seed_list((4, 5, 6), 2) == (4, 5)
     assert dataclasses.replace(SMALL, seeds=(0, 1, 2, 3, 4)).seed_list((4, 5, 6), 5) == (0, 1, 2, 3, 4)

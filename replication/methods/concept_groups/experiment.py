@@ -77,7 +77,8 @@ class CGLSettings:
     first ones); `main_variants` which variants the main experiment trains (the synthetic task trains
     all). The block norm acts on the conv layers with >= `min_group_size` filters in each of `groups`
     groups, L_g and L_s on those of them the code exposes (`grouped`) [I]; its weight follows
-    `lambda_bn_rule` and `shrinkage_fraction` (`lambda_bn`). G7 reads each unit's `top_images` most
+    `lambda_bn_rule` and `shrinkage_fraction` (`synthetic_shrinkage_fraction` for the synthetic CNN, None:
+    the same; `lambda_bn`). G7 reads each unit's `top_images` most
     activating images.
     """
 
@@ -98,6 +99,7 @@ class CGLSettings:
     lambda_bn_vgg16: float = 1e-3  # also for vgg16_bn
     lambda_bn_rule: str = "integrated"
     shrinkage_fraction: float = 1.0
+    synthetic_shrinkage_fraction: float | None = None
     min_group_size: int = 12
     lambda_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     sweep_arch: str = "alexnet"
@@ -114,9 +116,11 @@ class CGLSettings:
 
     def __post_init__(self):
         check_choice(self.lambda_bn_rule, LAMBDA_BN_RULES, "lambda_bn_rule")
-        if not self.shrinkage_fraction > 0:
-            raise ValueError(f"[cgl] shrinkage_fraction = {self.shrinkage_fraction}: give the share (> 0) of the paper's "
-                             "integrated block-norm shrinkage to match.")
+        for name in ("shrinkage_fraction", "synthetic_shrinkage_fraction"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"[cgl] {name} = {value}: give the share (> 0) of the paper's integrated block-norm "
+                                 "shrinkage to match.")
         if self.min_group_size < 2:
             raise ValueError(f"[cgl] min_group_size = {self.min_group_size}: within-group pairs need groups of >= 2 filters.")
         for variant in self.main_variants:
@@ -145,16 +149,22 @@ class CGLSettings:
         """lambda_bn of the code's runs for `arch` [C] (the synthetic CNN takes AlexNet's)."""
         return self.synthetic_lambda_bn if arch == "two_layer_cnn" else getattr(self, f"lambda_bn_{arch.removesuffix('_bn')}")
 
+    def fraction(self, arch: str) -> float:
+        """The share of the paper's integrated shrinkage that `arch`'s block norm matches."""
+        if arch == "two_layer_cnn" and self.synthetic_shrinkage_fraction is not None:
+            return self.synthetic_shrinkage_fraction
+        return self.shrinkage_fraction
+
     def lambda_bn(self, arch: str, config: TrainConfig, train_images: int) -> float:
         """lambda_bn of a run with `config` on `train_images` images: the published value ("paper"), or
-        ("integrated", [I]) that value times `shrinkage_fraction` * integrated_lr(paper) /
+        ("integrated", [I]) that value times `fraction(arch)` * integrated_lr(paper) /
         integrated_lr(this run), so that lambda_bn * sum of lr over steps, the block norm's total
         shrinkage of a group norm, is that fraction of the paper's (about 12 for AlexNet) however short
         the run."""
         published = self.published_lambda_bn(arch)
         if self.lambda_bn_rule == "paper":
             return published
-        return (published * self.shrinkage_fraction * integrated_lr(PAPER_SCHEDULE, PAPER_TRAIN_IMAGES)
+        return (published * self.fraction(arch) * integrated_lr(PAPER_SCHEDULE, PAPER_TRAIN_IMAGES)
                 / integrated_lr(config, train_images))
 
     def train_config(self, *, seed: int, epochs: int | None = None, lr: float | None = None) -> TrainConfig:
@@ -205,7 +215,7 @@ def shrinkage_budget(settings: CGLSettings, arch: str, config: TrainConfig, trai
     `train_images` images, next to the paper's (its published lambda_bn on `PAPER_SCHEDULE`)."""
     paper_lr, our_lr = integrated_lr(PAPER_SCHEDULE, PAPER_TRAIN_IMAGES), integrated_lr(config, train_images)
     published, ours = settings.published_lambda_bn(arch), settings.lambda_bn(arch, config, train_images)
-    return {"arch": arch, "rule": settings.lambda_bn_rule, "fraction": settings.shrinkage_fraction,
+    return {"arch": arch, "rule": settings.lambda_bn_rule, "fraction": settings.fraction(arch),
             "paper_lambda_bn": published, "paper_sum_lr": paper_lr,
             "paper_shrinkage": published * paper_lr, "lambda_bn": ours, "sum_lr": our_lr, "shrinkage": ours * our_lr}
 
