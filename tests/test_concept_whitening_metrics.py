@@ -7,7 +7,7 @@ from torch import nn
 
 from replication.methods.concept_whitening.alignment import ConceptSets, ConceptTree
 from replication.methods.concept_whitening.claims import claim_results, claim_tests, leaf_rows
-from replication.methods.concept_whitening.metrics import (axis_labels, best_units, branch_similarity,
+from replication.methods.concept_whitening.metrics import (axis_labels, roc_auc, best_units, branch_similarity,
                                                            concept_importance, purity_auc, similarity_matrix,
                                                            similarity_summary, top_images)
 from replication.reporting.claims import load_reference
@@ -130,3 +130,12 @@ def test_claims_confirm_a_clear_hierarchical_gain_and_refuse_missing_variants():
     assert worse_rows["T2AUC H1 - BN best filter"].mean < 0
     with pytest.raises(ValueError, match="variant 'flat'"):
         claim_tests(auc[auc.variant != "flat"], leaves, branches, classes)
+
+
+def test_roc_auc_by_hand():
+    positive = np.array([True, True, False, False, False])
+    # pairs (positive, negative): 0.9 beats all three, 0.4 beats 0.1 and ties 0.4 -> (3 + 1.5) / 6
+    assert roc_auc(positive, np.array([0.9, 0.4, 0.4, 0.1, 0.5])) == pytest.approx(4.5 / 6)
+    assert roc_auc(positive, np.array([1.0, 0.9, 0.1, 0.2, 0.3])) == 1.0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        roc_auc(np.array([True, True]), np.array([0.1, 0.2]))

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,6 +34,15 @@ def layer_outputs(model: nn.Module, layer: str, images: torch.Tensor, *, batch_s
     return torch.cat(parts)
 
 
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC of `scores` separating `positive` (booleans) from the rest: the Mann-Whitney U of the
+    positives over the negatives, / (n+ n-) (ties count one half)."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        raise ValueError(f"ROC-AUC needs positives and negatives; got {int(positive.sum())} of {len(positive)} positive.")
+    return float(stats.mannwhitneyu(scores[positive], scores[~positive]).statistic / (positive.sum() * (~positive).sum()))
+
+
 def axis_scores(maps: torch.Tensor, mode: str = "pool_max") -> torch.Tensor:
     """One score per image and channel (CW's activation `mode`), in float64."""
     return axis_activations(maps.double(), mode)
@@ -49,7 +58,7 @@ def best_units(scores: torch.Tensor, concepts: ConceptSets, tree: ConceptTree) -
     """Per node, the unit whose activation separates the node's crops best (highest AUC): CW's "best
     filter" baseline for a network without concept axes. Choose on one split, score on another."""
     values = scores.numpy()
-    return [int(np.argmax([roc_auc_score(node_positives(concepts, tree, node), values[:, unit])
+    return [int(np.argmax([roc_auc(node_positives(concepts, tree, node), values[:, unit])
                            for unit in range(values.shape[1])])) for node in tree.nodes]
 
 
@@ -63,7 +72,7 @@ def purity_auc(scores: torch.Tensor, concepts: ConceptSets, tree: ConceptTree, a
     rows = []
     for node, axis in zip(tree.nodes, axes):
         positive = node_positives(concepts, tree, node)
-        per_fold = [roc_auc_score(positive[p], values[p, axis]) for p in parts if 0 < positive[p].sum() < len(p)]
+        per_fold = [roc_auc(positive[p], values[p, axis]) for p in parts if 0 < positive[p].sum() < len(p)]
         rows.append({"node": node, "depth": tree.depth(node), "branch": tree.branch(node), "axis": int(axis),
                      "auc": float(np.mean(per_fold)), "auc_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else np.nan,
                      "folds": len(per_fold)})
