@@ -1,0 +1,1 @@
+"""LAP, Local Attention Pooling (paper 02, notebook 02)."""
