@@ -105,10 +105,7 @@ class LAP2d(nn.Module):
         return windows, valid, out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.attention(x)
-        if scores.shape[1] != self.heads or scores.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"LAP2d: the attention block gave scores of shape {tuple(scores.shape)}; need "
-                             f"{self.heads} heads at the input's {tuple(x.shape[-2:])} positions.")
+        scores = self.attention(x)  # B × heads × H × W (no shape check here: torch.fx traces this forward)
         attention = torch.sigmoid(scores)
         self.attention_map = attention
         features, valid, grid = self._windows(x)
