@@ -23,6 +23,7 @@ from replication.data import concept_world as cw
 from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset, ImageFileError
 from replication.data.sources import BrodenSource
+from replication.methods.attention_pooling import LAPSettings
 from replication.methods.concept_groups import CGLSettings
 from replication.methods.gated_paths import NADSettings
 from replication.methods.interpretable_basis import UIBESettings
@@ -38,7 +39,7 @@ TINY_WORLD = '[world]\npreset = "classification"\nn_images = 12\nimage_size = 32
 BUILT_SECTIONS = {"world": cw.WorldConfig, "cgl_world": cw.WorldConfig, "model": BackboneConfig,
                   "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings, "runtime": RuntimeSettings,
                   "dissection": DissectionConfig, "baselines": BaselineSettings, "broden": BrodenSource,
-                  "uibe": UIBESettings}
+                  "uibe": UIBESettings, "lap": LAPSettings}
 
 
 @pytest.fixture()

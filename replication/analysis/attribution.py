@@ -15,6 +15,7 @@ Every method returns one map per image, N × H × W at the images' size, on the 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -51,7 +52,11 @@ def _integrated_gradients(model, images, target, *, steps=32, channel_reduce="ab
 
 def _guided_backprop(model, images, target, *, channel_reduce="abs_sum", **_):
     from captum.attr import GuidedBackprop
-    return _reduce(GuidedBackprop(model).attribute(images, target=target), channel_reduce)
+    with warnings.catch_warnings():  # captum's notes that it sets requires_grad and hooks ReLUs (both intended)
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        attribution = GuidedBackprop(model).attribute(images, target=target)
+    return _reduce(attribution, channel_reduce)
 
 
 def lrp_canonizers(model: nn.Module) -> list:

@@ -158,9 +158,9 @@ def curve_auc(curves: torch.Tensor) -> torch.Tensor:
 def randomisation_similarity(model: nn.Module, images: torch.Tensor, explainer: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                              *, seed: int = 0, layers: Sequence[str] | None = None) -> pd.DataFrame:
     """The cascading parameter-randomisation check: `explainer(model, images) -> maps` on `model`, then on
-    copies whose parameterised modules (`layers`, default every module with its own parameters and a
-    `reset_parameters`) are re-initialised from the top down, one more per row. Rows: layer randomised
-    last, mean and SD over images of the Spearman correlation of the map with the original."""
+    a copy whose `layers` (default every module with its own parameters; a named container stands for every
+    module in it) are re-initialised (`reset_parameters`) from the top down, one more per row. Rows: layer
+    randomised last, mean and SD over images of the Spearman correlation of the map with the original."""
     import copy
     original = explainer(model, images).flatten(1).numpy()
     names = list(layers) if layers is not None else [
@@ -168,7 +168,9 @@ def randomisation_similarity(model: nn.Module, images: torch.Tensor, explainer: 
     randomised, rows = copy.deepcopy(model), []
     torch.manual_seed(seed)
     for name in reversed(names):
-        randomised.get_submodule(name).reset_parameters()
+        for module in randomised.get_submodule(name).modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         maps = explainer(randomised, images).flatten(1).numpy()
         rho = np.array([stats.spearmanr(a, b).statistic for a, b in zip(original, maps)], dtype=float)
         rows.append({"layer": name, "spearman_mean": float(np.nanmean(rho)), "spearman_sd": float(np.nanstd(rho, ddof=1))})

@@ -7,9 +7,10 @@ Its `__init__` re-exports these names. `EXPERIMENTS` maps a notebook number to i
 """
 from types import ModuleType
 
-from replication.methods import concept_groups, gated_paths, interpretable_basis
+from replication.methods import attention_pooling, concept_groups, gated_paths, interpretable_basis
 
 EXPERIMENTS: dict[str, ModuleType] = {
+    "02": attention_pooling,
     "03": concept_groups,
     "04": interpretable_basis,
     "05": gated_paths,

@@ -58,7 +58,7 @@ class LAP2d(nn.Module):
     weigh nothing), or over the whole map when `kernel` is None (global pooling; `flatten` returns
     B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
     module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
-    scores). After each forward `attention_map` holds A = sigmoid(S) (with its graph while training)."""
+    scores). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block)."""
 
     def __init__(self, channels: int, *, kernel: int | None = None, stride: int | None = None, padding: int = 0,
                  heads: int = 1, head_mode: str = "split", weight_mode: str = "gauss_max", alpha_init: float = 1.0,
@@ -107,7 +107,7 @@ class LAP2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.attention(x)  # B × heads × H × W (no shape check here: torch.fx traces this forward)
         attention = torch.sigmoid(scores)
-        self.attention_map = attention
+        self.attention_map = attention.detach()
         features, valid, grid = self._windows(x)
         invalid = valid == 0
         if self.weight_mode == "tf_third_party":
