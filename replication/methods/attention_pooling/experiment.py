@@ -49,14 +49,16 @@ EXPLAINERS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
 class LAPConfig:
     """The LAP layer and how its maps are read (spec 3.3, all [I]): `where` it replaces pooling
     ("global": the classifier's pool), `class_heads` (one head per class, else `heads`), `head_mode`,
-    `weight_mode`, `alpha_init`, the attention block's `reduction`, the map `combine` rule."""
+    `weight_mode`, `alpha_init`, the attention block's `reduction`, the map `combine` rule. alpha starts at 5:
+    with A in [0, 1] the `gauss_max` weights of a window then span up to e^-5, so a learned attention decides
+    the pooling (at 1 they span e^-1: nearly average pooling whatever the map); at insertion any alpha is exact."""
 
     where: str = "global"
     class_heads: bool = True
     heads: int = 1
     head_mode: str = "mean"
     weight_mode: str = "gauss_max"
-    alpha_init: float = 1.0
+    alpha_init: float = 5.0
     reduction: int = 4
     combine: str = "prod"
 
