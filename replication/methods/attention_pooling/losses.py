@@ -39,24 +39,32 @@ def _peak(attention: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class WeakEvidenceLoss:
-    """weight · (L_pos + L_neg) on the attention of the LAP layer whose attention block is `layer`."""
+class _AttentionTerm:
+    """A weighted loss term on the scores of one LAP attention block (`layer`, captured by the loop)."""
 
     layer: str
     weight: float = 1.0
-    top_k: int | None = None  # None: the maximum (spec); k: the mean of the k largest positions
-    name: str = "lap_weak"
-    reads_targets = True
 
     @property
     def layers(self) -> tuple[str, ...]:
         return (self.layer,)
 
+    def attention(self, activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.sigmoid(activations[self.layer].float())
+
+
+@dataclass(frozen=True)
+class WeakEvidenceLoss(_AttentionTerm):
+    """weight · (L_pos + L_neg) on the attention of the LAP layer whose attention block is `layer`."""
+
+    top_k: int | None = None  # None: the maximum (spec); k: the mean of the k largest positions
+    name: str = "lap_weak"
+    reads_targets = True
+
     def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor], *,
                  targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        attention = torch.sigmoid(activations[self.layer].float())
         labels = targets["labels"]
-        peaks = _peak(attention, self.top_k)  # B × heads
+        peaks = _peak(self.attention(activations), self.top_k)  # B × heads
         positive = (1 - peaks.gather(1, labels[:, None]) if peaks.shape[1] > 1 else 1 - peaks).mean()
         if peaks.shape[1] == 1:
             return self.weight * positive
@@ -66,21 +74,15 @@ class WeakEvidenceLoss:
 
 
 @dataclass(frozen=True)
-class MaskInjectionLoss:
+class MaskInjectionLoss(_AttentionTerm):
     """weight · (L_in + L_out) against `targets["masks"]` (B × 1 × H × W in [0, 1], any size)."""
 
-    layer: str
-    weight: float = 1.0
     name: str = "lap_mask"
     reads_targets = True
 
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return (self.layer,)
-
     def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor], *,
                  targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        attention = _class_head(torch.sigmoid(activations[self.layer].float()), targets["labels"])
+        attention = _class_head(self.attention(activations), targets["labels"])
         share = F.adaptive_avg_pool2d(targets["masks"].float(), attention.shape[-2:])[:, 0]
         inside = -(share * torch.log(attention + EPS)).sum() / share.sum().clamp_min(EPS)
         outside = -((1 - share) * torch.log(1 - attention + EPS)).sum() / (1 - share).sum().clamp_min(EPS)
@@ -88,16 +90,10 @@ class MaskInjectionLoss:
 
 
 @dataclass(frozen=True)
-class AttentionSparsity:
+class AttentionSparsity(_AttentionTerm):
     """weight · mean A: fewer positions attended."""
 
-    layer: str
-    weight: float = 0.0
     name: str = "lap_sparsity"
 
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return (self.layer,)
-
     def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.weight * torch.sigmoid(activations[self.layer].float()).mean()
+        return self.weight * self.attention(activations).mean()
