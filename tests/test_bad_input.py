@@ -23,6 +23,7 @@ from replication.data import concept_world as cw
 from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset, ImageFileError
 from replication.data.sources import BrodenSource
+from replication.methods.attention_pooling import LAPSettings
 from replication.methods.concept_groups import CGLSettings
 from replication.methods.gated_paths import NADSettings
 from replication.methods.concept_whitening import CWSettings
@@ -39,7 +40,7 @@ TINY_WORLD = '[world]\npreset = "classification"\nn_images = 12\nimage_size = 32
 BUILT_SECTIONS = {"world": cw.WorldConfig, "cgl_world": cw.WorldConfig, "model": BackboneConfig,
                   "train": TrainConfig, "cgl": CGLSettings, "nad": NADSettings, "runtime": RuntimeSettings,
                   "dissection": DissectionConfig, "baselines": BaselineSettings, "broden": BrodenSource,
-                  "uibe": UIBESettings, "cw": CWSettings}
+                  "uibe": UIBESettings, "cw": CWSettings, "lap": LAPSettings}
 
 
 @pytest.fixture()

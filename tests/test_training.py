@@ -571,3 +571,46 @@ def test_select_recipe_scores_candidates_on_a_held_out_part_of_train(tiny_world,
         RecipeSearch(tuning_fraction=1)
     with pytest.raises(ValueError, match=r"candidate 'fast' sets \['learning_rate'\], which are no TrainConfig"):
         RecipeSearch(candidates={"fast": {"learning_rate": 0.1}})
+
+
+class MaskedSamples(Dataset):
+    """(image, class id, {"masks": the image's first channel > 0}): each mask marks where its image is."""
+
+    def __init__(self, n: int = 8):
+        generator = torch.Generator().manual_seed(0)
+        self.images = (torch.rand(n, 3, 6, 6, generator=generator) > 0.5).float()
+        self.labels = torch.arange(n) % 2
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], {"masks": self.images[i][:1].clone()}
+
+
+@dataclass
+class MaskAgreement:
+    """A term that reads the batch's targets and checks the masks still sit on their (augmented) images."""
+
+    name: str = "mask_agreement"
+    layers: tuple = ()
+    reads_targets = True
+    seen: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, model, activations, *, targets):
+        self.seen.append((targets["labels"].clone(), targets["masks"].clone()))
+        return torch.zeros(())
+
+
+def test_terms_reading_targets_get_labels_and_masks_augmented_with_their_images(monkeypatch):
+    data, term = MaskedSamples(), MaskAgreement()
+    images = []
+    real = loop.flip_crop
+    monkeypatch.setattr(loop, "flip_crop", lambda x, g, padding: images.append(real(x, g, padding=padding)) or images[-1])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    train(model, data, config=TrainConfig(epochs=1, batch_size=4, lr=0.1, augment="flip_crop", crop_padding=2),
+          loss_terms=[term], device="cpu")
+    assert len(term.seen) == 2
+    for (labels, masks), moved in zip(term.seen, images):
+        assert masks.shape == (4, 1, 6, 6) and set(labels.tolist()) <= {0, 1}
+        assert torch.equal(masks, moved[:, :1]) and torch.equal(moved[:, 3:], moved[:, :1])  # same flips and crops

@@ -7,10 +7,11 @@ Its `__init__` re-exports these names. `EXPERIMENTS` maps a notebook number to i
 """
 from types import ModuleType
 
-from replication.methods import concept_groups, concept_whitening, gated_paths, interpretable_basis
+from replication.methods import attention_pooling, concept_groups, concept_whitening, gated_paths, interpretable_basis
 
 EXPERIMENTS: dict[str, ModuleType] = {
     "01": concept_whitening,
+    "02": attention_pooling,
     "03": concept_groups,
     "04": interpretable_basis,
     "05": gated_paths,

@@ -111,6 +111,9 @@ class LossTerm(Protocol):
     autograd graph. The returned scalar is already weighted. A term may also define
     `decay_free_parameters(model) -> list[Parameter]` for parameters that must get no weight decay
     (e.g. because the term replaces it). Parameters a term learns must belong to the model.
+    A term with `reads_targets = True` is called with `targets=` too: `{"labels": class ids, **extras}`,
+    where a training sample may be `(image, class_id, extras)` with `extras` a dict of tensors (e.g. LAP's
+    evidence masks, 1 × H × W: flipped and cropped with their image under `augment = "flip_crop"`).
     The captured outputs are copies, safe from later in-place ops of the forward pass, unless every
     term sets `clone_captured = False` (it then checks `tensor._version` itself and raises when an
     output was modified): on large maps the copies cost a noticeable share of a step.
@@ -398,15 +401,17 @@ def _train_epoch(model, network, train_set, optimizer, scaler, loss_terms, step_
     model.train()
     bar = runtime.progress(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(loader))
     with capture_activations(model, layers, detach=False, clone=clone) as activations:
-        for index, (images, labels) in enumerate(bar):
+        for index, (images, labels, *rest) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            extras = {name: value.to(device, non_blocking=True) for name, value in (rest[0] if rest else {}).items()}
             if config.augment == "flip_crop":
-                images = flip_crop(images, generators.augment, padding=config.crop_padding)
+                images, extras = _augmented(images, extras, generators.augment, config.crop_padding)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 logits = network(images)
                 task_loss = _task_loss(logits, labels, config.label_smoothing)
             acts = {name: a.float() for name, a in activations.items()} if config.amp else activations
-            term_values = [_term_value(term, model, acts) for term in loss_terms]
+            targets = {"labels": labels, **extras}
+            term_values = [_term_value(term, model, acts, targets) for term in loss_terms]
             loss = task_loss + sum(term_values) if term_values else task_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -450,8 +455,23 @@ def _task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
         ) from error
 
 
-def _term_value(term: LossTerm, model: nn.Module, activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    value = term(model, activations)
+def _augmented(images: torch.Tensor, extras: dict[str, torch.Tensor], generator: torch.Generator,
+               padding: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`flip_crop` of the images and, by the same draws, of every extra target with their N × k × H × W
+    shape (e.g. evidence masks); other extras are left as they are."""
+    spatial = [name for name, value in extras.items() if value.ndim == 4 and value.shape[-2:] == images.shape[-2:]]
+    if not spatial:
+        return flip_crop(images, generator, padding=padding), extras
+    stacked = torch.cat([images, *(extras[name].to(images.dtype) for name in spatial)], dim=1)
+    moved = flip_crop(stacked, generator, padding=padding)
+    sizes = [images.shape[1], *(extras[name].shape[1] for name in spatial)]
+    images, *parts = moved.split(sizes, dim=1)
+    return images, {**extras, **{name: part.to(extras[name].dtype) for name, part in zip(spatial, parts)}}
+
+
+def _term_value(term: LossTerm, model: nn.Module, activations: Mapping[str, torch.Tensor],
+                targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    value = term(model, activations, targets=targets) if getattr(term, "reads_targets", False) else term(model, activations)
     if not torch.is_tensor(value) or value.ndim != 0:
         raise ValueError(f"loss term {term.name!r} must return a scalar tensor, got {type(value).__name__} {getattr(value, 'shape', '')}.")
     return value

@@ -1,0 +1,114 @@
+"""White-box explainers from well-kept libraries behind one call: `explain(model, images, method)`.
+
+Captum (pinned in pyproject) computes Grad-CAM on a conv layer (`anatomy_of(model).last_conv` by
+default), Integrated Gradients and Guided Backprop; zennit computes LRP with its composites (default
+epsilon-plus-flat: epsilon on dense layers, z-plus on convs, flat on the first layer) after its canonizers
+merge each BatchNorm into its conv (`SequentialMergeBatchNorm`, and zennit's `ResNetCanonizer` for
+torchvision ResNets). None of them is re-implemented here. A method may also be a callable
+`(model, images, target) -> maps` (how LAP's own maps join the comparison without this layer importing it).
+
+Every method returns one map per image, N × H × W at the images' size, on the CPU:
+- Grad-CAM: ReLU of the gradient-weighted channel sum, upsampled bilinearly (captum's `interpolate`);
+- pixel methods (IG, Guided Backprop, LRP): the channels of the attribution reduced by `channel_reduce`
+  ("abs_sum", captum's visualisation default, or "sum").
+`target` None explains each image's predicted class.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from replication.models.anatomy import anatomy_of
+from replication.models.hooks import get_module
+from replication.models.surgery import eval_mode
+from replication.runtime import resolve_device
+
+METHODS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
+LRP_COMPOSITES = ("epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_plus", "epsilon_gamma_box")
+CHANNEL_REDUCE = ("abs_sum", "sum")
+Explainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _reduce(attribution: torch.Tensor, rule: str) -> torch.Tensor:
+    return attribution.abs().sum(1) if rule == "abs_sum" else attribution.sum(1)
+
+
+def _gradcam(model, images, target, *, layer=None, **_):
+    from captum.attr import LayerAttribution, LayerGradCam
+    module = get_module(model, layer or anatomy_of(model).last_conv)
+    maps = LayerGradCam(model, module).attribute(images, target=target, relu_attributions=True)
+    return LayerAttribution.interpolate(maps, tuple(images.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+
+
+def _integrated_gradients(model, images, target, *, steps=32, channel_reduce="abs_sum", **_):
+    from captum.attr import IntegratedGradients
+    attribution = IntegratedGradients(model).attribute(images, baselines=torch.zeros_like(images), target=target,
+                                                       n_steps=steps, internal_batch_size=len(images) * steps)
+    return _reduce(attribution, channel_reduce)
+
+
+def _guided_backprop(model, images, target, *, channel_reduce="abs_sum", **_):
+    from captum.attr import GuidedBackprop
+    with warnings.catch_warnings():  # captum's notes that it sets requires_grad and hooks ReLUs (both intended)
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        attribution = GuidedBackprop(model).attribute(images, target=target)
+    return _reduce(attribution, channel_reduce)
+
+
+def lrp_canonizers(model: nn.Module) -> list:
+    """zennit's canonizers for `model`: its ResNet canonizer for torchvision ResNets, BatchNorm merging always."""
+    from torchvision.models import ResNet
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer
+    return [ResNetCanonizer()] if isinstance(model, ResNet) else [SequentialMergeBatchNorm()]
+
+
+def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce="abs_sum", **_):
+    from zennit import composites
+    from zennit.attribution import Gradient
+    names = {"epsilon_plus_flat": composites.EpsilonPlusFlat, "epsilon_alpha2_beta1_flat": composites.EpsilonAlpha2Beta1Flat,
+             "epsilon_plus": composites.EpsilonPlus, "epsilon_gamma_box": composites.EpsilonGammaBox}
+    if composite not in names:
+        raise ValueError(f"LRP composite {composite!r} is not one of {LRP_COMPOSITES}.")
+    keywords = dict(low=float(images.min()), high=float(images.max())) if composite == "epsilon_gamma_box" else {}
+    rule = names[composite](canonizers=lrp_canonizers(model), **keywords)
+    with Gradient(model=model, composite=rule) as attributor:
+        logits = model(images)
+        _, relevance = attributor(images, torch.nn.functional.one_hot(target, logits.shape[1]).to(images.dtype))
+    return _reduce(relevance, channel_reduce)
+
+
+_EXPLAINERS: dict[str, Callable] = {"gradcam": _gradcam, "integrated_gradients": _integrated_gradients,
+                                    "guided_backprop": _guided_backprop, "lrp": _lrp}
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str | Explainer, *, target: torch.Tensor | None = None,
+            batch_size: int = 64, device: str | torch.device | None = None, **options) -> torch.Tensor:
+    """Maps N × H × W (CPU, float32) of `method` for `images` (N × 3 × H × W), in batches of `batch_size`
+    on `device`, with `model` in eval mode (its modes restored). `target`: class per image (None: the
+    predicted class). `options`: `layer` (Grad-CAM), `steps` (IG), `composite` (LRP), `channel_reduce`."""
+    if not callable(method) and method not in _EXPLAINERS:
+        raise ValueError(f"unknown explainer {method!r}; choose one of {METHODS} or pass a callable (model, images, target).")
+    if images.ndim != 4:
+        raise ValueError(f"explain needs images N x C x H x W, got shape {tuple(images.shape)}.")
+    if options.get("channel_reduce", "abs_sum") not in CHANNEL_REDUCE:
+        raise ValueError(f"channel_reduce {options['channel_reduce']!r} is not one of {CHANNEL_REDUCE}.")
+    device = resolve_device(device)
+    run = method if callable(method) else _EXPLAINERS[method]
+    maps = []
+    with eval_mode(model):
+        model.to(device)
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device)
+            if target is None:
+                with torch.no_grad():
+                    chosen = model(batch).argmax(1)
+            else:
+                chosen = target[start:start + batch_size].to(device)
+            out = run(model, batch, chosen, **options) if not callable(method) else run(model, batch, chosen)
+            maps.append(out.detach().float().cpu())
+    return torch.cat(maps)

@@ -1,0 +1,241 @@
+"""LAP, Local Attention Pooling (paper 02): the pooling layer, its insertion into a CNN and its maps.
+
+Only the abstract of the paper is known (spec `shared/papers/02_local_attention_pooling.md`), so the
+layer is the project's stated design (spec 3.3), every unknown a parameter:
+
+- an attention block g (conv3×3 C -> C/`reduction`, BN, ReLU, conv1×1 -> `heads`) gives score maps S
+  and the attention A = sigmoid(S) (B × heads × H × W);
+- per pooling window R the weights w_p come from A with a learnable sharpness alpha = softplus(ρ):
+  `gauss_max` (default) w_p ∝ exp(-alpha (max_R A - A_p)²), normalised over R; `softmax`
+  w_p ∝ exp(alpha S_p); `tf_third_party` the unnormalised rule of a circulating Keras layer (spec 3.2),
+  on the features, not on A;
+- the output is Y_R = Σ_p w_p X_p; several heads either `split` the channels into groups (one head per
+  group) or take the `mean` of the heads' weights for every channel;
+- a window of None is global pooling (R = the whole map), which is what replaces the global average pool.
+
+With the attention block's last conv at zero (its initialisation) S = 0 everywhere, so every weight
+rule gives uniform weights: inserted in place of an average pool the layer computes exactly what the
+trained network computed. alpha -> 0 gives average pooling, alpha -> ∞ keeps the position of the
+largest attention (max pooling when the attention is the feature itself).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from replication.models.anatomy import anatomy_of
+from replication.models.hooks import get_module
+from replication.models.surgery import replace_module
+
+WEIGHT_MODES = ("gauss_max", "softmax", "tf_third_party")
+HEAD_MODES = ("split", "mean")
+COMBINE_RULES = ("prod", "mean", "last")
+TF_EPS = 1e-7  # the Keras layer's eps inside the window sum
+
+
+class AttentionBlock(nn.Sequential):
+    """g: conv3×3 (C -> max(1, C // reduction)) + BN + ReLU + conv1×1 (-> heads): the score maps S.
+    The last conv starts at zero (S = 0: uniform pooling weights, the inserted network unchanged)."""
+
+    def __init__(self, channels: int, heads: int = 1, reduction: int = 4):
+        hidden = max(1, channels // reduction)
+        super().__init__(nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+                         nn.ReLU(), nn.Conv2d(hidden, heads, 1))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+
+def _inverse_softplus(value: float) -> float:
+    return value + math.log(-math.expm1(-value)) if value < 30 else value
+
+
+class LAP2d(nn.Module):
+    """Local Attention Pooling over `kernel` × `kernel` windows (`stride`, zero `padding` positions
+    weigh nothing), or over the whole map when `kernel` is None (global pooling; `flatten` returns
+    B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
+    module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
+    scores). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block)."""
+
+    def __init__(self, channels: int, *, kernel: int | None = None, stride: int | None = None, padding: int = 0,
+                 heads: int = 1, head_mode: str = "split", weight_mode: str = "gauss_max", alpha_init: float = 1.0,
+                 reduction: int = 4, flatten: bool = False, attention: nn.Module | None = None):
+        super().__init__()
+        problems = []
+        if weight_mode not in WEIGHT_MODES:
+            problems.append(f"weight_mode {weight_mode!r} is not one of {WEIGHT_MODES}")
+        if head_mode not in HEAD_MODES:
+            problems.append(f"head_mode {head_mode!r} is not one of {HEAD_MODES}")
+        if heads < 1 or (head_mode == "split" and channels % heads):
+            problems.append(f"heads = {heads}: give >= 1 heads, dividing the {channels} channels under head_mode 'split'")
+        if not alpha_init > 0:
+            problems.append(f"alpha_init = {alpha_init}: the sharpness must start > 0")
+        if kernel is not None and (kernel < 1 or padding < 0 or padding > kernel // 2):
+            problems.append(f"kernel {kernel} / padding {padding}: need kernel >= 1 and 0 <= padding <= kernel // 2")
+        if problems:
+            raise ValueError("LAP2d: " + "; ".join(problems) + ".")
+        self.channels, self.kernel, self.padding = channels, kernel, padding
+        self.stride = stride if stride is not None else kernel
+        self.heads, self.head_mode, self.weight_mode, self.flatten = heads, head_mode, weight_mode, flatten
+        self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(float(alpha_init))))
+        self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction)
+        self.attention_map: torch.Tensor | None = None
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The sharpness, softplus(ρ) > 0."""
+        return F.softplus(self.raw_alpha)
+
+    def extra_repr(self) -> str:
+        window = "global" if self.kernel is None else f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
+        return f"{self.channels}, {window}, heads={self.heads} ({self.head_mode}), weights={self.weight_mode}"
+
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """x (B × K × H × W) -> (B × K × L × P) windows, validity (1 × 1 × L × P) and the output grid."""
+        b, k, h, w = x.shape
+        if self.kernel is None:
+            return x.reshape(b, k, 1, h * w), x.new_ones(1, 1, 1, h * w), (1, 1)
+        args = dict(kernel_size=self.kernel, padding=self.padding, stride=self.stride)
+        out = ((h + 2 * self.padding - self.kernel) // self.stride + 1, (w + 2 * self.padding - self.kernel) // self.stride + 1)
+        windows = F.unfold(x, **args).view(b, k, self.kernel ** 2, -1).transpose(2, 3)
+        valid = F.unfold(x.new_ones(1, 1, h, w), **args).view(1, 1, self.kernel ** 2, -1).transpose(2, 3)
+        return windows, valid, out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.attention(x)  # B × heads × H × W (no shape check here: torch.fx traces this forward)
+        attention = torch.sigmoid(scores)
+        self.attention_map = attention.detach()
+        features, valid, grid = self._windows(x)
+        invalid = valid == 0
+        if self.weight_mode == "tf_third_party":
+            top = features.masked_fill(invalid, -math.inf).amax(-1, keepdim=True)
+            weights = torch.exp(-self.alpha ** 2 * (top - features) ** 2).masked_fill(invalid, 0)
+            pooled = ((weights * features + TF_EPS) * valid).sum(-1) / valid.sum(-1)
+        else:
+            if self.weight_mode == "gauss_max":
+                a, _, _ = self._windows(attention)
+                top = a.masked_fill(invalid, -1.0).amax(-1, keepdim=True)
+                logits = -self.alpha * (top - a) ** 2
+            else:
+                logits, _, _ = self._windows(self.alpha * scores)
+            weights = torch.softmax(logits.masked_fill(invalid, -math.inf), dim=-1)  # B × heads × L × P
+            if self.head_mode == "mean":
+                pooled = (weights.mean(1, keepdim=True) * features).sum(-1)
+            else:
+                b, c, windows, positions = features.shape
+                grouped = features.view(b, self.heads, c // self.heads, windows, positions)
+                pooled = (weights.unsqueeze(2) * grouped).sum(-1).reshape(b, c, windows)
+        out = pooled.view(x.shape[0], x.shape[1], *grid)
+        return out.flatten(1) if self.flatten else out
+
+
+def lap_layers(model: nn.Module) -> dict[str, LAP2d]:
+    """Every LAP layer of `model` by dotted name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LAP2d)}
+
+
+def _probe(model: nn.Module, name: str, size: int) -> tuple[int, int]:
+    """The channel count of the feature map that reaches module `name` and the number of dimensions of
+    its output (2: a pool that flattens), from one forward pass of a `size`-pixel image."""
+    seen = {}
+
+    def record(module, inputs, out):
+        seen.setdefault("shape", (inputs[0].shape[1], out.ndim))
+
+    handle = get_module(model, name).register_forward_hook(record)
+    try:
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            training = model.training
+            model.eval()
+            model(torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype))
+            model.train(training)
+    finally:
+        handle.remove()
+    return seen["shape"]
+
+
+def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads: int = 1, head_mode: str = "split",
+               weight_mode: str = "gauss_max", alpha_init: float = 1.0, reduction: int = 4,
+               image_size: int = 64) -> list[str]:
+    """Replace pooling layers of a trained or fresh `model` by LAP layers, in place (`surgery.replace_module`),
+    and return their names. `where`: "global" (the classifier's pool from `anatomy_of(model).pool`, as
+    global LAP; timm's flattening pool keeps flattening), "local_pools" (every MaxPool2d and AvgPool2d, as
+    windowed LAP with its kernel, stride and padding), or explicit module names. Initialised so that a replaced
+    average pool computes exactly what it did (padded positions aside); a replaced max pool starts as an
+    average over its window. `image_size`:
+    of the probe image that finds each pool's channel count."""
+    if isinstance(where, str) and where == "global":
+        pool = anatomy_of(model).pool
+        if pool is None:
+            raise ValueError(f"{type(model).__name__} pools with a function (no pooling module to replace); "
+                             "pass where='local_pools' or module names.")
+        names = [pool]
+    elif isinstance(where, str) and where == "local_pools":
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))]
+    elif isinstance(where, str):
+        raise ValueError(f"insert_lap: where={where!r}; give 'global', 'local_pools' or a list of module names.")
+    else:
+        names = list(where)
+    if not names:
+        raise ValueError(f"insert_lap: {type(model).__name__} has no pooling layer for where={where!r}.")
+    device = next(model.parameters()).device
+    for name in names:
+        old = get_module(model, name)
+        channels, out_ndim = _probe(model, name, image_size)
+        settings = dict(heads=heads, head_mode=head_mode, weight_mode=weight_mode, alpha_init=alpha_init, reduction=reduction)
+        if isinstance(old, (nn.MaxPool2d, nn.AvgPool2d)):
+            kernel, stride, padding = (v if isinstance(v, int) else v[0] for v in (old.kernel_size, old.stride, old.padding))
+            settings.update(kernel=kernel, stride=stride, padding=padding)
+        else:
+            settings.update(flatten=out_ndim == 2)
+        replace_module(model, name, LAP2d(channels, **settings).to(device).train(old.training))
+    return names
+
+
+def layer_maps(model: nn.Module, *, head: str | int | torch.Tensor = "mean") -> dict[str, torch.Tensor]:
+    """Each LAP layer's attention from the last forward pass as B × h × w: the mean over heads, one
+    head (int), or one head per image (`head` a B-vector, e.g. the predicted classes of class heads)."""
+    maps = {}
+    for name, layer in lap_layers(model).items():
+        attention = layer.attention_map
+        if attention is None:
+            raise ValueError(f"LAP layer {name} has no attention map yet; run a forward pass first.")
+        if isinstance(head, str):
+            if head != "mean":
+                raise ValueError(f"head={head!r}: give 'mean', a head index or one index per image.")
+            maps[name] = attention.mean(1)
+        elif isinstance(head, int):
+            maps[name] = attention[:, head]
+        else:
+            maps[name] = attention[torch.arange(len(attention), device=attention.device), head.to(attention.device)]
+    return maps
+
+
+def combine_maps(maps: Sequence[torch.Tensor], size: tuple[int, int], rule: str = "prod") -> torch.Tensor:
+    """One interpretation map (B × H × W at `size`) from per-layer maps: each upsampled bilinearly, then
+    their product ("in-depth", coarse-to-fine gating), mean, or the last layer's alone."""
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"combine rule {rule!r} is not one of {COMBINE_RULES}.")
+    if not maps:
+        raise ValueError("combine_maps: no maps (the model has no LAP layer).")
+    up = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in maps]
+    if rule == "last":
+        return up[-1]
+    stacked = torch.stack(up)
+    return stacked.prod(0) if rule == "prod" else stacked.mean(0)
+
+
+def interpretation_map(model: nn.Module, images: torch.Tensor, *, combine: str = "prod",
+                       head: str | torch.Tensor = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """LAP's own explanation: one forward pass of `model` (its mode unchanged, no gradients) -> (maps
+    B × H × W at the images' size, logits). `head` "class" reads each image's predicted-class head
+    (class-specific heads), "mean" the mean over heads, or a B-vector of head indices."""
+    with torch.no_grad():
+        logits = model(images)
+        chosen = logits.argmax(1) if isinstance(head, str) and head == "class" else head
+        maps = layer_maps(model, head=chosen)
+    return combine_maps(list(maps.values()), tuple(images.shape[-2:]), combine), logits

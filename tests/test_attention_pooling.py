@@ -1,0 +1,129 @@
+"""LAP (paper 02): the layer's limits, its insertion into every supported CNN, its maps and its losses."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from replication.methods.attention_pooling import layer as lap
+from replication.methods.attention_pooling.losses import MaskInjectionLoss, WeakEvidenceLoss
+from replication.models.backbones import ARCHS, build_backbone
+
+
+def _self_scored(channels, alpha, **kwargs):
+    """Every channel its own head, scored by itself: the max-pool limit is exactly max pooling."""
+    return lap.LAP2d(channels, heads=channels, attention=nn.Identity(), alpha_init=alpha, **kwargs)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(None, None, 0), (2, 2, 0), (3, 2, 1)])
+def test_lap_reduces_to_average_and_max_pooling_at_its_sharpness_limits(kernel, stride, padding):
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    window = {} if kernel is None else dict(kernel=kernel, stride=stride, padding=padding)
+    flat = _self_scored(4, 1e-6, **window)(x)
+    sharp = _self_scored(4, 1e7, **window)(x)
+    if kernel is None:
+        torch.testing.assert_close(flat, x.mean((2, 3), keepdim=True), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sharp, x.amax((2, 3), keepdim=True))
+    else:
+        # average over the window's real positions (zero padding weighs nothing), max as max pooling
+        torch.testing.assert_close(flat, F.avg_pool2d(x, kernel, stride, padding, count_include_pad=False), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sharp, F.max_pool2d(x, kernel, stride, padding))
+
+
+def test_tf_third_party_rule_matches_the_keras_formula():
+    x = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    pool = lap.LAP2d(2, kernel=2, weight_mode="tf_third_party", alpha_init=0.7)
+    windows = F.unfold(x, 2, stride=2).view(1, 2, 4, -1)
+    top = windows.amax(2, keepdim=True)
+    alpha = pool.alpha.detach()
+    expected = (torch.exp(-alpha ** 2 * (top - windows) ** 2) * windows + lap.TF_EPS).mean(2).view(1, 2, 2, 2)
+    torch.testing.assert_close(pool(x), expected)
+    # its max-pool limit is scaled by 1/|R| (the weights are not normalised)
+    sharp = lap.LAP2d(2, kernel=2, weight_mode="tf_third_party", alpha_init=1e4)(x)
+    torch.testing.assert_close(sharp, F.max_pool2d(x, 2) / 4 + lap.TF_EPS)
+
+
+def test_split_and_mean_heads_by_hand():
+    x = torch.arange(2 * 4, dtype=torch.float32).view(1, 2, 2, 2)
+    scores = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 5.0]]]])
+
+    class Fixed(nn.Module):
+        def forward(self, features):
+            return scores
+
+    split = lap.LAP2d(2, heads=2, attention=Fixed(), weight_mode="softmax", alpha_init=50.0)(x)
+    torch.testing.assert_close(split.flatten(), torch.tensor([0.0, 7.0]), atol=1e-4, rtol=0)  # head 0 -> channel 0
+    mean = lap.LAP2d(2, heads=2, head_mode="mean", attention=Fixed(), weight_mode="softmax", alpha_init=50.0)(x)
+    torch.testing.assert_close(mean.flatten(), torch.tensor([1.5, 5.5]), atol=1e-4, rtol=0)  # half weight on each corner
+
+
+def test_bad_settings_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="weight_mode"):
+        lap.LAP2d(4, weight_mode="max")
+    with pytest.raises(ValueError, match="dividing"):
+        lap.LAP2d(4, heads=3)
+    with pytest.raises(ValueError, match="combine rule"):
+        lap.combine_maps([torch.zeros(1, 2, 2)], (4, 4), "max")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_insertion_keeps_a_network_exactly_and_every_backbone_keeps_its_shapes(arch):
+    torch.manual_seed(0)
+    model = build_backbone(arch, 5, small_input=True, width=0.0625 if arch in ("vgg16", "vgg16_bn", "resnet50") else 0.125).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(images)
+    where = "local_pools" if arch == "densenet121" else "global"  # DenseNet's global pool is a function
+    names = lap.insert_lap(model, where=where, image_size=32)
+    assert names and all(isinstance(model.get_submodule(n), lap.LAP2d) for n in names)
+    with torch.no_grad():
+        after = model(images)
+    assert after.shape == (2, 5)
+    # average pools replaced (DenseNet's transitions too): uniform weights at initialisation, the same function
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    maps, _ = lap.interpretation_map(model, images)
+    assert maps.shape == (2, 32, 32)
+
+
+def test_efficientnet_lite0_global_pool_keeps_flattening():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(images)
+    assert lap.insert_lap(model, image_size=32) == ["global_pool"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), before, rtol=1e-5, atol=1e-5)
+
+
+def test_maps_combine_by_product_mean_or_last_and_read_class_heads():
+    coarse, fine = torch.full((1, 1, 1), 0.5), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "prod"), 0.5 * fine)
+    torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "mean"), (0.5 + fine) / 2)
+    torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "last"), fine)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), lap.LAP2d(4, heads=3, head_mode="mean", flatten=True), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].attention[-1].bias.copy_(torch.tensor([-2.0, 0.0, 2.0]))
+    _, logits = lap.interpretation_map(model, torch.randn(2, 3, 4, 4))
+    picked = lap.layer_maps(model, head=torch.tensor([2, 0]))["1"]
+    torch.testing.assert_close(picked[0], torch.full((4, 4), torch.sigmoid(torch.tensor(2.0)).item()))
+    torch.testing.assert_close(picked[1], torch.full((4, 4), torch.sigmoid(torch.tensor(-2.0)).item()))
+
+
+def test_weak_evidence_and_mask_injection_losses_by_hand():
+    scores = torch.zeros(2, 3, 2, 2)
+    scores[0, 1, 0, 0] = 10.0  # image 0, class 1: one salient position in its own head
+    scores[1, 0] = 10.0        # image 1, class 2: head 0 (another class) salient everywhere
+    targets = {"labels": torch.tensor([1, 2])}
+    weak = WeakEvidenceLoss(layer="pool.attention", weight=2.0)
+    a = torch.sigmoid(scores)
+    pos = ((1 - a[0, 1].max()) + (1 - a[1, 2].max())) / 2
+    neg = (a[0, [0, 2]].amax((1, 2)).mean() + a[1, [0, 1]].amax((1, 2)).mean()) / 2
+    torch.testing.assert_close(weak(None, {"pool.attention": scores}, targets=targets), 2.0 * (pos + neg))
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :2, :2] = 1.0  # the top-left quarter = the top-left cell of the 2 x 2 map
+    inject = MaskInjectionLoss(layer="pool.attention", weight=1.0)
+    own = a[[0, 1], [1, 2]]
+    inside = -torch.log(own[:, 0, 0]).mean()
+    outside = -torch.log(1 - own.flatten(1)[:, 1:]).mean()
+    got = inject(None, {"pool.attention": scores}, targets={**targets, "masks": masks})
+    torch.testing.assert_close(got, inside + outside)

@@ -1,0 +1,82 @@
+"""Notebook 02's pieces on tiny inputs: the evidence data, the LAP recipe, and the claims rules on constructed tables."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from replication.methods import attention_pooling as lp
+from replication.models.backbones import BackboneConfig
+from replication.reporting.claims import load_reference
+
+
+def test_evidence_set_carries_each_images_mask_at_the_image_size(tiny_world):
+    data = lp.EvidenceSet(tiny_world, "train")
+    image, label, extras = data[0]
+    assert image.shape == (3, 32, 32) and extras["masks"].shape == (1, 32, 32)
+    stem = pd.read_csv(tiny_world / "tasks.csv").query("split == 'train'").image.iloc[0].rsplit(".", 1)[0]
+    mask = np.asarray(Image.open(tiny_world / "evidence" / f"{stem}.png")) > 127
+    assert torch.equal(extras["masks"][0, ::2, ::2] > 0.5, torch.from_numpy(mask))  # 16 px mask, nearest upsampling
+    subset = lp.explained_subset(data, 3, seed=0)
+    assert len(subset) == 3 and subset.fingerprint != data.fingerprint
+
+
+def test_lap_recipe_starts_from_the_trained_weights_and_keys_them():
+    config = BackboneConfig(arch="resnet18", small_input=True, width=0.125)
+    torch.manual_seed(0)
+    start = config.build(4).eval()
+    recipe = lp.LAPRecipe(config, 4, lp.LAPConfig(), {"weak": 1.0, "mask": 1.0, "sparsity": 0.0}, image_size=32, start=start)
+    model = recipe.build().eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), start(images), rtol=1e-5, atol=1e-5)
+    assert [t.name for t in recipe.loss_terms(model)] == ["lap_weak", "lap_mask"]
+    assert recipe.key(model)["start"] == lp.state_fingerprint(start)
+    with torch.no_grad():
+        start.fc.bias.add_(1.0)
+    assert recipe.key(model)["start"] != lp.state_fingerprint(model)
+
+
+def _tables(gain: float, seeds=(0, 1, 2), original=95.0):
+    rng = np.random.default_rng(0)
+    accuracy = pd.DataFrame([{"network": "net", "seed": s, "model": m, "val_acc": original + (gain if m != "original" else 0)
+                              + (0.1 * rng.standard_normal() if m != "original" else 0)}
+                             for s in seeds for m in ("original", "LAP fine-tuned (weak)", "LAP scratch (weak)")])
+    rows = []
+    for method, shift in (("LAP", gain), ("gradcam", 0.0), ("random", -0.2)):
+        for image in range(36):
+            rows.append({"network": "net", "model": "LAP", "method": method, "image": image, "class_id": image % 6,
+                         "pointing": 0.5 + shift / 2 + 0.01 * rng.standard_normal(), "energy": 0.3 + shift / 4 + 0.01 * rng.standard_normal(),
+                         "auroc": 0.7 + shift / 4 + 0.01 * rng.standard_normal(), "deletion": 0.3 - shift / 4 + 0.01 * rng.standard_normal(),
+                         "insertion": 0.6 + shift / 4 + 0.01 * rng.standard_normal()})
+    injection = pd.DataFrame([{"network": "net", "seed": s, "variant": v, "val_acc": original + 0.05 * rng.standard_normal(),
+                               "energy": e + 0.01 * rng.standard_normal()}
+                              for s in seeds for v, e in (("plain", 0.2), ("weak", 0.3), ("weak+mask", 0.5))])
+    sanity = pd.DataFrame([{"network": "net", "method": "LAP", "stage": 1, "spearman_mean": 0.1}])
+    return accuracy, pd.DataFrame(rows), injection, sanity
+
+
+def _verdicts(tables, **kwargs):
+    results = lp.claim_results(*tables, load_reference("02_local_attention_pooling"), main="weak", profile="default", **kwargs)
+    return {r.claim_id: r.verdict for r in results}
+
+
+def test_claims_confirm_a_clear_gain_and_refute_a_clear_loss():
+    verdicts = _verdicts(_tables(gain=2.0))
+    assert verdicts == {"L1": "confirmed", "L2": "confirmed", "L3": "confirmed", "L4": "confirmed", "L5": "confirmed",
+                        "L6": "not testable here", "L7": "confirmed", "L8": "confirmed"}
+    worse = _verdicts(_tables(gain=-3.0))
+    assert worse["L2"] == worse["L3"] == worse["L7"] == worse["L8"] == "refuted"
+
+
+def test_claims_are_not_judged_on_a_network_that_did_not_learn_and_a_failed_sanity_check_refutes_l8():
+    assert set(_verdicts(_tables(gain=2.0, original=40.0)).values()) == {"not testable here"}
+    accuracy, metrics, injection, sanity = _tables(gain=2.0)
+    verdicts = _verdicts((accuracy, metrics, injection, sanity.assign(spearman_mean=0.9)))
+    assert verdicts["L8"] == "refuted" and verdicts["L7"] == "confirmed"
+
+
+def test_settings_refuse_networks_outside_networks():
+    with pytest.raises(ValueError, match="scratch_networks"):
+        lp.LAPSettings(networks=("resnet18",), scratch_networks=("alexnet_bn",), injection_networks=(),
+                       explained_networks=())
