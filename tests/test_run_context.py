@@ -97,7 +97,7 @@ def test_every_shipped_profile_builds_its_runtime_dissection_and_baselines(name:
 CGL_TRAIN = {
     "ci": (TrainConfig(epochs=1, batch_size=64, lr=0.05, weight_decay=1e-4, schedule="step"), (2, 0.05)),
     "default": (TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4, schedule="cosine", augment="flip_crop"),
-                (6, 0.05)),
+                (30, 0.05)),
     "gpu": (TrainConfig(epochs=30, batch_size=256, lr=0.05, weight_decay=1e-4, schedule="cosine"), (30, 0.05)),
     "paper": (TrainConfig(epochs=90, batch_size=256, lr=0.01, weight_decay=1e-4, schedule="step", step_size=30), (90, 0.01)),
 }
