@@ -15,6 +15,9 @@ Then the cost of one UIBE fit relative to one dissection of the same layer: the 
 `dissect_features` of those features (natural basis, [dissection] settings), both in this process's CPU time.
 (default on two shared cores: one fit ~ 6x one dissection, 10.0 s against 1.7 s.)
 
+Last, the planted test's restarts (the profile's [uibe.planted.fit], one data seed) serially against
+`workers` = the profile's threads processes, in wall time, and whether both choose the same basis.
+
     python benchmarks/bench_interpretable_basis.py [--profile default] [--dim 512] [--directions 500 512] [--device cpu]
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from replication.analysis.features import layer_features
 from replication.data.broden import BrodenDataset
 from replication.data.concept_world import WorldConfig, ensure_world
 from replication.data.subsets import seeded_subset
-from replication.methods.interpretable_basis import UIBEConfig, UIBESettings, fit_uibe, pixel_matrix
+from replication.methods.interpretable_basis import UIBEConfig, UIBESettings, fit_uibe, pixel_matrix, planted_basis_data
 from replication.models.backbones import BackboneConfig
 from replication.profiles import load_profile
 
@@ -72,6 +75,20 @@ def fit_against_dissection(profile_name: str, device: torch.device) -> None:
           f"one dissection of the same features {dissect:.1f} s; ratio {fit / dissect:.1f}")
 
 
+def planted_restarts_in_processes(profile_name: str, workers: int) -> None:
+    """Wall time of one planted seed's restarts serially and on `workers` processes; same basis either way."""
+    run = load_profile(profile_name).build(UIBESettings, "uibe").planted
+    data = planted_basis_data(run.n_train, run.n_test, run.data, seed=run.seeds[0])
+    fits, times = {}, {}
+    for count in (1, workers):
+        start = time.perf_counter()
+        fits[count] = fit_uibe(data.train, run.fit, seed=run.seeds[0], device="cpu", workers=count)
+        times[count] = time.perf_counter() - start
+    same = torch.equal(fits[1].directions, fits[workers].directions)
+    print(f"planted test, {run.fit.restarts} restarts of one data seed: serial {times[1]:.1f} s, {workers} processes "
+          f"{times[workers]:.1f} s; speed-up {times[1] / times[workers]:.2f}x; same basis: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
@@ -96,6 +113,7 @@ def main() -> None:
         print(f"I={directions}: {rate:,.0f} pixels/s; one epoch over ResNet-18 layer4 on Broden "
               f"({BRODEN_PIXELS:,} pixels) ~ {BRODEN_PIXELS / rate:,.0f} s")
     fit_against_dissection(args.profile, device)
+    planted_restarts_in_processes(args.profile, threads)
 
 
 if __name__ == "__main__":

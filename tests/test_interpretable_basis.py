@@ -110,6 +110,18 @@ def test_basis_stays_orthonormal_and_the_lowest_loss_restart_is_kept():
     assert not torch.equal(ib.fit_uibe(data.train, config, seed=6, device="cpu").directions, fitted.directions)
 
 
+def test_restarts_in_worker_processes_give_the_serial_fit():
+    data = ib.planted_basis_data(200, 10, seed=2)
+    config = ib.UIBEConfig(directions=3, batch_size=50, lr=0.05, epochs=4, restarts=3)
+    serial = ib.fit_uibe(data.train, config, seed=1, device="cpu")
+    parallel = ib.fit_uibe(data.train, config, seed=1, device="cpu", workers=2)
+    assert torch.equal(parallel.directions, serial.directions)
+    assert parallel.restart_losses == serial.restart_losses and parallel.restart == serial.restart
+    pd.testing.assert_frame_equal(parallel.history, serial.history)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        ib.fit_uibe(data.train, config, device="cpu", workers=0)
+
+
 def test_stopping_rule_ends_after_the_stated_number_of_halvings():
     # every weight 0: the loss is flat, so with patience and cooldown 0 every epoch after the first halves lr
     config = ib.UIBEConfig(directions=2, sparsity_weight=0, activation_weight=0, margin_weight=0, epochs=50,

@@ -29,7 +29,8 @@ FIGURE_DPI = 90
 @dataclass
 class RunContext:
     """Everything a notebook reads from its profile once: the profile, the results folder, the
-    [runtime] settings (`seeds`, `batch_size`, `device` resolved once) and the [dissection] settings,
+    [runtime] settings (`seeds`, `batch_size`, `device` resolved once, the pinned CPU `threads`, which
+    also sizes process pools) and the [dissection] settings,
     with helpers that write outputs atomically. `reference`: the paper's numbers (`load_reference`).
     """
 
@@ -39,6 +40,7 @@ class RunContext:
     seeds: tuple[int, ...]
     device: torch.device
     batch_size: int
+    threads: int
     dissection: DissectionConfig
 
     @functools.cached_property
@@ -86,4 +88,5 @@ def notebook_context(name: str, profile: str, seed: int = 0) -> RunContext:
     out_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(name=name, profile=loaded, out_dir=out_dir, seeds=settings.seeds,
                       device=runtime.resolve_device(settings.device), batch_size=settings.batch_size,
+                      threads=settings.threads,
                       dissection=loaded.build(DissectionConfig, "dissection"))

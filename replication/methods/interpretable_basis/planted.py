@@ -115,13 +115,14 @@ class PlantedResult:
 
 
 def planted_test(data: PlantedData, config: UIBEConfig, *, seed: int = 0, rotation_seed: int = 1,
-                 device: str | torch.device | None = None) -> PlantedResult:
+                 device: str | torch.device | None = None, workers: int = 1) -> PlantedResult:
     """Fit UIBE on `data.train` and score every basis on the held-out samples: per basis, the matched
     IoU of each concept and their minimum. UIBE uses its own rule (y > 0.5); the natural basis and a
     random rotation (`rotation_seed`) get oracle thresholds. `abs_cos_min` (UIBE only, a diagnostic):
-    the smallest |cos| between a concept's matched direction, in the original space, and its planted one."""
+    the smallest |cos| between a concept's matched direction, in the original space, and its planted one.
+    `workers`: CPU processes for UIBE's restarts (`fit_uibe`)."""
     concepts = data.config.concepts
-    fitted = fit_uibe(data.train, config, seed=seed, device=device)
+    fitted = fit_uibe(data.train, config, seed=seed, device=device, workers=workers)
     iou = detection_iou(fitted.detectors().scores(data.test.double()) > 0, concept_masks(data.test_concept, concepts))
     matched = match_detectors(iou)
     rotation = random_rotation(data.config.dim, rotation_seed).float()
@@ -159,13 +160,15 @@ class PlantedRun:
                              "every concept needs a direction to be matched with.")
 
 
-def run_planted(run: PlantedRun, *, device: str | torch.device | None = None) -> pd.DataFrame:
+def run_planted(run: PlantedRun, *, device: str | torch.device | None = None, workers: int = 1) -> pd.DataFrame:
     """`planted_test` once per data seed (UIBE fitted with the same seed, the reference rotation with a
-    seed derived from it): one row per seed and basis, with the chosen restart and its training loss."""
+    seed derived from it): one row per seed and basis, with the chosen restart and its training loss.
+    `workers`: CPU processes for the restarts (the same table for any number)."""
     rows = []
     for seed in run.seeds:
         data = planted_basis_data(run.n_train, run.n_test, run.data, seed=seed)
-        result = planted_test(data, run.fit, seed=seed, rotation_seed=derived_seed(seed, 1), device=device)
+        result = planted_test(data, run.fit, seed=seed, rotation_seed=derived_seed(seed, 1), device=device,
+                              workers=workers)
         losses = result.uibe.restart_losses
         rows.append(result.table.assign(seed=seed, restart=result.uibe.restart, restarts=len(losses),
                                         training_loss=min(losses)))

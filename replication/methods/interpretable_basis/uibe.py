@@ -33,6 +33,9 @@ EDDP's terms) need the network's head or unknown formulas and are left out.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -194,9 +197,12 @@ class UIBEBasis:
 
 
 def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: int = 0,
-             device: str | torch.device | None = None, basis: torch.Tensor | None = None) -> UIBEBasis:
+             device: str | torch.device | None = None, basis: torch.Tensor | None = None,
+             workers: int = 1) -> UIBEBasis:
     """Fit UIBE on P × D training pixel vectors (`detectors.pixel_matrix` of a layer's features; they
     stay where they are, mini-batches go to `device`) and keep the restart of lowest training loss.
+    `workers` > 1 fits the restarts in that many CPU processes of one thread each (small fits are
+    per-step overhead, which threads cannot split); on CUDA they run in turn.
 
     `basis` (I × D orthonormal rows in the standardised space, e.g. the identity or a random rotation)
     fixes U and fits only the shared b and M, once (`config.directions` and `restarts` are then unused)."""
@@ -205,6 +211,8 @@ def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: i
                          "Use detectors.pixel_matrix(features).")
     if not bool(torch.isfinite(pixels).all()):
         raise ValueError("pixels contain NaN or infinite values; check the layer's features.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer (CPU processes for the restarts); got {workers!r}.")
     device = resolve_device(device)
     dim = pixels.shape[1]
     directions = config.directions or dim
@@ -218,23 +226,62 @@ def fit_uibe(pixels: torch.Tensor, config: UIBEConfig = UIBEConfig(), *, seed: i
         raise ValueError(f"config.directions = {directions} exceeds the feature dimension D = {dim}; "
                          "UIBE's basis is orthonormal, so use I <= D.")
     standardizer = Standardizer.fit(pixels)
-    fits, histories = [], []
-    for restart in range(1 if basis is not None else config.restarts):
-        model, history = _fit_once(pixels, standardizer, config, directions, derived_seed(seed, restart), restart,
-                                   device, basis)
-        fits.append((_training_loss(model, pixels, standardizer, config, device), model))
-        histories.append(history)
-    losses = [loss for loss, _ in fits]
-    best = int(np.argmin(losses))
-    model = fits[best][1]
+    jobs = [(derived_seed(seed, restart), restart) for restart in range(1 if basis is not None else config.restarts)]
+    job = (pixels, standardizer, config, directions, device, basis)
+    if workers > 1 and len(jobs) > 1 and device.type == "cpu":
+        fits = _fit_in_processes(job, jobs, workers)
+    else:
+        fits = [_fit_once(*job, restart_seed, restart) for restart_seed, restart in jobs]
+    losses = [fit.loss for fit in fits]
+    best = fits[int(np.argmin(losses))]
     return UIBEBasis(
-        directions=model.directions.detach().cpu(), bias=float(model.bias.detach()), margin=float(model.margin.detach()),
-        standardizer=standardizer, config=config, seed=seed, restart=best, restart_losses=losses,
-        history=pd.concat(histories, ignore_index=True),
+        directions=best.directions, bias=best.bias, margin=best.margin, standardizer=standardizer, config=config,
+        seed=seed, restart=best.restart, restart_losses=losses,
+        history=pd.concat([fit.history for fit in fits], ignore_index=True),
     )
 
 
-def _fit_once(pixels, standardizer, config, directions, seed, restart, device, basis) -> tuple[UIBEModel, pd.DataFrame]:
+@dataclass(frozen=True)
+class _RestartFit:
+    """One restart's fitted parameters, its training loss over all pixels and its history: plain
+    tensors and numbers, so that a worker process can hand it back (parametrised modules do not pickle)."""
+
+    restart: int
+    directions: torch.Tensor
+    bias: float
+    margin: float
+    loss: float
+    history: pd.DataFrame
+
+
+_WORKER_JOB: tuple = ()
+
+
+def _start_worker(job: tuple) -> None:
+    """A restart worker's initialiser: one torch thread per process, the shared fit inputs kept once."""
+    global _WORKER_JOB
+    torch.set_num_threads(1)
+    os.environ["REPLICATION_QUIET"] = "1"  # the parent's bar counts restarts; per-epoch bars would interleave
+    _WORKER_JOB = job
+
+
+def _fit_in_worker(restart_seed: int, restart: int) -> _RestartFit:
+    return _fit_once(*_WORKER_JOB, restart_seed, restart)
+
+
+def _fit_in_processes(job: tuple, jobs: list[tuple[int, int]], workers: int) -> list[_RestartFit]:
+    """The restarts spread over `workers` CPU processes (forked where the platform can, so the pixels are
+    shared, not copied), each with one torch thread; in restart order, so the choice equals the serial one."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
+                             initargs=(job,)) as pool:
+        futures = [pool.submit(_fit_in_worker, *restart) for restart in jobs]
+        for _ in progress(as_completed(futures), desc=f"UIBE restarts on {workers} processes", total=len(futures)):
+            pass
+        return [future.result() for future in futures]
+
+
+def _fit_once(pixels, standardizer, config, directions, device, basis, seed, restart) -> _RestartFit:
     init = random_rotation(pixels.shape[1], seed)[:directions] if basis is None else basis
     with torch.random.fork_rng(devices=[]):  # the parametrisation completes U to a square matrix with torch.randn
         torch.manual_seed(seed)
@@ -261,7 +308,8 @@ def _fit_once(pixels, standardizer, config, directions, seed, restart, device, b
         halvings += optimizer.param_groups[0]["lr"] < lr
         if halvings >= config.stop_halvings:
             break
-    return model, pd.DataFrame(rows)
+    return _RestartFit(restart, model.directions.detach().cpu(), float(model.bias.detach()), float(model.margin.detach()),
+                       _training_loss(model, pixels, standardizer, config, device), pd.DataFrame(rows))
 
 
 @torch.no_grad()
