@@ -158,6 +158,18 @@ def test_n6_needs_a_between_seed_null():
     assert null.search(with_vgg)[1] == null.search(judged(*same)["N6"].ours)[1]
 
 
+def test_n6_distances_split_the_null_by_arch_and_leave_out_networks_below_the_bar():
+    shifted = lambda offset: tuple(rate + offset for rate in RISING)  # noqa: E731  (a constant gap between curves)
+    results = {"a0": network(), "a1": network(hits=shifted(0.1)), "r0": network(family="residual", hits=shifted(0.5)),
+               "r1": network(family="residual", hits=shifted(0.7)), "untrained": network(arch="plain", hits=shifted(3.0))}
+    results["untrained"].accuracy["original_accuracy"] = 0.5
+    table = gp.n6_distances(results).set_index("comparison")
+    assert table.index.tolist() == ["between seeds of plain", "between seeds of residual", "between connection types"]
+    np.testing.assert_allclose(table["mean_distance"], [0.1, 0.2, (0.5 + 0.7 + 0.4 + 0.6) / 4])
+    assert table["network_pairs"].tolist() == [1, 1, 4] and (table["classes"] == 4).all()
+    np.testing.assert_allclose(table["sd_over_classes"], 0.0, atol=1e-12)
+
+
 @pytest.mark.parametrize("networks, expected", [
     ([network(), network(ranks=(1.0, 0.9, 1.0, 0.85))], "confirmed"),
     ([network(ranks=(0.1, 0.0, 0.2, 0.05))], "refuted"),

@@ -20,10 +20,11 @@ Modules, in pipeline order (this file only re-exports their public names):
   (-> `ArchitectureResult`), `class_groups`, `dissect_locations`, `concepts_on_paths`, `save_paths`,
   and the notebook's tables `placement_table`, `training_table`, `path_accuracy_table`,
   `hit_rate_table`, `similarity_by_group`, `misclassification_table`, `diversity_table`;
-- `claims`: the tests of N1-N7 through the claims kit (`claim_tests`) and `claim_results` (the claims table);
+- `claims`: the tests of N1-N7 through the claims kit (`claim_tests`), `claim_results` (the claims table) and
+  `n6_distances` (N6's null per arch);
 - `figures`: `plot_hit_rates`, `plot_units_kept`, `plot_similarity`.
 """
-from replication.methods.gated_paths.claims import CONNECTION_TYPES, claim_results, claim_tests
+from replication.methods.gated_paths.claims import CONNECTION_TYPES, claim_results, claim_tests, n6_distances
 from replication.methods.gated_paths.experiment import (ArchitectureResult, ClassGroups, ClassImages, NADSettings,
                                                         Network, Searches, analyse_architecture, analyse_networks,
                                                         calibrate_betas, class_groups, concepts_on_paths, convergence_table,
@@ -51,7 +52,7 @@ from replication.methods.gated_paths.similarity import (group_similarity, miscla
                                                         random_paths_like)
 
 __all__ = [
-    "CONNECTION_TYPES", "claim_results", "claim_tests",
+    "CONNECTION_TYPES", "claim_results", "claim_tests", "n6_distances",
     "ArchitectureResult", "ClassGroups", "ClassImages", "NADSettings", "Network", "Searches", "analyse_architecture",
     "analyse_networks", "calibrate_betas", "class_groups", "concepts_on_paths", "convergence_table", "dissect_locations",
     "diversity_table", "hit_rate_table", "load_class_images", "misclassification_table", "network_name",

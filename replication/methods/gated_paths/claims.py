@@ -25,31 +25,57 @@ CONNECTION_TYPES = ("plain", "residual", "dense", "nas")  # the paper's four (v1
 UNIT = "classes"
 
 
-def _n6_test(results: Mapping[str, ArchitectureResult]) -> tuple[ClaimTest | None, str, str]:
-    """N6 on classes: per class, the mean hit-rate curve distance between networks of different connection
-    types minus that between networks of one arch trained alike with other seeds (the null: how far
-    networks differ by their seed alone; two archs of one type, e.g. AlexNet and VGG, enter neither).
-    Returns the test (None when it cannot be run), the reason it cannot, and the means compared."""
+def _n6_pairs(results: Mapping[str, ArchitectureResult]):
+    """The hit-rate curves per network, the network pairs of one arch (`within`, the null) and of different
+    connection types (`between`), and the classes every network has a complete curve for."""
     curves = {name: class_hit_rates(r.hits) for name, r in results.items()}
     names = list(results)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     within = [(a, b) for a, b in pairs if results[a].arch == results[b].arch]
     between = [(a, b) for a, b in pairs if results[a].family != results[b].family]
-    if not within or not between:
-        counts = ", ".join(f"{arch} {n}" for arch, n in Counter(r.arch for r in results.values()).items()) or "none"
-        return None, (f"networks per arch: {counts}; the null needs two networks of one arch trained alike, "
-                      "and a network of a second connection type to compare"), ""
-    classes = sorted(set.intersection(*(set(c.index) for c in curves.values())))
+    classes = sorted(set.intersection(*(set(c.index) for c in curves.values()))) if curves else []
+    complete = [c for c in classes if all(curves[name].loc[c].notna().all() for name in names)]
 
     def mean_distance(pair_list: list[tuple[str, str]], class_id: int) -> float:
         return float(np.mean([curve_distance(curves[a].loc[class_id].to_numpy(), curves[b].loc[class_id].to_numpy())
                               for a, b in pair_list]))
 
-    complete = [c for c in classes if all(curves[name].loc[c].notna().all() for name in names)]
+    return within, between, complete, mean_distance
+
+
+def _n6_test(results: Mapping[str, ArchitectureResult]) -> tuple[ClaimTest | None, str, str]:
+    """N6 on classes: per class, the mean hit-rate curve distance between networks of different connection
+    types minus that between networks of one arch trained alike with other seeds (the null: how far
+    networks differ by their seed alone; two archs of one type, e.g. AlexNet and VGG, enter neither).
+    Returns the test (None when it cannot be run), the reason it cannot, and the means compared."""
+    within, between, complete, mean_distance = _n6_pairs(results)
+    if not within or not between:
+        counts = ", ".join(f"{arch} {n}" for arch, n in Counter(r.arch for r in results.values()).items()) or "none"
+        return None, (f"networks per arch: {counts}; the null needs two networks of one arch trained alike, "
+                      "and a network of a second connection type to compare"), ""
     b = [mean_distance(between, c) for c in complete]
     w = [mean_distance(within, c) for c in complete]
     effect = paired_effect(b, w, unit=UNIT, direction="higher")
     return ClaimTest("N6", "", effect), "", f"between types {np.mean(b):.3f} vs between seeds {np.mean(w):.3f}, diff "
+
+
+def n6_distances(results: Mapping[str, ArchitectureResult], *, min_accuracy: float = 0.9) -> pd.DataFrame:
+    """N6's two sides taken apart: per arch, the mean curve distance between its networks (its share of
+    the null), and the distance between connection types; mean and SD over the classes N6 uses. Only
+    networks at or above `min_accuracy` val accuracy, as in `claim_tests`."""
+    learned = {name: r for name, r in results.items() if float(r.accuracy["original_accuracy"].mean()) >= min_accuracy}
+    within, between, complete, mean_distance = _n6_pairs(learned)
+    groups = {f"between seeds of {arch}": [(a, b) for a, b in within if learned[a].arch == arch]
+              for arch in dict.fromkeys(r.arch for r in learned.values())}
+    groups["between connection types"] = between
+    rows = []
+    for comparison, pairs in groups.items():
+        if pairs and complete:
+            values = [mean_distance(pairs, c) for c in complete]
+            rows.append({"comparison": comparison, "network_pairs": len(pairs), "classes": len(complete),
+                         "mean_distance": float(np.mean(values)), "sd_over_classes": float(np.std(values, ddof=1))
+                         if len(values) > 1 else np.nan})
+    return pd.DataFrame(rows)
 
 
 def claim_tests(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None = None, *,
