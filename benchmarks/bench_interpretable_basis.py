@@ -17,6 +17,8 @@ Then the cost of one UIBE fit relative to one dissection of the same layer: the 
 
 Last, the planted test's restarts (the profile's [uibe.planted.fit], one data seed) serially against
 `workers` = the profile's threads processes, in wall time, and whether both choose the same basis.
+(Two idle cores, 6 restarts of 2 seeds: 1.9x. Beside another 2-thread job: 18x, 684 s against 37 s: tiny
+2-thread steps in one process stall when the cores are busy, one-thread workers do not.)
 
     python benchmarks/bench_interpretable_basis.py [--profile default] [--dim 512] [--directions 500 512] [--device cpu]
 """
