@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from statsmodels.stats.power import TTestPower
 
 from replication.reporting.claims import (
     ClaimTest, Effect, bound_effect, cluster_means, combine, conjunction, judge, judge_tests, mean_spread,
-    network_verdicts, paired_effect,
+    minimal_detectable_effect, network_verdicts, paired_effect,
 )
 
 T_975_DF2 = 4.302653  # Student's t, 97.5% quantile, 2 degrees of freedom (printed tables, 7 digits)
@@ -143,5 +144,10 @@ def test_judged_tests_share_one_holm_family_and_are_worded_per_network():
     assert [j.p_holm for j in judged] == pytest.approx([0.03, 0.06, 0.06, 0.004])
     assert network_verdicts(judged, "N1") == {"vgg": "inconclusive", "resnet": "inconclusive"}
     assert network_verdicts(judged, "N4") == {"vgg": "refuted"}
-    assert judged[1].text() == "vgg units: 1.00 [0.00, 2.00] 95% CI, SD 1.00, n=5 seeds, p(Holm) 0.06, MDE 0.50 -> inconclusive"
+    # two of four rejected: a third rejection needs p <= 0.05 / 2, so the MDE is stated at that level
+    mde = TTestPower().solve_power(nobs=5, alpha=0.025, power=0.8, alternative="two-sided") * 1.0
+    assert judged[1].mde_level == pytest.approx(0.025) and judged[1].mde == pytest.approx(mde)
+    assert judged[1].text() == (f"vgg units: 1.00 [0.00, 2.00] 95% CI, SD 1.00, n=5 seeds, p(Holm) 0.06, "
+                                f"MDE {mde:.2f} at Holm's level 0.025 -> inconclusive")
+    assert judged[1].mde > minimal_detectable_effect(5, 1.0, 0.05)  # stricter than the unadjusted level
     assert judged[3].text(1, "before ") == "vgg: before -2.0 [-3.0, -1.0] 95% CI, SD 1.0, n=5 seeds, p(Holm) 0.004 -> refuted"

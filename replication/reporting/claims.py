@@ -13,7 +13,9 @@ The rule (the same in every notebook):
 - A notebook's tests form one family: `judge` adjusts their p-values by Holm's method and calls a claim
   confirmed when the adjusted test rejects on the paper's side, refuted when it rejects on the other
   side, and inconclusive otherwise, reported with the minimal detectable effect at 80% power for the
-  n used (statsmodels). A claim the setting cannot test is "not testable here", with the reason.
+  n used (statsmodels) at the level the family asks of it: with r of the family's m tests rejected, a
+  further rejection needs p <= 0.05 / (m - r) (Holm's next step), so the MDE is computed there, not at
+  0.05. A claim the setting cannot test is "not testable here", with the reason.
 - An effect chosen as the largest of several candidates (e.g. the deepest dip over layer pairs) is
   corrected for that search: `bound_effect(..., searched=k)` gives a Bonferroni p-value (k x p) and a
   1 - 0.05/k interval before the notebook's Holm rule.
@@ -156,8 +158,16 @@ def bound_effect(values: Sequence[float], *, unit: str, bound: float = 0.0, dire
     alpha = ALPHA / searched
     low, high = stats.t.interval(1 - alpha, df=n - 1, loc=mean, scale=sd / math.sqrt(n))
     p_value = min(1.0, searched * float(stats.ttest_1samp(x, popmean=bound).pvalue))
-    d = TTestPower().solve_power(nobs=n, alpha=alpha, power=POWER, alternative="two-sided")
-    return Effect(mean, float(low), float(high), sd, n, unit, bound, direction, p_value, float(d) * sd, searched)
+    return Effect(mean, float(low), float(high), sd, n, unit, bound, direction, p_value,
+                  minimal_detectable_effect(n, sd, alpha), searched)
+
+
+def minimal_detectable_effect(n: int, sd: float, alpha: float) -> float:
+    """The smallest |mean - bound| a two-sided one-sample t-test at level `alpha` detects with 80% power
+    on n units of this SD (statsmodels' power solver); NaN below 2 units."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return float(TTestPower().solve_power(nobs=n, alpha=alpha, power=POWER, alternative="two-sided")) * sd
 
 
 def paired_effect(treatment: Sequence[float], control: Sequence[float], *, unit: str, direction: str = "higher",
@@ -210,11 +220,15 @@ class ClaimTest:
 
 @dataclass(frozen=True)
 class Judged:
-    """A `ClaimTest` with its Holm-adjusted p-value and verdict."""
+    """A `ClaimTest` with its Holm-adjusted p-value and verdict; `mde_level` is the level a rejection of
+    this test would need in its family (Holm's next step, corrected for `searched`) and `mde` the
+    minimal detectable effect there (NaN when untestable)."""
 
     test: ClaimTest
     p_holm: float
     verdict: str
+    mde_level: float = math.nan
+    mde: float = math.nan
 
     def text(self, digits: int = 2, detail: str = "") -> str:
         """'network condition: [detail] effect, p (Holm) -> verdict', with the MDE next to an inconclusive
@@ -226,15 +240,24 @@ class Judged:
             words = f"{label}: {words}"
         if not math.isnan(self.p_holm):
             words += f", p(Holm) {self.p_holm:.2g}"
-        if self.verdict == "inconclusive" and not math.isnan(effect.mde):
-            words += f", MDE {effect.mde:.{digits}f}"
+        if self.verdict == "inconclusive" and not math.isnan(self.mde):
+            words += f", MDE {self.mde:.{digits}f} at Holm's level {self.mde_level:.2g}"
         return f"{words} -> {self.verdict}"
 
 
 def judge_tests(tests: Sequence[ClaimTest]) -> list[Judged]:
     """Every test of one notebook judged as one Holm family (see the module docstring)."""
     effects = [t.effect for t in tests]
-    return [Judged(t, p, _verdict(t.effect, p)) for t, p in zip(tests, holm_p_values(effects))]
+    adjusted = holm_p_values(effects)
+    verdicts = [_verdict(e, p) for e, p in zip(effects, adjusted)]
+    testable = sum(not math.isnan(p) for p in adjusted)
+    rejected = sum(v in ("confirmed", "refuted") for v in verdicts)
+    judged = []
+    for t, p, verdict in zip(tests, adjusted, verdicts):
+        level = ALPHA / (t.effect.searched * max(testable - rejected, 1)) if not math.isnan(p) else math.nan
+        mde = minimal_detectable_effect(t.effect.n, t.effect.sd, level) if not math.isnan(p) else math.nan
+        judged.append(Judged(t, p, verdict, level, mde))
+    return judged
 
 
 def conjunction(verdicts: Sequence[str]) -> str:
