@@ -168,6 +168,8 @@ def test_n6_distances_split_the_null_by_arch_and_leave_out_networks_below_the_ba
     np.testing.assert_allclose(table["mean_distance"], [0.1, 0.2, (0.5 + 0.7 + 0.4 + 0.6) / 4])
     assert table["network_pairs"].tolist() == [1, 1, 4] and (table["classes"] == 4).all()
     np.testing.assert_allclose(table["sd_over_classes"], 0.0, atol=1e-12)
+    results["a0"].accuracy["original_accuracy"] = 0.5  # one plain network left: no null, and no pair at all
+    assert gp.n6_distances({"a0": results["a0"]}).columns.tolist() == table.reset_index().columns.tolist()
 
 
 @pytest.mark.parametrize("networks, expected", [

@@ -75,7 +75,7 @@ def n6_distances(results: Mapping[str, ArchitectureResult], *, min_accuracy: flo
             rows.append({"comparison": comparison, "network_pairs": len(pairs), "classes": len(complete),
                          "mean_distance": float(np.mean(values)), "sd_over_classes": float(np.std(values, ddof=1))
                          if len(values) > 1 else np.nan})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["comparison", "network_pairs", "classes", "mean_distance", "sd_over_classes"])
 
 
 def claim_tests(results: Mapping[str, ArchitectureResult], concepts: Mapping[str, pd.DataFrame] | None = None, *,
