@@ -31,7 +31,7 @@ from replication.analysis import localisation as loc
 from replication.analysis.attribution import explain
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset, seeded_indices
-from replication.methods.attention_pooling.layer import insert_lap, interpretation_map, lap_layers
+from replication.methods.attention_pooling.layer import INIT_STD, insert_lap, interpretation_map, lap_layers
 from replication.methods.attention_pooling.losses import AttentionSparsity, MaskInjectionLoss, WeakEvidenceLoss
 from replication.models.anatomy import anatomy_of
 from replication.models.backbones import BackboneConfig
@@ -49,9 +49,11 @@ EXPLAINERS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
 class LAPConfig:
     """The LAP layer and how its maps are read (spec 3.3, all [I]): `where` it replaces pooling
     ("global": the classifier's pool), `class_heads` (one head per class, else `heads`), `head_mode`,
-    `weight_mode`, `alpha_init`, the attention block's `reduction`, the map `combine` rule. alpha starts at 5:
-    with A in [0, 1] the `gauss_max` weights of a window then span up to e^-5, so a learned attention decides
-    the pooling (at 1 they span e^-1: nearly average pooling whatever the map); at insertion any alpha is exact."""
+    `weight_mode`, `alpha_init`, the attention block's `reduction` and the SD of its last conv's initial
+    weights `init_std` (small, not 0: at 0 a `gauss_max` LAP gets no gradient from the task loss, see
+    `layer`), the map `combine` rule. alpha starts at 5: with A in [0, 1] the `gauss_max` weights of a window
+    then span up to e^-5, so a learned attention decides the pooling (at 1 they span e^-1: nearly average
+    pooling whatever the map); at insertion the attention is nearly uniform, so any alpha keeps the network."""
 
     where: str = "global"
     class_heads: bool = True
@@ -60,6 +62,7 @@ class LAPConfig:
     weight_mode: str = "gauss_max"
     alpha_init: float = 5.0
     reduction: int = 4
+    init_std: float = INIT_STD  # keyed always: LAP models cached with the old zero initialisation are retrained
     combine: str = "prod"
 
 
@@ -218,7 +221,8 @@ class LAPRecipe(Recipe):
             model.load_state_dict(self.start.state_dict())
         heads = self.num_classes if self.lap.class_heads else self.lap.heads
         insert_lap(model, where=self.lap.where, heads=heads, head_mode=self.lap.head_mode, weight_mode=self.lap.weight_mode,
-                   alpha_init=self.lap.alpha_init, reduction=self.lap.reduction, image_size=self.image_size)
+                   alpha_init=self.lap.alpha_init, reduction=self.lap.reduction, init_std=self.lap.init_std,
+                   image_size=self.image_size)
         return model
 
     def key(self, model: nn.Module) -> dict[str, Any]:
@@ -407,8 +411,10 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
     injection = []
     for (name, seed), subject in subjects.items():
         rows.append({"network": name, "seed": seed, "model": "original", "val_acc": subject.val_acc})
-        inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {}, image_size=int(train_set.images.shape[-1]),
-                             start=subject.model).build()
+        with torch.random.fork_rng(devices=[]):  # the start of fine-tuning: built after seeding, as train_cached does
+            torch.manual_seed(subject.recipe.seed)
+            inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {},
+                                 image_size=int(train_set.images.shape[-1]), start=subject.model).build()
         rows.append({"network": name, "seed": seed, "model": "LAP inserted", "val_acc": _accuracy(inserted, val_set, batch_size, device)})
         runs = [(variant, False) for variant in settings.variants_of(name)]
         if name in settings.scratch_networks:
