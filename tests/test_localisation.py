@@ -41,11 +41,27 @@ def test_pointing_game_tolerance_counts_a_near_miss():
     assert loc.pointing_game(maps, masks, tolerance=2).item() == 1.0
 
 
+def test_pointing_game_scores_the_share_of_tied_maxima_in_the_mask_and_nan_for_a_constant_map():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[:, :2, :2] = True  # the top-left quarter
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0] = maps[0, 3, 3] = maps[0, 3, 0] = maps[0, 0, 3] = 1.0  # 4 tied maxima, one in the mask
+    maps[1, :2, :3] = 1.0  # 6 tied maxima, 4 in the mask
+    maps[2] = 0.5  # constant: it points nowhere
+    scores = loc.pointing_game(maps, masks)
+    torch.testing.assert_close(scores[:2], torch.tensor([0.25, 4 / 6]))
+    assert np.isnan(scores[2].item())
+    assert loc.constant_maps(maps).tolist() == [False, False, True]
+    # dilated by one pixel (rows and columns 0-2): every tied maximum of map 1, still one corner of map 0
+    torch.testing.assert_close(loc.pointing_game(maps, masks, tolerance=1)[:2], torch.tensor([0.25, 1.0]))
+
+
 def test_validity_metrics_equal_quantus_on_shared_inputs():
     generator = torch.Generator().manual_seed(0)
     masks = _masks()
     maps = torch.rand(3, 8, 8, generator=generator)
-    maps[1, 0, :3] = maps[1, 0, 3]  # ties for the AUROC
+    maps[1, 0, :3] = maps[1, 0, 3]  # ties for the AUROC (not at the maximum: there our pointing rule differs)
+    assert (maps.flatten(1) == maps.flatten(1).amax(1, keepdim=True)).sum(1).tolist() == [1, 1, 1]
     a, s = maps[:, None].numpy(), masks[:, None].numpy().astype(float)
     x, y = np.zeros((3, 3, 8, 8), dtype=np.float32), np.zeros(3, dtype=int)
     common = dict(normalise=False, abs=False, disable_warnings=True)

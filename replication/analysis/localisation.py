@@ -4,8 +4,9 @@ Batched torch versions of the field's metrics (Quantus implements each; the test
 Quantus's on the same inputs: `PointingGame`, `RelevanceMassAccuracy`, `AUC`, `PixelFlipping`). Maps
 are N × H × W, masks N × H × W booleans at the same size (`resize_masks` brings evidence masks there).
 
-Validity (spec 02, section 6.1): `pointing_game` (a hit when a maximal pixel lies in the mask, or within
-`tolerance` pixels of it), `energy_in_mask` (share of the map's positive mass inside the mask),
+Validity (spec 02, section 6.1): `pointing_game` (the share of the maximal pixels that lie in the mask, or
+within `tolerance` pixels of it: the expected hit when ties at the maximum are broken at random; NaN for a
+constant map, which points nowhere), `energy_in_mask` (share of the map's positive mass inside the mask),
 `pixel_auroc` (ROC-AUC of the pixel values against the mask, ties averaged), `top_fraction_iou` (IoU of
 the top-q share of pixels with the mask). An empty mask scores NaN.
 
@@ -49,12 +50,23 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0) -> torch.Tensor:
-    """Per image 1.0 when a pixel of maximal value lies in the mask dilated by `tolerance` pixels, else 0.0."""
+    """Per image the share of the pixels of maximal value that lie in the mask dilated by `tolerance`
+    pixels: 1.0 or 0.0 for a single maximum, the expected hit under random tie-breaking for tied maxima
+    (coarse maps upsampled bilinearly have plateaus; counting any tied pixel as a hit would let a flat
+    map win). A constant map (max = min, see `constant_maps`) and an empty mask score NaN. Equals
+    Quantus's `PointingGame` when the maximum is unique (it counts a hit when any tied pixel hits)."""
     flat, inside = _check(maps, masks)
     if tolerance:
         inside = F.max_pool2d(masks[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0].bool().flatten(1)
     top = flat == flat.amax(1, keepdim=True)
-    return _empty_to_nan((top & inside).any(1).float(), masks.flatten(1).bool())
+    share = (top & inside).sum(1) / top.sum(1)
+    return _empty_to_nan(share.masked_fill(constant_maps(maps), float("nan")), masks.flatten(1).bool())
+
+
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per map (N × H × W) True when every pixel has the same value: it ranks no pixel above another."""
+    flat = maps.float().flatten(1)
+    return flat.amax(1) == flat.amin(1)
 
 
 def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

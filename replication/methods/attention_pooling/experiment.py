@@ -314,14 +314,16 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
 def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Tensor], settings: LAPSettings, *,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per method and image: pointing game, energy in the mask, pixel AUROC, deletion and insertion AUC
-    (the predicted class's probability), with the image's class; and the mean curves per method and mode."""
+    (the predicted class's probability), with the image's class and whether the map is constant (its
+    pointing game is then NaN); and the mean curves per method and mode."""
     masks = data.masks[:, 0] > 0.5
     with torch.no_grad():
         predicted = torch.cat([model.to(resolve_device(device))(data.images[s:s + batch_size].to(resolve_device(device))).argmax(1).cpu()
                                for s in range(0, len(data), batch_size)])
     rows, curves = [], {}
     for name, method_maps in maps.items():
-        values = {"pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
+        values = {"constant_map": loc.constant_maps(method_maps),
+                  "pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
                   "energy": loc.energy_in_mask(method_maps, masks), "auroc": loc.pixel_auroc(method_maps, masks)}
         for mode in loc.MODES:
             curve = loc.perturbation_curves(model, data.images, method_maps, mode=mode, target=predicted,
@@ -429,6 +431,7 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
                 maps = explain(result.model, images.images, lap_explainer(settings, variant), batch_size=batch_size, device=device)
                 masks = images.masks[:, 0] > 0.5
                 injection.append({"network": name, "seed": seed, "variant": variant, "val_acc": rows[-1]["val_acc"],
+                                  "constant_maps": int(loc.constant_maps(maps).sum()),
                                   "pointing": float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
                                   "energy": float(loc.energy_in_mask(maps, masks).nanmean()),
                                   "auroc": float(loc.pixel_auroc(maps, masks).nanmean())})
@@ -461,6 +464,8 @@ def accuracy_summary(accuracy: pd.DataFrame) -> pd.DataFrame:
 
 
 def metrics_summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per network, model and method: the mean of each map metric over the explained images."""
+    """Per network, model and method: the mean of each map metric over the explained images (NaN skipped:
+    a constant map has no pointing game) and the number of constant maps."""
     columns = ["pointing", "energy", "auroc", "deletion", "insertion"]
-    return metrics.groupby(["network", "model", "method"], sort=False)[columns].mean()
+    groups = metrics.groupby(["network", "model", "method"], sort=False)
+    return groups[columns].mean().assign(constant_maps=groups.constant_map.sum().astype(int))
