@@ -4,7 +4,9 @@ Captum (pinned in pyproject) computes Grad-CAM on a conv layer (`anatomy_of(mode
 default), Integrated Gradients and Guided Backprop; zennit computes LRP with its composites (default
 epsilon-plus-flat: epsilon on dense layers, z-plus on convs, flat on the first layer) after its canonizers
 merge each BatchNorm into its conv (`SequentialMergeBatchNorm`, and zennit's `ResNetCanonizer` for
-torchvision ResNets). None of them is re-implemented here. A method may also be a callable
+torchvision ResNets). A module with an `lrp_linear()` context manager (LAP's `LAP2d`: its attention-weighted
+pool) is made linear in its input while LRP runs and gets zennit's `Norm` rule, the rule zennit's composites
+give average pools: R_p = w_p x_p / Σ w x · R with its weights as constants. None of them is re-implemented here. A method may also be a callable
 `(model, images, target) -> maps` (how LAP's own maps join the comparison without this layer importing it).
 
 Every method returns one map per image, N × H × W at the images' size, on the CPU:
@@ -16,6 +18,7 @@ Every method returns one map per image, N × H × W at the images' size, on the 
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -70,15 +73,20 @@ def lrp_canonizers(model: nn.Module) -> list:
 def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce="abs_sum", **_):
     from zennit import composites
     from zennit.attribution import Gradient
+    from zennit.rules import Norm
     names = {"epsilon_plus_flat": composites.EpsilonPlusFlat, "epsilon_alpha2_beta1_flat": composites.EpsilonAlpha2Beta1Flat,
              "epsilon_plus": composites.EpsilonPlus, "epsilon_gamma_box": composites.EpsilonGammaBox}
     if composite not in names:
         raise ValueError(f"LRP composite {composite!r} is not one of {LRP_COMPOSITES}.")
     keywords = dict(low=float(images.min()), high=float(images.max())) if composite == "epsilon_gamma_box" else {}
-    rule = names[composite](canonizers=lrp_canonizers(model), **keywords)
-    with Gradient(model=model, composite=rule) as attributor:
-        logits = model(images)
-        _, relevance = attributor(images, torch.nn.functional.one_hot(target, logits.shape[1]).to(images.dtype))
+    linearised = [module for module in model.modules() if callable(getattr(module, "lrp_linear", None))]
+    layer_map = [(tuple({type(module) for module in linearised}), Norm())] if linearised else []
+    rule = names[composite](canonizers=lrp_canonizers(model), layer_map=layer_map, **keywords)
+    with ExitStack() as stack:
+        for module in linearised:
+            stack.enter_context(module.lrp_linear())
+        with Gradient(model=model, composite=rule) as attributor:
+            _, relevance = attributor(images, lambda logits: torch.nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype))
     return _reduce(relevance, channel_reduce)
 
 

@@ -27,6 +27,7 @@ when the attention is the feature itself).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -70,7 +71,9 @@ class LAP2d(nn.Module):
     B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
     module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
     scores). `init_std`: the SD of the attention block's last-conv weights at initialisation (module
-    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block)."""
+    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block).
+    Inside `lrp_linear()` the window weights are constants (detached), so the layer is linear in its input
+    and LRP's rule for pools (zennit's `Norm`, `analysis.attribution`) gives R_p = w_p X_p / Σ_q w_q X_q · R."""
 
     def __init__(self, channels: int, *, kernel: int | None = None, stride: int | None = None, padding: int = 0,
                  heads: int = 1, head_mode: str = "split", weight_mode: str = "gauss_max", alpha_init: float = 1.0,
@@ -96,6 +99,17 @@ class LAP2d(nn.Module):
         self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(float(alpha_init))))
         self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction, init_std)
         self.attention_map: torch.Tensor | None = None
+        self.constant_weights = False
+
+    @contextmanager
+    def lrp_linear(self) -> Iterator[None]:
+        """While active, the window weights are detached from the features: the forward is then linear in X
+        (what LRP's pool rule redistributes through), the gradient through the attention block is cut."""
+        previous, self.constant_weights = self.constant_weights, True
+        try:
+            yield
+        finally:
+            self.constant_weights = previous
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -126,6 +140,7 @@ class LAP2d(nn.Module):
         if self.weight_mode == "tf_third_party":
             top = features.masked_fill(invalid, -math.inf).amax(-1, keepdim=True)
             weights = torch.exp(-self.alpha ** 2 * (top - features) ** 2).masked_fill(invalid, 0)
+            weights = weights.detach() if self.constant_weights else weights
             pooled = ((weights * features + TF_EPS) * valid).sum(-1) / valid.sum(-1)
         else:
             if self.weight_mode == "gauss_max":
@@ -135,6 +150,7 @@ class LAP2d(nn.Module):
             else:
                 logits, _, _ = self._windows(self.alpha * scores)
             weights = torch.softmax(logits.masked_fill(invalid, -math.inf), dim=-1)  # B × heads × L × P
+            weights = weights.detach() if self.constant_weights else weights
             if self.head_mode == "mean":
                 pooled = (weights.mean(1, keepdim=True) * features).sum(-1)
             else:
