@@ -44,7 +44,8 @@ def test_every_method_gives_one_map_per_image_at_the_image_size(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 3)).eval()
-    maps = explain(model, torch.randn(5, 3, 6, 6), method, batch_size=2, layer="0", steps=4, device="cpu")
+    options = {"gradcam": dict(layer="0"), "integrated_gradients": dict(steps=4)}.get(method, {})
+    maps = explain(model, torch.randn(5, 3, 6, 6), method, batch_size=2, device="cpu", **options)
     assert maps.shape == (5, 6, 6) and torch.isfinite(maps).all() and maps.abs().sum() > 0
 
 
@@ -65,6 +66,38 @@ def test_unknown_method_and_a_callable_method():
         explain(model, torch.zeros(1, 3, 2, 2), "occlusion")
     maps = explain(model, torch.zeros(2, 3, 2, 2), lambda m, x, t: x[:, 0] + t.view(-1, 1, 1), device="cpu")
     assert maps.shape == (2, 2, 2)
+
+
+def test_misspelt_or_foreign_options_are_refused():
+    model = HandNet()
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"integrated_gradients takes \['channel_reduce', 'steps'\], not \['n_steps'\]"):
+        explain(model, x, "integrated_gradients", n_steps=64)
+    with pytest.raises(ValueError, match=r"gradcam takes \['layer'\], not \['steps'\]"):
+        explain(model, x, "gradcam", steps=4)
+    with pytest.raises(ValueError, match="a callable method takes no options"):
+        explain(model, x, lambda m, images, t: images[:, 0], layer="conv")
+
+
+class CountingNet(HandNet):
+    """HandNet that records the largest batch its forward pass sees."""
+
+    largest = 0
+
+    def forward(self, x):
+        CountingNet.largest = max(CountingNet.largest, len(x))
+        return super().forward(x)
+
+
+def test_integrated_gradients_runs_at_most_batch_size_images_per_forward_pass():
+    images = torch.randn(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 0, 1, 0, 1])
+    model = CountingNet()
+    small = explain(model, images, "integrated_gradients", target=target, steps=8, batch_size=4, device="cpu")
+    assert CountingNet.largest == 4  # not 4 images × 8 steps
+    large = explain(model, images, "integrated_gradients", target=target, steps=8, batch_size=64, device="cpu")
+    assert CountingNet.largest == 6 * 8
+    torch.testing.assert_close(small, large)
 
 
 def _pooled(pool):
