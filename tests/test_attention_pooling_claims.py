@@ -80,3 +80,18 @@ def test_settings_refuse_networks_outside_networks():
     with pytest.raises(ValueError, match="scratch_networks"):
         lp.LAPSettings(networks=("resnet18",), scratch_networks=("alexnet_bn",), injection_networks=(),
                        explained_networks=())
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(lrp_composite="epsilon"), "lrp_composite 'epsilon'"),
+    (dict(lap=lp.LAPConfig(combine="max")), "lap.combine 'max'"),
+    (dict(lap=lp.LAPConfig(weight_mode="max")), "lap.weight_mode 'max'"),
+    (dict(lap=lp.LAPConfig(head_mode="sum")), "lap.head_mode 'sum'"),
+    (dict(ig_steps=0), "ig_steps"),
+    (dict(perturbation_steps=0), "perturbation_steps"),
+    (dict(lap=lp.LAPConfig(init_std=-1.0)), "lap.init_std"),
+])
+def test_settings_refuse_unknown_names_and_steps_before_any_training(change, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")) as error:
+        lp.LAPSettings(**change)
+    assert str(error.value).startswith("[lap] ")

@@ -97,6 +97,24 @@ def test_deletion_of_the_evidence_first_drops_the_probability_first():
     torch.testing.assert_close(loc.curve_auc(torch.tensor([[0.0, 1.0, 1.0]])), torch.tensor([0.75]))
 
 
+def test_removal_order_is_built_on_the_maps_device():
+    maps = torch.tensor([[[0.2, 0.9], [0.9, 0.1]]])
+    assert loc.removal_rank(maps).flatten().tolist() == [2, 0, 1, 3]  # ties by position
+    assert loc.removal_rank(maps.to("meta")).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_perturbation_curves_and_blur_run_on_cuda_images():
+    images = torch.zeros(2, 3, 8, 8)
+    images[:, 0, 2:6, 2:6] = 2.0
+    maps, target = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(loc.blurred(images.cuda()).cpu(), loc.blurred(images))
+    for mode in loc.MODES:
+        on_cpu = loc.perturbation_curves(Tiny(), images, maps, mode=mode, target=target, steps=4, device="cpu")
+        on_cuda = loc.perturbation_curves(Tiny(), images.cuda(), maps, mode=mode, target=target, steps=4, device="cuda")
+        torch.testing.assert_close(on_cuda, on_cpu)
+
+
 def test_deletion_curve_equals_quantus_pixel_flipping():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()

@@ -84,7 +84,7 @@ def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     order = flat.argsort(1)
     sorted_values = flat.gather(1, order)
     ranks = torch.empty_like(flat)
-    positions = torch.arange(1, flat.shape[1] + 1, dtype=flat.dtype).expand_as(flat)
+    positions = torch.arange(1, flat.shape[1] + 1, dtype=flat.dtype, device=flat.device).expand_as(flat)
     ranks.scatter_(1, order, positions)
     # average ranks within ties: each value's mean position among its equals
     for row in range(len(flat)):
@@ -123,7 +123,7 @@ def _probabilities(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
 def blurred(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     """A Gaussian-blurred copy (separable kernel of radius 3 sigma, edges replicated): insertion's start."""
     radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
     c = images.shape[1]
@@ -146,10 +146,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(images.shape)}: one H x W map per image.")
     device = resolve_device(device)
     pixels = maps[0].numel()
-    rank = torch.empty(maps.shape[0], pixels, dtype=torch.long)
-    rank.scatter_(1, maps.flatten(1).float().argsort(dim=1, descending=True, stable=True),
-                  torch.arange(pixels).expand(maps.shape[0], pixels).contiguous())
-    rank = rank.view(-1, 1, *maps.shape[-2:])
+    rank = removal_rank(maps.to(images.device))
     start, end = (images, torch.full_like(images, baseline)) if mode == "deletion" else (blurred(images, blur_sigma), images)
     with eval_mode(model):
         model.to(device)
@@ -160,6 +157,15 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         curves = [_probabilities(model, torch.where(rank < round(k * pixels / steps), end, start), target, batch_size, device)
                   for k in range(steps + 1)]
     return torch.stack(curves, 1)
+
+
+def removal_rank(maps: torch.Tensor) -> torch.Tensor:
+    """N × 1 × H × W: each pixel's place (0 first) in decreasing map order, ties by position, on the maps' device."""
+    flat = maps.flatten(1).float()
+    rank = torch.empty_like(flat, dtype=torch.long)
+    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(flat).contiguous()
+    rank.scatter_(1, flat.argsort(dim=1, descending=True, stable=True), positions)
+    return rank.view(-1, 1, *maps.shape[-2:])
 
 
 def curve_auc(curves: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,11 @@ from PIL import Image
 from torch import nn
 
 from replication.analysis import localisation as loc
-from replication.analysis.attribution import explain
+from replication.analysis.attribution import LRP_COMPOSITES, explain
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset, seeded_indices
-from replication.methods.attention_pooling.layer import INIT_STD, insert_lap, interpretation_map, lap_layers
+from replication.methods.attention_pooling.layer import (COMBINE_RULES, HEAD_MODES, INIT_STD, WEIGHT_MODES, insert_lap,
+                                                         interpretation_map, lap_layers)
 from replication.methods.attention_pooling.losses import AttentionSparsity, MaskInjectionLoss, WeakEvidenceLoss
 from replication.models.anatomy import anatomy_of
 from replication.models.backbones import BackboneConfig
@@ -119,6 +120,17 @@ class LAPSettings:
             problems.append(f"explainers {unknown} are not among {EXPLAINERS}")
         if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2:
             problems.append("finetune_epochs >= 1, images >= 2 and sanity_images >= 2 are needed")
+        for name, value, allowed in (("lrp_composite", self.lrp_composite, LRP_COMPOSITES),
+                                     ("lap.combine", self.lap.combine, COMBINE_RULES),
+                                     ("lap.weight_mode", self.lap.weight_mode, WEIGHT_MODES),
+                                     ("lap.head_mode", self.lap.head_mode, HEAD_MODES)):
+            if value not in allowed:
+                problems.append(f"{name} {value!r} is not one of {allowed}")
+        if self.ig_steps < 1 or self.perturbation_steps < 1 or self.pointing_tolerance < 0:
+            problems.append(f"ig_steps ({self.ig_steps}) and perturbation_steps ({self.perturbation_steps}) must be "
+                            f">= 1 and pointing_tolerance ({self.pointing_tolerance}) >= 0")
+        if not self.lap.alpha_init > 0 or self.lap.init_std < 0:
+            problems.append(f"lap.alpha_init ({self.lap.alpha_init}) must be > 0 and lap.init_std ({self.lap.init_std}) >= 0")
         if problems:
             raise ValueError("[lap] " + "; ".join(problems) + ".")
 
