@@ -56,6 +56,21 @@ def test_pointing_game_scores_the_share_of_tied_maxima_in_the_mask_and_nan_for_a
     torch.testing.assert_close(loc.pointing_game(maps, masks, tolerance=1)[:2], torch.tensor([0.25, 1.0]))
 
 
+def test_random_map_expectation_is_exact_and_matches_many_random_draws():
+    masks = _masks()
+    expected = loc.random_map_expectation(masks)
+    share = torch.tensor([9 / 64, 32 / 64, 4 / 64])
+    torch.testing.assert_close(expected["pointing"], share)
+    torch.testing.assert_close(expected["energy"], share)
+    assert expected["auroc"].tolist() == [0.5, 0.5, 0.5]
+    torch.testing.assert_close(loc.random_map_expectation(masks, tolerance=1)["pointing"][2], torch.tensor(9 / 64))
+    draws = torch.rand(3000, 8, 8, generator=torch.Generator().manual_seed(0))  # 1000 random maps per mask
+    for name, metric in (("pointing", loc.pointing_game), ("energy", loc.energy_in_mask), ("auroc", loc.pixel_auroc)):
+        mean = metric(draws, masks.repeat_interleave(1000, 0)).view(3, 1000).mean(1)
+        torch.testing.assert_close(mean, expected[name], rtol=0, atol=0.04)
+    assert np.isnan(loc.random_map_expectation(torch.zeros(1, 4, 4, dtype=torch.bool))["pointing"].item())
+
+
 def test_validity_metrics_equal_quantus_on_shared_inputs():
     generator = torch.Generator().manual_seed(0)
     masks = _masks()

@@ -55,12 +55,30 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0
     (coarse maps upsampled bilinearly have plateaus; counting any tied pixel as a hit would let a flat
     map win). A constant map (max = min, see `constant_maps`) and an empty mask score NaN. Equals
     Quantus's `PointingGame` when the maximum is unique (it counts a hit when any tied pixel hits)."""
-    flat, inside = _check(maps, masks)
-    if tolerance:
-        inside = F.max_pool2d(masks[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0].bool().flatten(1)
+    flat, _ = _check(maps, masks)
+    inside = _dilated(masks, tolerance)
     top = flat == flat.amax(1, keepdim=True)
     share = (top & inside).sum(1) / top.sum(1)
     return _empty_to_nan(share.masked_fill(constant_maps(maps), float("nan")), masks.flatten(1).bool())
+
+
+def _dilated(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """N × H × W masks grown by `tolerance` pixels (a square neighbourhood), flattened to N × HW."""
+    if tolerance:
+        masks = F.max_pool2d(masks[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0]
+    return masks.bool().flatten(1)
+
+
+def random_map_expectation(masks: torch.Tensor, *, tolerance: int = 0) -> dict[str, torch.Tensor]:
+    """Per image the exact expected validity of a map of i.i.d. continuous positive values (the random
+    control) against `masks`: pointing game = the share of pixels in the mask dilated by `tolerance` (the
+    maximum is at a uniformly random pixel), energy = the mask's share of the pixels (exchangeable values:
+    E[Σ_mask r / Σ r] = |mask| / |image|), pixel AUROC = 1/2. NaN for an empty mask, like the metrics."""
+    inside = masks.bool().flatten(1)
+    share = inside.float().mean(1)
+    return {"pointing": _empty_to_nan(_dilated(masks, tolerance).float().mean(1), inside),
+            "energy": _empty_to_nan(share, inside),
+            "auroc": _empty_to_nan(torch.full_like(share, 0.5).masked_fill(share == 1, float("nan")), inside)}
 
 
 def constant_maps(maps: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ variants, and its maps against captum's and zennit's explainers on ConceptWorld'
   the variant's loss terms (`VARIANTS`: plain, weak evidence, weak evidence + mask injection).
 - `explain_all` and `map_metrics`: every explainer's maps (LAP's own, captum's, zennit's LRP and a
   random-map control) on the same images of the same model, and per image pointing game, energy in the
-  mask, pixel AUROC, deletion and insertion AUC; `sanity_table`: the parameter-randomisation check.
+  mask, pixel AUROC, deletion and insertion AUC (the control's: the exact expectation of a random map for
+  the first three, the mean over `control_draws` seeded draws for the curves); `sanity_table`: the parameter-randomisation check.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class LAPSettings:
     the arch's notebook-00 recipe. Losses: `weak_weight` (λ_w), `mask_weight` (λ_box), `sparsity_weight`
     (λ_s), `top_k`. Explanations: `explained_networks` (first seed), `images` val images (seeded by
     `subset_seed`), `ig_steps`, `lrp_composite`, `perturbation_steps`, `insertion_blur`, `pointing_tolerance`,
-    `sanity_images`. Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
+    `sanity_images`, `control_draws` (seeded random maps per image whose deletion and insertion curves are
+    averaged for the control; its validity is the exact expectation of a random map). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
     `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it)."""
 
     networks: tuple[str, ...] = ("resnet18", "alexnet_bn", "efficientnet_lite0")
@@ -103,6 +105,7 @@ class LAPSettings:
     insertion_blur: float = 5.0
     pointing_tolerance: int = 0
     sanity_images: int = 16
+    control_draws: int = 8
     accuracy_tolerance: float = 1.0
     sanity_max_spearman: float = 0.5
     min_val_acc: float = 80.0
@@ -118,8 +121,8 @@ class LAPSettings:
         unknown = sorted(set(self.explainers) - set(EXPLAINERS))
         if unknown:
             problems.append(f"explainers {unknown} are not among {EXPLAINERS}")
-        if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2:
-            problems.append("finetune_epochs >= 1, images >= 2 and sanity_images >= 2 are needed")
+        if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2 or self.control_draws < 1:
+            problems.append("finetune_epochs >= 1, images >= 2, sanity_images >= 2 and control_draws >= 1 are needed")
         for name, value, allowed in (("lrp_composite", self.lrp_composite, LRP_COMPOSITES),
                                      ("lap.combine", self.lap.combine, COMBINE_RULES),
                                      ("lap.weight_mode", self.lap.weight_mode, WEIGHT_MODES),
@@ -303,6 +306,12 @@ def random_explainer(seed: int):
     return lambda model, images, target: torch.rand(images.shape[0], *images.shape[-2:], generator=generator).to(images.device)
 
 
+def random_draws(maps: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    """`maps` (the control's explained draw) and `count` - 1 more seeded uniform random maps of its shape."""
+    generator = torch.Generator().manual_seed(seed)
+    return [maps] + [torch.rand(maps.shape, generator=generator) for _ in range(count - 1)]
+
+
 def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str | None, *, gradcam_layer: str,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every explainer's maps of `images` on `model` (LAP's own when `variant` names the LAP model, then
@@ -327,20 +336,28 @@ def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Te
                 batch_size: int, device: str | torch.device | None = None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per method and image: pointing game, energy in the mask, pixel AUROC, deletion and insertion AUC
     (the predicted class's probability), with the image's class and whether the map is constant (its
-    pointing game is then NaN); and the mean curves per method and mode."""
+    pointing game is then NaN); and the mean curves per method and mode. The random control (`CONTROL`)
+    scores the exact expectation of a random map on the first three (`random_map_expectation`) and the
+    mean curve of `control_draws` seeded draws (its map the first) on the last two."""
     masks = data.masks[:, 0] > 0.5
     with torch.no_grad():
         predicted = torch.cat([model.to(resolve_device(device))(data.images[s:s + batch_size].to(resolve_device(device))).argmax(1).cpu()
                                for s in range(0, len(data), batch_size)])
     rows, curves = [], {}
     for name, method_maps in maps.items():
-        values = {"constant_map": loc.constant_maps(method_maps),
-                  "pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
-                  "energy": loc.energy_in_mask(method_maps, masks), "auroc": loc.pixel_auroc(method_maps, masks)}
+        if name == CONTROL:
+            values = {"constant_map": torch.zeros(len(method_maps), dtype=torch.bool),
+                      **loc.random_map_expectation(masks, tolerance=settings.pointing_tolerance)}
+            draws = random_draws(method_maps, settings.control_draws, settings.subset_seed + 1)
+        else:
+            values = {"constant_map": loc.constant_maps(method_maps),
+                      "pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
+                      "energy": loc.energy_in_mask(method_maps, masks), "auroc": loc.pixel_auroc(method_maps, masks)}
+            draws = [method_maps]
         for mode in loc.MODES:
-            curve = loc.perturbation_curves(model, data.images, method_maps, mode=mode, target=predicted,
-                                            steps=settings.perturbation_steps, blur_sigma=settings.insertion_blur,
-                                            batch_size=batch_size, device=device)
+            curve = torch.stack([loc.perturbation_curves(model, data.images, draw, mode=mode, target=predicted,
+                                                         steps=settings.perturbation_steps, blur_sigma=settings.insertion_blur,
+                                                         batch_size=batch_size, device=device) for draw in draws]).mean(0)
             values[mode] = loc.curve_auc(curve)
             curves[name, mode] = curve.mean(0)
         rows.append(pd.DataFrame({"method": name, "image": range(len(data)), "class_id": data.targets.numpy(),
