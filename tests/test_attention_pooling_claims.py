@@ -19,6 +19,10 @@ def test_evidence_set_carries_each_images_mask_at_the_image_size(tiny_world):
     assert torch.equal(extras["masks"][0, ::2, ::2] > 0.5, torch.from_numpy(mask))  # 16 px mask, nearest upsampling
     subset = lp.explained_subset(data, 3, seed=0)
     assert len(subset) == 3 and subset.fingerprint != data.fingerprint
+    assert data.indices == list(range(len(data)))
+    for position, index in enumerate(subset.indices):  # split indices, kept through a subset of the subset
+        assert torch.equal(subset.images[position], data.images[index])
+    assert subset.subset([2, 0]).indices == [subset.indices[2], subset.indices[0]]
 
 
 def test_lap_recipe_starts_from_the_trained_weights_and_keys_them():
@@ -101,7 +105,7 @@ class _Images(torch.utils.data.Dataset):
     """The three fields `map_metrics` reads, on hand-made images and masks."""
 
     def __init__(self, images, targets, masks):
-        self.images, self.targets, self.masks = images, targets, masks
+        self.images, self.targets, self.masks, self.indices = images, targets, masks, [7, 3, 5]
 
     def __len__(self):
         return len(self.targets)
@@ -119,6 +123,7 @@ def test_the_random_control_scores_its_expectation_and_the_mean_of_seeded_draws(
     control = torch.rand(3, 4, 4)
     table, curves = lp.map_metrics(model, data, {lp.CONTROL: control}, settings, batch_size=8, device="cpu")
     assert table.pointing.tolist() == table.energy.tolist() == [2 / 16] * 3 and table.auroc.tolist() == [0.5] * 3
+    assert table.val_index.tolist() == [7, 3, 5] and table.image.tolist() == [0, 1, 2]
     predicted = model(images).argmax(1)
     draws = random_draws(control, 3, settings.subset_seed + 1)
     assert torch.equal(draws[0], control) and not torch.equal(draws[1], draws[2])

@@ -147,7 +147,8 @@ class LAPSettings:
 
 class EvidenceSet(torch.utils.data.Dataset):
     """A ConceptWorld split in memory: `images`, `targets` and `masks` (N × 1 × H × W floats, the evidence
-    mask brought to the image size by nearest neighbour); items are `(image, class_id, {"masks": mask})`."""
+    mask brought to the image size by nearest neighbour) and `indices` (each image's index in the split);
+    items are `(image, class_id, {"masks": mask})`."""
 
     def __init__(self, root: str | Path, split: str, indices: Sequence[int] | None = None):
         dataset = ClassificationDataset(root, split)
@@ -155,12 +156,12 @@ class EvidenceSet(torch.utils.data.Dataset):
             raise ValueError(f"{root} has no ConceptWorld evidence masks (layout {dataset.layout}); notebook 02 "
                              "measures validity against them and runs on ConceptWorld only.")
         memory = InMemoryDataset(dataset, indices)
-        chosen = range(len(dataset)) if indices is None else indices
+        chosen = list(range(len(dataset)) if indices is None else indices)
         size = tuple(memory.images.shape[-2:])
         masks = [np.asarray(Image.open(Path(root) / "evidence" / f"{Path(dataset.paths[i]).stem}.png")) > 127 for i in chosen]
         self.images, self.targets = memory.images, memory.targets
         self.masks = loc.resize_masks(torch.from_numpy(np.stack(masks)), size)[:, None].float()
-        self.classes = dataset.classes
+        self.classes, self.indices = dataset.classes, chosen
         self.fingerprint = {**memory.fingerprint, "evidence": True}
 
     def __len__(self) -> int:
@@ -168,6 +169,14 @@ class EvidenceSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.images[index], self.targets[index], {"masks": self.masks[index]}
+
+    def subset(self, positions: Sequence[int]) -> "EvidenceSet":
+        """The images at `positions` (of this set) as an `EvidenceSet`, their split indices kept."""
+        subset = object.__new__(EvidenceSet)
+        subset.images, subset.targets, subset.masks = self.images[positions], self.targets[positions], self.masks[positions]
+        subset.classes, subset.indices = self.classes, [self.indices[p] for p in positions]
+        subset.fingerprint = {**self.fingerprint, "subset": list(positions)}
+        return subset
 
 
 @dataclass
@@ -335,7 +344,8 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
 def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Tensor], settings: LAPSettings, *,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per method and image: pointing game, energy in the mask, pixel AUROC, deletion and insertion AUC
-    (the predicted class's probability), with the image's class and whether the map is constant (its
+    (the predicted class's probability), with the image's position, split index (`val_index`) and class,
+    and whether the map is constant (its
     pointing game is then NaN); and the mean curves per method and mode. The random control (`CONTROL`)
     scores the exact expectation of a random map on the first three (`random_map_expectation`) and the
     mean curve of `control_draws` seeded draws (its map the first) on the last two."""
@@ -360,7 +370,8 @@ def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Te
                                                          batch_size=batch_size, device=device) for draw in draws]).mean(0)
             values[mode] = loc.curve_auc(curve)
             curves[name, mode] = curve.mean(0)
-        rows.append(pd.DataFrame({"method": name, "image": range(len(data)), "class_id": data.targets.numpy(),
+        rows.append(pd.DataFrame({"method": name, "image": range(len(data)), "val_index": data.indices,
+                                  "class_id": data.targets.numpy(),
                                   "correct": (predicted == data.targets).numpy(),
                                   **{k: v.numpy() for k, v in values.items()}}))
     return pd.concat(rows, ignore_index=True), curves
@@ -392,11 +403,7 @@ def gradcam_layer(subject: Subject) -> str:
 
 def explained_subset(data: EvidenceSet, count: int, seed: int) -> EvidenceSet:
     """A seeded subset of `count` images of an `EvidenceSet` (all when it holds fewer)."""
-    indices = seeded_indices(len(data), count, seed=seed) or list(range(len(data)))
-    subset = object.__new__(EvidenceSet)
-    subset.images, subset.targets, subset.masks = data.images[indices], data.targets[indices], data.masks[indices]
-    subset.classes, subset.fingerprint = data.classes, {**data.fingerprint, "subset": indices}
-    return subset
+    return data.subset(seeded_indices(len(data), count, seed=seed) or list(range(len(data))))
 
 
 @dataclass
@@ -404,8 +411,9 @@ class Runs:
     """Notebook 02's measurements. `accuracy`: one row per network, seed and model (original, LAP at
     insertion, LAP fine-tuned per variant, LAP from scratch) with its val accuracy in %; `histories`
     (LAP training curves); `maps` (per explained network: method -> N × H × W) of `images` (its
-    `EvidenceSet`); `metrics` (per image and method, `map_metrics`, with `network` and `model` = "LAP" or
-    "plain"); `curves[network, model, method, mode]`; `seconds` (per image, per explainer); `sanity`;
+    `EvidenceSet`); `metrics` (per image and method, `map_metrics`, with `network`, the training `seed` and
+    `model` = "LAP" or "plain"); `curves[network, model, method, mode]`; `seconds` (per image, per explainer);
+    `sanity` (with the training `seed` and `subset_seed`);
     `injection`: per injection network, seed and variant, LAP map validity on the explained images."""
 
     accuracy: pd.DataFrame
@@ -473,14 +481,15 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             maps, timing = explain_all(model, images.images, settings, variant, gradcam_layer=layer,
                                        batch_size=batch_size, device=device)
             table, mean_curves = map_metrics(model, images, maps, settings, batch_size=batch_size, device=device)
-            metrics.append(table.assign(network=name, model=label))
+            metrics.append(table.assign(network=name, seed=seed, model=label))
             curves.update({(name, label, method, mode): curve for (method, mode), curve in mean_curves.items()})
-            seconds.append(pd.DataFrame({"network": name, "model": label, "method": list(timing),
+            seconds.append(pd.DataFrame({"network": name, "seed": seed, "model": label, "method": list(timing),
                                          "seconds_per_image": list(timing.values())}))
             if label == "LAP":
                 maps_by_network[name] = maps
         sanity.append(sanity_table(lap_model, images.images[:settings.sanity_images], settings, settings.main_variant,
-                                   gradcam_layer=layer, batch_size=batch_size, device=device).assign(network=name))
+                                   gradcam_layer=layer, batch_size=batch_size, device=device)
+                      .assign(network=name, seed=seed, subset_seed=settings.subset_seed))
     return Runs(pd.DataFrame(rows), pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                 maps_by_network, images, pd.concat(metrics, ignore_index=True), curves,
                 pd.concat(seconds, ignore_index=True), pd.concat(sanity, ignore_index=True), pd.DataFrame(injection), models)
