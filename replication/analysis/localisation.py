@@ -155,7 +155,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
                         blur_sigma: float = 5.0, batch_size: int = 64,
                         device: str | torch.device | None = None) -> torch.Tensor:
     """N × (steps + 1) probabilities of `target` (default: the predicted class) as the pixels are removed
-    (deletion: set to `baseline`, 0 = the dataset mean after normalisation) or revealed (insertion: from a
+    (deletion: set to `baseline`; 0 is the normalisation's mean colour, ImageNet's for ImageNet-normalised images) or revealed (insertion: from a
     blurred copy) in decreasing `maps` order (ties by position), in `steps` equal chunks; column 0 is
     the untouched (deletion) or fully blurred (insertion) image."""
     if mode not in MODES:
