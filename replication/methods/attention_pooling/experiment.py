@@ -321,6 +321,12 @@ def random_draws(maps: torch.Tensor, count: int, seed: int) -> list[torch.Tensor
     return [maps] + [torch.rand(maps.shape, generator=generator) for _ in range(count - 1)]
 
 
+def explainer_options(settings: LAPSettings, gradcam_layer: str) -> dict[str, dict[str, Any]]:
+    """Each library explainer's `explain` options from the settings (the others take none)."""
+    return {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
+            "lrp": dict(composite=settings.lrp_composite)}
+
+
 def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str | None, *, gradcam_layer: str,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every explainer's maps of `images` on `model` (LAP's own when `variant` names the LAP model, then
@@ -331,8 +337,7 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
         methods["LAP"] = lap_explainer(settings, variant)
     methods.update({name: name for name in settings.explainers})
     methods[CONTROL] = random_explainer(settings.subset_seed)
-    options = {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
-               "lrp": dict(composite=settings.lrp_composite)}
+    options = explainer_options(settings, gradcam_layer)
     maps, seconds = {}, {}
     for name, method in methods.items():
         started = time.perf_counter()
@@ -381,16 +386,14 @@ def sanity_table(model: nn.Module, images: torch.Tensor, settings: LAPSettings, 
                  batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
     """The randomisation check for LAP and each explainer: the model's top-level children re-initialised
     from the top down (`randomisation_similarity`), Spearman of each map with the trained model's."""
-    frames = []
+    frames, options = [], explainer_options(settings, gradcam_layer)
+    stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     for name in ("LAP", *settings.explainers):
         method = lap_explainer(settings, variant) if name == "LAP" else name
-        options = {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
-                   "lrp": dict(composite=settings.lrp_composite)}.get(name, {})
 
-        def explainer(network, x, method=method, options=options):
+        def explainer(network, x, method=method, options=options.get(name, {})):
             return explain(network, x, method, batch_size=batch_size, device=device, **options)
 
-        stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
         frames.append(loc.randomisation_similarity(model, images, explainer, seed=settings.subset_seed,
                                                    layers=stages).assign(method=name, stage=lambda f: range(1, len(f) + 1)))
     return pd.concat(frames, ignore_index=True)
