@@ -73,7 +73,7 @@ def test_insertion_keeps_a_network_exactly_and_every_backbone_keeps_its_shapes(a
     with torch.no_grad():
         before = model(images)
     where = "local_pools" if arch == "densenet121" else "global"  # DenseNet's global pool is a function
-    names = lap.insert_lap(model, where=where, image_size=32)
+    names = lap.insert_lap(model, where=where, image_size=32, init_std=0.0)
     assert names and all(isinstance(model.get_submodule(n), lap.LAP2d) for n in names)
     with torch.no_grad():
         after = model(images)
@@ -84,13 +84,47 @@ def test_insertion_keeps_a_network_exactly_and_every_backbone_keeps_its_shapes(a
     assert maps.shape == (2, 32, 32)
 
 
+def _pooled_net(init_std=None):
+    """conv1×1 (hand-set) -> ReLU -> average pool -> linear; the pool replaced by a seeded 4-head-mean LAP
+    (alpha 5) unless `init_std` is None."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.linspace(-1, 1, 24).view(8, 3, 1, 1))
+        model[0].bias.fill_(0.1)
+        model[4].weight.copy_(torch.linspace(-2, 2, 24).view(3, 8))
+        model[4].bias.zero_()
+    if init_std is not None:
+        torch.manual_seed(0)
+        lap.insert_lap(model, where=["2"], heads=4, head_mode="mean", alpha_init=5.0, reduction=2, init_std=init_std,
+                       image_size=6)
+    return model.eval()
+
+
+def test_cross_entropy_alone_reaches_the_attention_and_alpha_at_insertion():
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = _pooled_net()(x)
+    grads = {}
+    for std in (0.0, lap.INIT_STD):
+        model = _pooled_net(std)
+        out = model(x)
+        # near identity: the inserted network's logits within 1e-4 of the average-pooled ones (exact at 0)
+        torch.testing.assert_close(out, plain, rtol=0, atol=1e-4 if std else 1e-6)
+        F.cross_entropy(out, torch.tensor([0, 1, 2, 0])).backward()
+        layer = model[2]
+        grads[std] = [layer.attention[-1].weight.grad, layer.attention[0].weight.grad, layer.raw_alpha.grad]
+    # the zero initialisation is a saddle of gauss_max (every gradient exactly 0); the seeded one is not
+    assert all(g.abs().max() == 0 for g in grads[0.0])
+    assert all(g.abs().max() > 0 for g in grads[lap.INIT_STD])
+
+
 def test_efficientnet_lite0_global_pool_keeps_flattening():
     timm = pytest.importorskip("timm")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3).eval()
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model(images)
-    assert lap.insert_lap(model, image_size=32) == ["global_pool"]
+    assert lap.insert_lap(model, image_size=32, init_std=0.0) == ["global_pool"]
     with torch.no_grad():
         torch.testing.assert_close(model(images), before, rtol=1e-5, atol=1e-5)
 
@@ -100,7 +134,7 @@ def test_maps_combine_by_product_mean_or_last_and_read_class_heads():
     torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "prod"), 0.5 * fine)
     torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "mean"), (0.5 + fine) / 2)
     torch.testing.assert_close(lap.combine_maps([coarse, fine], (2, 2), "last"), fine)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), lap.LAP2d(4, heads=3, head_mode="mean", flatten=True), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), lap.LAP2d(4, heads=3, head_mode="mean", flatten=True, init_std=0.0), nn.Linear(4, 3))
     with torch.no_grad():
         model[1].attention[-1].bias.copy_(torch.tensor([-2.0, 0.0, 2.0]))
     _, logits = lap.interpretation_map(model, torch.randn(2, 3, 4, 4))

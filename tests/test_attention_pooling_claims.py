@@ -19,6 +19,10 @@ def test_evidence_set_carries_each_images_mask_at_the_image_size(tiny_world):
     assert torch.equal(extras["masks"][0, ::2, ::2] > 0.5, torch.from_numpy(mask))  # 16 px mask, nearest upsampling
     subset = lp.explained_subset(data, 3, seed=0)
     assert len(subset) == 3 and subset.fingerprint != data.fingerprint
+    assert data.indices == list(range(len(data)))
+    for position, index in enumerate(subset.indices):  # split indices, kept through a subset of the subset
+        assert torch.equal(subset.images[position], data.images[index])
+    assert subset.subset([2, 0]).indices == [subset.indices[2], subset.indices[0]]
 
 
 def test_lap_recipe_starts_from_the_trained_weights_and_keys_them():
@@ -80,3 +84,48 @@ def test_settings_refuse_networks_outside_networks():
     with pytest.raises(ValueError, match="scratch_networks"):
         lp.LAPSettings(networks=("resnet18",), scratch_networks=("alexnet_bn",), injection_networks=(),
                        explained_networks=())
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(lrp_composite="epsilon"), "lrp_composite 'epsilon'"),
+    (dict(lap=lp.LAPConfig(combine="max")), "lap.combine 'max'"),
+    (dict(lap=lp.LAPConfig(weight_mode="max")), "lap.weight_mode 'max'"),
+    (dict(lap=lp.LAPConfig(head_mode="sum")), "lap.head_mode 'sum'"),
+    (dict(ig_steps=0), "ig_steps"),
+    (dict(perturbation_steps=0), "perturbation_steps"),
+    (dict(lap=lp.LAPConfig(init_std=-1.0)), "lap.init_std"),
+])
+def test_settings_refuse_unknown_names_and_steps_before_any_training(change, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")) as error:
+        lp.LAPSettings(**change)
+    assert str(error.value).startswith("[lap] ")
+
+
+class _Images(torch.utils.data.Dataset):
+    """The three fields `map_metrics` reads, on hand-made images and masks."""
+
+    def __init__(self, images, targets, masks):
+        self.images, self.targets, self.masks, self.indices = images, targets, masks, [7, 3, 5]
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def test_the_random_control_scores_its_expectation_and_the_mean_of_seeded_draws():
+    from replication.analysis import localisation as loc
+    from replication.methods.attention_pooling.experiment import random_draws
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    images = torch.randn(3, 3, 4, 4)
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[:, :, :2, :1] = 1.0  # 2 of 16 pixels
+    data, settings = _Images(images, torch.tensor([0, 1, 0]), masks), lp.LAPSettings(control_draws=3, perturbation_steps=4)
+    control = torch.rand(3, 4, 4)
+    table, curves = lp.map_metrics(model, data, {lp.CONTROL: control}, settings, batch_size=8, device="cpu")
+    assert table.pointing.tolist() == table.energy.tolist() == [2 / 16] * 3 and table.auroc.tolist() == [0.5] * 3
+    assert table.val_index.tolist() == [7, 3, 5] and table.image.tolist() == [0, 1, 2]
+    predicted = model(images).argmax(1)
+    draws = random_draws(control, 3, settings.subset_seed + 1)
+    assert torch.equal(draws[0], control) and not torch.equal(draws[1], draws[2])
+    by_draw = [loc.curve_auc(loc.perturbation_curves(model, images, d, target=predicted, steps=4, device="cpu")) for d in draws]
+    np.testing.assert_allclose(table.deletion, torch.stack(by_draw).mean(0).numpy(), rtol=1e-6)

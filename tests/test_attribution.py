@@ -44,7 +44,8 @@ def test_every_method_gives_one_map_per_image_at_the_image_size(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 3)).eval()
-    maps = explain(model, torch.randn(5, 3, 6, 6), method, batch_size=2, layer="0", steps=4, device="cpu")
+    options = {"gradcam": dict(layer="0"), "integrated_gradients": dict(steps=4)}.get(method, {})
+    maps = explain(model, torch.randn(5, 3, 6, 6), method, batch_size=2, device="cpu", **options)
     assert maps.shape == (5, 6, 6) and torch.isfinite(maps).all() and maps.abs().sum() > 0
 
 
@@ -65,3 +66,70 @@ def test_unknown_method_and_a_callable_method():
         explain(model, torch.zeros(1, 3, 2, 2), "occlusion")
     maps = explain(model, torch.zeros(2, 3, 2, 2), lambda m, x, t: x[:, 0] + t.view(-1, 1, 1), device="cpu")
     assert maps.shape == (2, 2, 2)
+
+
+def test_misspelt_or_foreign_options_are_refused():
+    model = HandNet()
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"integrated_gradients takes \['channel_reduce', 'steps'\], not \['n_steps'\]"):
+        explain(model, x, "integrated_gradients", n_steps=64)
+    with pytest.raises(ValueError, match=r"gradcam takes \['layer'\], not \['steps'\]"):
+        explain(model, x, "gradcam", steps=4)
+    with pytest.raises(ValueError, match="a callable method takes no options"):
+        explain(model, x, lambda m, images, t: images[:, 0], layer="conv")
+
+
+class CountingNet(HandNet):
+    """HandNet that records the largest batch its forward pass sees."""
+
+    largest = 0
+
+    def forward(self, x):
+        CountingNet.largest = max(CountingNet.largest, len(x))
+        return super().forward(x)
+
+
+def test_integrated_gradients_runs_at_most_batch_size_images_per_forward_pass():
+    images = torch.randn(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 0, 1, 0, 1])
+    model = CountingNet()
+    small = explain(model, images, "integrated_gradients", target=target, steps=8, batch_size=4, device="cpu")
+    assert CountingNet.largest == 4  # not 4 images × 8 steps
+    large = explain(model, images, "integrated_gradients", target=target, steps=8, batch_size=64, device="cpu")
+    assert CountingNet.largest == 6 * 8
+    torch.testing.assert_close(small, large)
+
+
+def _pooled(pool):
+    """conv3×3 (seeded) -> ReLU -> `pool` -> flatten -> linear (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+def test_lrp_through_a_uniform_lap_equals_lrp_through_the_average_pool():
+    from replication.methods.attention_pooling.layer import LAP2d
+    images = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    average = _pooled(nn.AdaptiveAvgPool2d(1))
+    lap = _pooled(LAP2d(4, heads=2, head_mode="mean", alpha_init=5.0, reduction=2, init_std=0.0))  # uniform weights
+    target = torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(lap(images), average(images))
+    expected = explain(average, images, "lrp", target=target, channel_reduce="sum", device="cpu")
+    got = explain(lap, images, "lrp", target=target, channel_reduce="sum", device="cpu")
+    torch.testing.assert_close(got, expected)
+    assert not lap[2].constant_weights  # the context is left
+
+
+def test_lrp_through_lap_redistributes_by_its_window_weights_held_constant():
+    from replication.methods.attention_pooling.layer import LAP2d
+    # LAP on the input itself, each channel scored by itself (softmax weights depend on x), then a hand linear layer
+    pool = LAP2d(3, heads=3, attention=nn.Identity(), weight_mode="softmax", alpha_init=2.0, flatten=True)
+    model = nn.Sequential(pool, nn.Linear(3, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, -0.5, 2.0], [0.5, 1.0, -1.0]]))
+    x = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(2)) + 0.5
+    maps = explain(model, x, "lrp", target=torch.tensor([0]), composite="epsilon_plus", channel_reduce="sum", device="cpu")
+    # epsilon at the linear layer, R_c = W_0c Y_c / z; LAP's Norm rule with constant weights: R_cp = w_cp x_cp / Y_c R_c
+    weights = torch.softmax(2.0 * x.flatten(2), -1)
+    contributions = model[1].weight[0].detach().view(3, 1) * weights[0] * x.flatten(2)[0]
+    torch.testing.assert_close(maps[0].flatten(), contributions.sum(0) / contributions.sum(), rtol=1e-4, atol=1e-5)

@@ -41,11 +41,42 @@ def test_pointing_game_tolerance_counts_a_near_miss():
     assert loc.pointing_game(maps, masks, tolerance=2).item() == 1.0
 
 
+def test_pointing_game_scores_the_share_of_tied_maxima_in_the_mask_and_nan_for_a_constant_map():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[:, :2, :2] = True  # the top-left quarter
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0] = maps[0, 3, 3] = maps[0, 3, 0] = maps[0, 0, 3] = 1.0  # 4 tied maxima, one in the mask
+    maps[1, :2, :3] = 1.0  # 6 tied maxima, 4 in the mask
+    maps[2] = 0.5  # constant: it points nowhere
+    scores = loc.pointing_game(maps, masks)
+    torch.testing.assert_close(scores[:2], torch.tensor([0.25, 4 / 6]))
+    assert np.isnan(scores[2].item())
+    assert loc.constant_maps(maps).tolist() == [False, False, True]
+    # dilated by one pixel (rows and columns 0-2): every tied maximum of map 1, still one corner of map 0
+    torch.testing.assert_close(loc.pointing_game(maps, masks, tolerance=1)[:2], torch.tensor([0.25, 1.0]))
+
+
+def test_random_map_expectation_is_exact_and_matches_many_random_draws():
+    masks = _masks()
+    expected = loc.random_map_expectation(masks)
+    share = torch.tensor([9 / 64, 32 / 64, 4 / 64])
+    torch.testing.assert_close(expected["pointing"], share)
+    torch.testing.assert_close(expected["energy"], share)
+    assert expected["auroc"].tolist() == [0.5, 0.5, 0.5]
+    torch.testing.assert_close(loc.random_map_expectation(masks, tolerance=1)["pointing"][2], torch.tensor(9 / 64))
+    draws = torch.rand(3000, 8, 8, generator=torch.Generator().manual_seed(0))  # 1000 random maps per mask
+    for name, metric in (("pointing", loc.pointing_game), ("energy", loc.energy_in_mask), ("auroc", loc.pixel_auroc)):
+        mean = metric(draws, masks.repeat_interleave(1000, 0)).view(3, 1000).mean(1)
+        torch.testing.assert_close(mean, expected[name], rtol=0, atol=0.04)
+    assert np.isnan(loc.random_map_expectation(torch.zeros(1, 4, 4, dtype=torch.bool))["pointing"].item())
+
+
 def test_validity_metrics_equal_quantus_on_shared_inputs():
     generator = torch.Generator().manual_seed(0)
     masks = _masks()
     maps = torch.rand(3, 8, 8, generator=generator)
-    maps[1, 0, :3] = maps[1, 0, 3]  # ties for the AUROC
+    maps[1, 0, :3] = maps[1, 0, 3]  # ties for the AUROC (not at the maximum: there our pointing rule differs)
+    assert (maps.flatten(1) == maps.flatten(1).amax(1, keepdim=True)).sum(1).tolist() == [1, 1, 1]
     a, s = maps[:, None].numpy(), masks[:, None].numpy().astype(float)
     x, y = np.zeros((3, 3, 8, 8), dtype=np.float32), np.zeros(3, dtype=int)
     common = dict(normalise=False, abs=False, disable_warnings=True)
@@ -79,6 +110,24 @@ def test_deletion_of_the_evidence_first_drops_the_probability_first():
     inserted = loc.perturbation_curves(Tiny(), images, right, target=target, mode="insertion", steps=4, device="cpu")
     torch.testing.assert_close(inserted[:, -1], torch.full((2,), p.item()))
     torch.testing.assert_close(loc.curve_auc(torch.tensor([[0.0, 1.0, 1.0]])), torch.tensor([0.75]))
+
+
+def test_removal_order_is_built_on_the_maps_device():
+    maps = torch.tensor([[[0.2, 0.9], [0.9, 0.1]]])
+    assert loc.removal_rank(maps).flatten().tolist() == [2, 0, 1, 3]  # ties by position
+    assert loc.removal_rank(maps.to("meta")).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_perturbation_curves_and_blur_run_on_cuda_images():
+    images = torch.zeros(2, 3, 8, 8)
+    images[:, 0, 2:6, 2:6] = 2.0
+    maps, target = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(loc.blurred(images.cuda()).cpu(), loc.blurred(images))
+    for mode in loc.MODES:
+        on_cpu = loc.perturbation_curves(Tiny(), images, maps, mode=mode, target=target, steps=4, device="cpu")
+        on_cuda = loc.perturbation_curves(Tiny(), images.cuda(), maps, mode=mode, target=target, steps=4, device="cuda")
+        torch.testing.assert_close(on_cuda, on_cpu)
 
 
 def test_deletion_curve_equals_quantus_pixel_flipping():

@@ -4,7 +4,9 @@ Captum (pinned in pyproject) computes Grad-CAM on a conv layer (`anatomy_of(mode
 default), Integrated Gradients and Guided Backprop; zennit computes LRP with its composites (default
 epsilon-plus-flat: epsilon on dense layers, z-plus on convs, flat on the first layer) after its canonizers
 merge each BatchNorm into its conv (`SequentialMergeBatchNorm`, and zennit's `ResNetCanonizer` for
-torchvision ResNets). None of them is re-implemented here. A method may also be a callable
+torchvision ResNets). A module with an `lrp_linear()` context manager (LAP's `LAP2d`: its attention-weighted
+pool) is made linear in its input while LRP runs and gets zennit's `Norm` rule, the rule zennit's composites
+give average pools: R_p = w_p x_p / Σ w x · R with its weights as constants. None of them is re-implemented here. A method may also be a callable
 `(model, images, target) -> maps` (how LAP's own maps join the comparison without this layer importing it).
 
 Every method returns one map per image, N × H × W at the images' size, on the CPU:
@@ -15,7 +17,9 @@ Every method returns one map per image, N × H × W at the images' size, on the 
 """
 from __future__ import annotations
 
+import inspect
 import warnings
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -36,21 +40,23 @@ def _reduce(attribution: torch.Tensor, rule: str) -> torch.Tensor:
     return attribution.abs().sum(1) if rule == "abs_sum" else attribution.sum(1)
 
 
-def _gradcam(model, images, target, *, layer=None, **_):
+def _gradcam(model, images, target, *, layer=None):
     from captum.attr import LayerAttribution, LayerGradCam
     module = get_module(model, layer or anatomy_of(model).last_conv)
     maps = LayerGradCam(model, module).attribute(images, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(maps, tuple(images.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 
-def _integrated_gradients(model, images, target, *, steps=32, channel_reduce="abs_sum", **_):
+def _integrated_gradients(model, images, target, *, batch_size, steps=32, channel_reduce="abs_sum"):
     from captum.attr import IntegratedGradients
+    # captum runs the len(images) × steps interpolated images in forward passes of at most `batch_size` (at
+    # least one step of every image), so memory is bounded like every other explainer's
     attribution = IntegratedGradients(model).attribute(images, baselines=torch.zeros_like(images), target=target,
-                                                       n_steps=steps, internal_batch_size=len(images) * steps)
+                                                       n_steps=steps, internal_batch_size=max(batch_size, len(images)))
     return _reduce(attribution, channel_reduce)
 
 
-def _guided_backprop(model, images, target, *, channel_reduce="abs_sum", **_):
+def _guided_backprop(model, images, target, *, channel_reduce="abs_sum"):
     from captum.attr import GuidedBackprop
     with warnings.catch_warnings():  # captum's notes that it sets requires_grad and hooks ReLUs (both intended)
         warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
@@ -67,18 +73,23 @@ def lrp_canonizers(model: nn.Module) -> list:
     return [ResNetCanonizer()] if isinstance(model, ResNet) else [SequentialMergeBatchNorm()]
 
 
-def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce="abs_sum", **_):
+def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce="abs_sum"):
     from zennit import composites
     from zennit.attribution import Gradient
+    from zennit.rules import Norm
     names = {"epsilon_plus_flat": composites.EpsilonPlusFlat, "epsilon_alpha2_beta1_flat": composites.EpsilonAlpha2Beta1Flat,
              "epsilon_plus": composites.EpsilonPlus, "epsilon_gamma_box": composites.EpsilonGammaBox}
     if composite not in names:
         raise ValueError(f"LRP composite {composite!r} is not one of {LRP_COMPOSITES}.")
     keywords = dict(low=float(images.min()), high=float(images.max())) if composite == "epsilon_gamma_box" else {}
-    rule = names[composite](canonizers=lrp_canonizers(model), **keywords)
-    with Gradient(model=model, composite=rule) as attributor:
-        logits = model(images)
-        _, relevance = attributor(images, torch.nn.functional.one_hot(target, logits.shape[1]).to(images.dtype))
+    linearised = [module for module in model.modules() if callable(getattr(module, "lrp_linear", None))]
+    layer_map = [(tuple({type(module) for module in linearised}), Norm())] if linearised else []
+    rule = names[composite](canonizers=lrp_canonizers(model), layer_map=layer_map, **keywords)
+    with ExitStack() as stack:
+        for module in linearised:
+            stack.enter_context(module.lrp_linear())
+        with Gradient(model=model, composite=rule) as attributor:
+            _, relevance = attributor(images, lambda logits: torch.nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype))
     return _reduce(relevance, channel_reduce)
 
 
@@ -89,10 +100,19 @@ _EXPLAINERS: dict[str, Callable] = {"gradcam": _gradcam, "integrated_gradients":
 def explain(model: nn.Module, images: torch.Tensor, method: str | Explainer, *, target: torch.Tensor | None = None,
             batch_size: int = 64, device: str | torch.device | None = None, **options) -> torch.Tensor:
     """Maps N × H × W (CPU, float32) of `method` for `images` (N × 3 × H × W), in batches of `batch_size`
-    on `device`, with `model` in eval mode (its modes restored). `target`: class per image (None: the
-    predicted class). `options`: `layer` (Grad-CAM), `steps` (IG), `composite` (LRP), `channel_reduce`."""
+    on `device` (IG's interpolated images too: at most `batch_size` per forward pass), with `model` in eval
+    mode (its modes restored). `target`: class per image (None: the predicted class). `options`: `layer`
+    (Grad-CAM), `steps` (IG), `composite` (LRP), `channel_reduce` (the pixel methods); any other option,
+    or any option for a callable method, is refused."""
     if not callable(method) and method not in _EXPLAINERS:
         raise ValueError(f"unknown explainer {method!r}; choose one of {METHODS} or pass a callable (model, images, target).")
+    accepted = set() if callable(method) else {
+        name for name, p in inspect.signature(_EXPLAINERS[method]).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - (accepted - {"batch_size"}))
+    if unknown:
+        takes = sorted(accepted - {"batch_size"}) or "no options"
+        raise ValueError(f"explain: {method if isinstance(method, str) else 'a callable method'} takes {takes}, "
+                         f"not {unknown}.")
     if images.ndim != 4:
         raise ValueError(f"explain needs images N x C x H x W, got shape {tuple(images.shape)}.")
     if options.get("channel_reduce", "abs_sum") not in CHANNEL_REDUCE:
@@ -109,6 +129,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str | Explainer, *, 
                     chosen = model(batch).argmax(1)
             else:
                 chosen = target[start:start + batch_size].to(device)
-            out = run(model, batch, chosen, **options) if not callable(method) else run(model, batch, chosen)
+            sizes = {"batch_size": batch_size} if "batch_size" in accepted else {}
+            out = run(model, batch, chosen, **options, **sizes) if not callable(method) else run(model, batch, chosen)
             maps.append(out.detach().float().cpu())
     return torch.cat(maps)

@@ -4,8 +4,9 @@ Batched torch versions of the field's metrics (Quantus implements each; the test
 Quantus's on the same inputs: `PointingGame`, `RelevanceMassAccuracy`, `AUC`, `PixelFlipping`). Maps
 are N × H × W, masks N × H × W booleans at the same size (`resize_masks` brings evidence masks there).
 
-Validity (spec 02, section 6.1): `pointing_game` (a hit when a maximal pixel lies in the mask, or within
-`tolerance` pixels of it), `energy_in_mask` (share of the map's positive mass inside the mask),
+Validity (spec 02, section 6.1): `pointing_game` (the share of the maximal pixels that lie in the mask, or
+within `tolerance` pixels of it: the expected hit when ties at the maximum are broken at random; NaN for a
+constant map, which points nowhere), `energy_in_mask` (share of the map's positive mass inside the mask),
 `pixel_auroc` (ROC-AUC of the pixel values against the mask, ties averaged), `top_fraction_iou` (IoU of
 the top-q share of pixels with the mask). An empty mask scores NaN.
 
@@ -49,12 +50,41 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: int = 0) -> torch.Tensor:
-    """Per image 1.0 when a pixel of maximal value lies in the mask dilated by `tolerance` pixels, else 0.0."""
-    flat, inside = _check(maps, masks)
-    if tolerance:
-        inside = F.max_pool2d(masks[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0].bool().flatten(1)
+    """Per image the share of the pixels of maximal value that lie in the mask dilated by `tolerance`
+    pixels: 1.0 or 0.0 for a single maximum, the expected hit under random tie-breaking for tied maxima
+    (coarse maps upsampled bilinearly have plateaus; counting any tied pixel as a hit would let a flat
+    map win). A constant map (max = min, see `constant_maps`) and an empty mask score NaN. Equals
+    Quantus's `PointingGame` when the maximum is unique (it counts a hit when any tied pixel hits)."""
+    flat, _ = _check(maps, masks)
+    inside = _dilated(masks, tolerance)
     top = flat == flat.amax(1, keepdim=True)
-    return _empty_to_nan((top & inside).any(1).float(), masks.flatten(1).bool())
+    share = (top & inside).sum(1) / top.sum(1)
+    return _empty_to_nan(share.masked_fill(constant_maps(maps), float("nan")), masks.flatten(1).bool())
+
+
+def _dilated(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """N × H × W masks grown by `tolerance` pixels (a square neighbourhood), flattened to N × HW."""
+    if tolerance:
+        masks = F.max_pool2d(masks[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0]
+    return masks.bool().flatten(1)
+
+
+def random_map_expectation(masks: torch.Tensor, *, tolerance: int = 0) -> dict[str, torch.Tensor]:
+    """Per image the exact expected validity of a map of i.i.d. continuous positive values (the random
+    control) against `masks`: pointing game = the share of pixels in the mask dilated by `tolerance` (the
+    maximum is at a uniformly random pixel), energy = the mask's share of the pixels (exchangeable values:
+    E[Σ_mask r / Σ r] = |mask| / |image|), pixel AUROC = 1/2. NaN for an empty mask, like the metrics."""
+    inside = masks.bool().flatten(1)
+    share = inside.float().mean(1)
+    return {"pointing": _empty_to_nan(_dilated(masks, tolerance).float().mean(1), inside),
+            "energy": _empty_to_nan(share, inside),
+            "auroc": _empty_to_nan(torch.full_like(share, 0.5).masked_fill(share == 1, float("nan")), inside)}
+
+
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per map (N × H × W) True when every pixel has the same value: it ranks no pixel above another."""
+    flat = maps.float().flatten(1)
+    return flat.amax(1) == flat.amin(1)
 
 
 def energy_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -72,7 +102,7 @@ def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     order = flat.argsort(1)
     sorted_values = flat.gather(1, order)
     ranks = torch.empty_like(flat)
-    positions = torch.arange(1, flat.shape[1] + 1, dtype=flat.dtype).expand_as(flat)
+    positions = torch.arange(1, flat.shape[1] + 1, dtype=flat.dtype, device=flat.device).expand_as(flat)
     ranks.scatter_(1, order, positions)
     # average ranks within ties: each value's mean position among its equals
     for row in range(len(flat)):
@@ -111,7 +141,7 @@ def _probabilities(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
 def blurred(images: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
     """A Gaussian-blurred copy (separable kernel of radius 3 sigma, edges replicated): insertion's start."""
     radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
     c = images.shape[1]
@@ -125,7 +155,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
                         blur_sigma: float = 5.0, batch_size: int = 64,
                         device: str | torch.device | None = None) -> torch.Tensor:
     """N × (steps + 1) probabilities of `target` (default: the predicted class) as the pixels are removed
-    (deletion: set to `baseline`, 0 = the dataset mean after normalisation) or revealed (insertion: from a
+    (deletion: set to `baseline`; 0 is the normalisation's mean colour, ImageNet's for ImageNet-normalised images) or revealed (insertion: from a
     blurred copy) in decreasing `maps` order (ties by position), in `steps` equal chunks; column 0 is
     the untouched (deletion) or fully blurred (insertion) image."""
     if mode not in MODES:
@@ -134,10 +164,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(images.shape)}: one H x W map per image.")
     device = resolve_device(device)
     pixels = maps[0].numel()
-    rank = torch.empty(maps.shape[0], pixels, dtype=torch.long)
-    rank.scatter_(1, maps.flatten(1).float().argsort(dim=1, descending=True, stable=True),
-                  torch.arange(pixels).expand(maps.shape[0], pixels).contiguous())
-    rank = rank.view(-1, 1, *maps.shape[-2:])
+    rank = removal_rank(maps.to(images.device))
     start, end = (images, torch.full_like(images, baseline)) if mode == "deletion" else (blurred(images, blur_sigma), images)
     with eval_mode(model):
         model.to(device)
@@ -148,6 +175,15 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         curves = [_probabilities(model, torch.where(rank < round(k * pixels / steps), end, start), target, batch_size, device)
                   for k in range(steps + 1)]
     return torch.stack(curves, 1)
+
+
+def removal_rank(maps: torch.Tensor) -> torch.Tensor:
+    """N × 1 × H × W: each pixel's place (0 first) in decreasing map order, ties by position, on the maps' device."""
+    flat = maps.flatten(1).float()
+    rank = torch.empty_like(flat, dtype=torch.long)
+    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(flat).contiguous()
+    rank.scatter_(1, flat.argsort(dim=1, descending=True, stable=True), positions)
+    return rank.view(-1, 1, *maps.shape[-2:])
 
 
 def curve_auc(curves: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,9 @@ def claim_results(accuracy: pd.DataFrame, metrics: pd.DataFrame, injection: pd.D
     rows["L6"] = ("not testable here", "not testable here: one dataset (ConceptWorld; ImageNet and the medical sets are not "
                   "available offline). Per backbone: " + "; ".join(f"{c} {v}" for c, v in backbones.items() if v))
     notes = {
-        "L1": "per class: LAP's map minus a seeded random map on pointing, energy, AUROC (higher), deletion AUC (lower), "
-              "insertion AUC (higher), on the LAP model; all five needed",
+        "L1": "per class: LAP's map minus the random-map control (the exact expectation of a random map for pointing, "
+              "energy, AUROC: higher; the mean of seeded draws for deletion AUC: lower, insertion AUC: higher), on the "
+              "LAP model; all five needed",
         "L2": f"per seed: val accuracy after insertion and fine-tuning minus the original network's, above -{tolerance} "
               "points (spec's tolerance [I]); accuracy at insertion is in the accuracy table",
         "L3": "v1 wording: per seed, LAP trained from scratch with the network's own recipe minus the original, above 0",

@@ -10,7 +10,8 @@ variants, and its maps against captum's and zennit's explainers on ConceptWorld'
   the variant's loss terms (`VARIANTS`: plain, weak evidence, weak evidence + mask injection).
 - `explain_all` and `map_metrics`: every explainer's maps (LAP's own, captum's, zennit's LRP and a
   random-map control) on the same images of the same model, and per image pointing game, energy in the
-  mask, pixel AUROC, deletion and insertion AUC; `sanity_table`: the parameter-randomisation check.
+  mask, pixel AUROC, deletion and insertion AUC (the control's: the exact expectation of a random map for
+  the first three, the mean over `control_draws` seeded draws for the curves); `sanity_table`: the parameter-randomisation check.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ from PIL import Image
 from torch import nn
 
 from replication.analysis import localisation as loc
-from replication.analysis.attribution import explain
+from replication.analysis.attribution import LRP_COMPOSITES, explain
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset, seeded_indices
-from replication.methods.attention_pooling.layer import insert_lap, interpretation_map, lap_layers
+from replication.methods.attention_pooling.layer import (COMBINE_RULES, HEAD_MODES, INIT_STD, WEIGHT_MODES, insert_lap,
+                                                         interpretation_map, lap_layers)
 from replication.methods.attention_pooling.losses import AttentionSparsity, MaskInjectionLoss, WeakEvidenceLoss
 from replication.models.anatomy import anatomy_of
 from replication.models.backbones import BackboneConfig
@@ -49,9 +51,11 @@ EXPLAINERS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
 class LAPConfig:
     """The LAP layer and how its maps are read (spec 3.3, all [I]): `where` it replaces pooling
     ("global": the classifier's pool), `class_heads` (one head per class, else `heads`), `head_mode`,
-    `weight_mode`, `alpha_init`, the attention block's `reduction`, the map `combine` rule. alpha starts at 5:
-    with A in [0, 1] the `gauss_max` weights of a window then span up to e^-5, so a learned attention decides
-    the pooling (at 1 they span e^-1: nearly average pooling whatever the map); at insertion any alpha is exact."""
+    `weight_mode`, `alpha_init`, the attention block's `reduction` and the SD of its last conv's initial
+    weights `init_std` (small, not 0: at 0 a `gauss_max` LAP gets no gradient from the task loss, see
+    `layer`), the map `combine` rule. alpha starts at 5: with A in [0, 1] the `gauss_max` weights of a window
+    then span up to e^-5, so a learned attention decides the pooling (at 1 they span e^-1: nearly average
+    pooling whatever the map); at insertion the attention is nearly uniform, so any alpha keeps the network."""
 
     where: str = "global"
     class_heads: bool = True
@@ -60,6 +64,7 @@ class LAPConfig:
     weight_mode: str = "gauss_max"
     alpha_init: float = 5.0
     reduction: int = 4
+    init_std: float = INIT_STD  # keyed always: LAP models cached with the old zero initialisation are retrained
     combine: str = "prod"
 
 
@@ -73,7 +78,8 @@ class LAPSettings:
     the arch's notebook-00 recipe. Losses: `weak_weight` (λ_w), `mask_weight` (λ_box), `sparsity_weight`
     (λ_s), `top_k`. Explanations: `explained_networks` (first seed), `images` val images (seeded by
     `subset_seed`), `ig_steps`, `lrp_composite`, `perturbation_steps`, `insertion_blur`, `pointing_tolerance`,
-    `sanity_images`. Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
+    `sanity_images`, `control_draws` (seeded random maps per image whose deletion and insertion curves are
+    averaged for the control; its validity is the exact expectation of a random map). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
     `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it)."""
 
     networks: tuple[str, ...] = ("resnet18", "alexnet_bn", "efficientnet_lite0")
@@ -99,6 +105,7 @@ class LAPSettings:
     insertion_blur: float = 5.0
     pointing_tolerance: int = 0
     sanity_images: int = 16
+    control_draws: int = 8
     accuracy_tolerance: float = 1.0
     sanity_max_spearman: float = 0.5
     min_val_acc: float = 80.0
@@ -114,8 +121,19 @@ class LAPSettings:
         unknown = sorted(set(self.explainers) - set(EXPLAINERS))
         if unknown:
             problems.append(f"explainers {unknown} are not among {EXPLAINERS}")
-        if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2:
-            problems.append("finetune_epochs >= 1, images >= 2 and sanity_images >= 2 are needed")
+        if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2 or self.control_draws < 1:
+            problems.append("finetune_epochs >= 1, images >= 2, sanity_images >= 2 and control_draws >= 1 are needed")
+        for name, value, allowed in (("lrp_composite", self.lrp_composite, LRP_COMPOSITES),
+                                     ("lap.combine", self.lap.combine, COMBINE_RULES),
+                                     ("lap.weight_mode", self.lap.weight_mode, WEIGHT_MODES),
+                                     ("lap.head_mode", self.lap.head_mode, HEAD_MODES)):
+            if value not in allowed:
+                problems.append(f"{name} {value!r} is not one of {allowed}")
+        if self.ig_steps < 1 or self.perturbation_steps < 1 or self.pointing_tolerance < 0:
+            problems.append(f"ig_steps ({self.ig_steps}) and perturbation_steps ({self.perturbation_steps}) must be "
+                            f">= 1 and pointing_tolerance ({self.pointing_tolerance}) >= 0")
+        if not self.lap.alpha_init > 0 or self.lap.init_std < 0:
+            problems.append(f"lap.alpha_init ({self.lap.alpha_init}) must be > 0 and lap.init_std ({self.lap.init_std}) >= 0")
         if problems:
             raise ValueError("[lap] " + "; ".join(problems) + ".")
 
@@ -129,7 +147,8 @@ class LAPSettings:
 
 class EvidenceSet(torch.utils.data.Dataset):
     """A ConceptWorld split in memory: `images`, `targets` and `masks` (N × 1 × H × W floats, the evidence
-    mask brought to the image size by nearest neighbour); items are `(image, class_id, {"masks": mask})`."""
+    mask brought to the image size by nearest neighbour) and `indices` (each image's index in the split);
+    items are `(image, class_id, {"masks": mask})`."""
 
     def __init__(self, root: str | Path, split: str, indices: Sequence[int] | None = None):
         dataset = ClassificationDataset(root, split)
@@ -137,12 +156,12 @@ class EvidenceSet(torch.utils.data.Dataset):
             raise ValueError(f"{root} has no ConceptWorld evidence masks (layout {dataset.layout}); notebook 02 "
                              "measures validity against them and runs on ConceptWorld only.")
         memory = InMemoryDataset(dataset, indices)
-        chosen = range(len(dataset)) if indices is None else indices
+        chosen = list(range(len(dataset)) if indices is None else indices)
         size = tuple(memory.images.shape[-2:])
         masks = [np.asarray(Image.open(Path(root) / "evidence" / f"{Path(dataset.paths[i]).stem}.png")) > 127 for i in chosen]
         self.images, self.targets = memory.images, memory.targets
         self.masks = loc.resize_masks(torch.from_numpy(np.stack(masks)), size)[:, None].float()
-        self.classes = dataset.classes
+        self.classes, self.indices = dataset.classes, chosen
         self.fingerprint = {**memory.fingerprint, "evidence": True}
 
     def __len__(self) -> int:
@@ -150,6 +169,14 @@ class EvidenceSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.images[index], self.targets[index], {"masks": self.masks[index]}
+
+    def subset(self, positions: Sequence[int]) -> "EvidenceSet":
+        """The images at `positions` (of this set) as an `EvidenceSet`, their split indices kept."""
+        subset = object.__new__(EvidenceSet)
+        subset.images, subset.targets, subset.masks = self.images[positions], self.targets[positions], self.masks[positions]
+        subset.classes, subset.indices = self.classes, [self.indices[p] for p in positions]
+        subset.fingerprint = {**self.fingerprint, "subset": list(positions)}
+        return subset
 
 
 @dataclass
@@ -218,7 +245,8 @@ class LAPRecipe(Recipe):
             model.load_state_dict(self.start.state_dict())
         heads = self.num_classes if self.lap.class_heads else self.lap.heads
         insert_lap(model, where=self.lap.where, heads=heads, head_mode=self.lap.head_mode, weight_mode=self.lap.weight_mode,
-                   alpha_init=self.lap.alpha_init, reduction=self.lap.reduction, image_size=self.image_size)
+                   alpha_init=self.lap.alpha_init, reduction=self.lap.reduction, init_std=self.lap.init_std,
+                   image_size=self.image_size)
         return model
 
     def key(self, model: nn.Module) -> dict[str, Any]:
@@ -287,6 +315,18 @@ def random_explainer(seed: int):
     return lambda model, images, target: torch.rand(images.shape[0], *images.shape[-2:], generator=generator).to(images.device)
 
 
+def random_draws(maps: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    """`maps` (the control's explained draw) and `count` - 1 more seeded uniform random maps of its shape."""
+    generator = torch.Generator().manual_seed(seed)
+    return [maps] + [torch.rand(maps.shape, generator=generator) for _ in range(count - 1)]
+
+
+def explainer_options(settings: LAPSettings, gradcam_layer: str) -> dict[str, dict[str, Any]]:
+    """Each library explainer's `explain` options from the settings (the others take none)."""
+    return {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
+            "lrp": dict(composite=settings.lrp_composite)}
+
+
 def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str | None, *, gradcam_layer: str,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every explainer's maps of `images` on `model` (LAP's own when `variant` names the LAP model, then
@@ -297,8 +337,7 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
         methods["LAP"] = lap_explainer(settings, variant)
     methods.update({name: name for name in settings.explainers})
     methods[CONTROL] = random_explainer(settings.subset_seed)
-    options = {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
-               "lrp": dict(composite=settings.lrp_composite)}
+    options = explainer_options(settings, gradcam_layer)
     maps, seconds = {}, {}
     for name, method in methods.items():
         started = time.perf_counter()
@@ -310,22 +349,34 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
 def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Tensor], settings: LAPSettings, *,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per method and image: pointing game, energy in the mask, pixel AUROC, deletion and insertion AUC
-    (the predicted class's probability), with the image's class; and the mean curves per method and mode."""
+    (the predicted class's probability), with the image's position, split index (`val_index`) and class,
+    and whether the map is constant (its
+    pointing game is then NaN); and the mean curves per method and mode. The random control (`CONTROL`)
+    scores the exact expectation of a random map on the first three (`random_map_expectation`) and the
+    mean curve of `control_draws` seeded draws (its map the first) on the last two."""
     masks = data.masks[:, 0] > 0.5
     with torch.no_grad():
         predicted = torch.cat([model.to(resolve_device(device))(data.images[s:s + batch_size].to(resolve_device(device))).argmax(1).cpu()
                                for s in range(0, len(data), batch_size)])
     rows, curves = [], {}
     for name, method_maps in maps.items():
-        values = {"pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
-                  "energy": loc.energy_in_mask(method_maps, masks), "auroc": loc.pixel_auroc(method_maps, masks)}
+        if name == CONTROL:
+            values = {"constant_map": torch.zeros(len(method_maps), dtype=torch.bool),
+                      **loc.random_map_expectation(masks, tolerance=settings.pointing_tolerance)}
+            draws = random_draws(method_maps, settings.control_draws, settings.subset_seed + 1)
+        else:
+            values = {"constant_map": loc.constant_maps(method_maps),
+                      "pointing": loc.pointing_game(method_maps, masks, tolerance=settings.pointing_tolerance),
+                      "energy": loc.energy_in_mask(method_maps, masks), "auroc": loc.pixel_auroc(method_maps, masks)}
+            draws = [method_maps]
         for mode in loc.MODES:
-            curve = loc.perturbation_curves(model, data.images, method_maps, mode=mode, target=predicted,
-                                            steps=settings.perturbation_steps, blur_sigma=settings.insertion_blur,
-                                            batch_size=batch_size, device=device)
+            curve = torch.stack([loc.perturbation_curves(model, data.images, draw, mode=mode, target=predicted,
+                                                         steps=settings.perturbation_steps, blur_sigma=settings.insertion_blur,
+                                                         batch_size=batch_size, device=device) for draw in draws]).mean(0)
             values[mode] = loc.curve_auc(curve)
             curves[name, mode] = curve.mean(0)
-        rows.append(pd.DataFrame({"method": name, "image": range(len(data)), "class_id": data.targets.numpy(),
+        rows.append(pd.DataFrame({"method": name, "image": range(len(data)), "val_index": data.indices,
+                                  "class_id": data.targets.numpy(),
                                   "correct": (predicted == data.targets).numpy(),
                                   **{k: v.numpy() for k, v in values.items()}}))
     return pd.concat(rows, ignore_index=True), curves
@@ -335,16 +386,14 @@ def sanity_table(model: nn.Module, images: torch.Tensor, settings: LAPSettings, 
                  batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
     """The randomisation check for LAP and each explainer: the model's top-level children re-initialised
     from the top down (`randomisation_similarity`), Spearman of each map with the trained model's."""
-    frames = []
+    frames, options = [], explainer_options(settings, gradcam_layer)
+    stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     for name in ("LAP", *settings.explainers):
         method = lap_explainer(settings, variant) if name == "LAP" else name
-        options = {"gradcam": dict(layer=gradcam_layer), "integrated_gradients": dict(steps=settings.ig_steps),
-                   "lrp": dict(composite=settings.lrp_composite)}.get(name, {})
 
-        def explainer(network, x, method=method, options=options):
+        def explainer(network, x, method=method, options=options.get(name, {})):
             return explain(network, x, method, batch_size=batch_size, device=device, **options)
 
-        stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
         frames.append(loc.randomisation_similarity(model, images, explainer, seed=settings.subset_seed,
                                                    layers=stages).assign(method=name, stage=lambda f: range(1, len(f) + 1)))
     return pd.concat(frames, ignore_index=True)
@@ -357,11 +406,7 @@ def gradcam_layer(subject: Subject) -> str:
 
 def explained_subset(data: EvidenceSet, count: int, seed: int) -> EvidenceSet:
     """A seeded subset of `count` images of an `EvidenceSet` (all when it holds fewer)."""
-    indices = seeded_indices(len(data), count, seed=seed) or list(range(len(data)))
-    subset = object.__new__(EvidenceSet)
-    subset.images, subset.targets, subset.masks = data.images[indices], data.targets[indices], data.masks[indices]
-    subset.classes, subset.fingerprint = data.classes, {**data.fingerprint, "subset": indices}
-    return subset
+    return data.subset(seeded_indices(len(data), count, seed=seed) or list(range(len(data))))
 
 
 @dataclass
@@ -369,8 +414,9 @@ class Runs:
     """Notebook 02's measurements. `accuracy`: one row per network, seed and model (original, LAP at
     insertion, LAP fine-tuned per variant, LAP from scratch) with its val accuracy in %; `histories`
     (LAP training curves); `maps` (per explained network: method -> N × H × W) of `images` (its
-    `EvidenceSet`); `metrics` (per image and method, `map_metrics`, with `network` and `model` = "LAP" or
-    "plain"); `curves[network, model, method, mode]`; `seconds` (per image, per explainer); `sanity`;
+    `EvidenceSet`); `metrics` (per image and method, `map_metrics`, with `network`, the training `seed` and
+    `model` = "LAP" or "plain"); `curves[network, model, method, mode]`; `seconds` (per image, per explainer);
+    `sanity` (with the training `seed` and `subset_seed`);
     `injection`: per injection network, seed and variant, LAP map validity on the explained images."""
 
     accuracy: pd.DataFrame
@@ -407,8 +453,10 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
     injection = []
     for (name, seed), subject in subjects.items():
         rows.append({"network": name, "seed": seed, "model": "original", "val_acc": subject.val_acc})
-        inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {}, image_size=int(train_set.images.shape[-1]),
-                             start=subject.model).build()
+        with torch.random.fork_rng(devices=[]):  # the start of fine-tuning: built after seeding, as train_cached does
+            torch.manual_seed(subject.recipe.seed)
+            inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {},
+                                 image_size=int(train_set.images.shape[-1]), start=subject.model).build()
         rows.append({"network": name, "seed": seed, "model": "LAP inserted", "val_acc": _accuracy(inserted, val_set, batch_size, device)})
         runs = [(variant, False) for variant in settings.variants_of(name)]
         if name in settings.scratch_networks:
@@ -423,6 +471,7 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
                 maps = explain(result.model, images.images, lap_explainer(settings, variant), batch_size=batch_size, device=device)
                 masks = images.masks[:, 0] > 0.5
                 injection.append({"network": name, "seed": seed, "variant": variant, "val_acc": rows[-1]["val_acc"],
+                                  "constant_maps": int(loc.constant_maps(maps).sum()),
                                   "pointing": float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
                                   "energy": float(loc.energy_in_mask(maps, masks).nanmean()),
                                   "auroc": float(loc.pixel_auroc(maps, masks).nanmean())})
@@ -435,14 +484,15 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             maps, timing = explain_all(model, images.images, settings, variant, gradcam_layer=layer,
                                        batch_size=batch_size, device=device)
             table, mean_curves = map_metrics(model, images, maps, settings, batch_size=batch_size, device=device)
-            metrics.append(table.assign(network=name, model=label))
+            metrics.append(table.assign(network=name, seed=seed, model=label))
             curves.update({(name, label, method, mode): curve for (method, mode), curve in mean_curves.items()})
-            seconds.append(pd.DataFrame({"network": name, "model": label, "method": list(timing),
+            seconds.append(pd.DataFrame({"network": name, "seed": seed, "model": label, "method": list(timing),
                                          "seconds_per_image": list(timing.values())}))
             if label == "LAP":
                 maps_by_network[name] = maps
         sanity.append(sanity_table(lap_model, images.images[:settings.sanity_images], settings, settings.main_variant,
-                                   gradcam_layer=layer, batch_size=batch_size, device=device).assign(network=name))
+                                   gradcam_layer=layer, batch_size=batch_size, device=device)
+                      .assign(network=name, seed=seed, subset_seed=settings.subset_seed))
     return Runs(pd.DataFrame(rows), pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                 maps_by_network, images, pd.concat(metrics, ignore_index=True), curves,
                 pd.concat(seconds, ignore_index=True), pd.concat(sanity, ignore_index=True), pd.DataFrame(injection), models)
@@ -455,6 +505,8 @@ def accuracy_summary(accuracy: pd.DataFrame) -> pd.DataFrame:
 
 
 def metrics_summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per network, model and method: the mean of each map metric over the explained images."""
+    """Per network, model and method: the mean of each map metric over the explained images (NaN skipped:
+    a constant map has no pointing game) and the number of constant maps."""
     columns = ["pointing", "energy", "auroc", "deletion", "insertion"]
-    return metrics.groupby(["network", "model", "method"], sort=False)[columns].mean()
+    groups = metrics.groupby(["network", "model", "method"], sort=False)
+    return groups[columns].mean().assign(constant_maps=groups.constant_map.sum().astype(int))

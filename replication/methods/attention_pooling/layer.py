@@ -13,14 +13,21 @@ layer is the project's stated design (spec 3.3), every unknown a parameter:
   group) or take the `mean` of the heads' weights for every channel;
 - a window of None is global pooling (R = the whole map), which is what replaces the global average pool.
 
-With the attention block's last conv at zero (its initialisation) S = 0 everywhere, so every weight
-rule gives uniform weights: inserted in place of an average pool the layer computes exactly what the
-trained network computed. alpha -> 0 gives average pooling, alpha -> ∞ keeps the position of the
-largest attention (max pooling when the attention is the feature itself).
+The attention block's last conv starts with small random weights, N(0, `init_std`²) drawn from torch's
+global generator (seeded by the caller: `train_cached` seeds before it builds), and a zero bias. S is then
+near 0, the `gauss_max` and `softmax` weights near uniform, so inserted in place of an average pool the layer
+computes nearly what the trained network computed (exactly with `init_std` = 0). The weights must not be
+exactly zero: with a uniform A every `gauss_max` logit -alpha (max_R A - A_p)² and its derivatives in A and
+alpha are 0, a saddle where the task loss sends no gradient into the attention block or alpha, so a LAP
+trained by cross-entropy alone would stay an average pool for ever. (`tf_third_party` weighs the features
+themselves: it is not uniform at insertion and its attention block gets no gradient from the task.)
+alpha -> 0 gives average pooling, alpha -> ∞ keeps the position of the largest attention (max pooling
+when the attention is the feature itself).
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -32,6 +39,7 @@ from replication.models.hooks import get_module
 from replication.models.surgery import replace_module
 
 WEIGHT_MODES = ("gauss_max", "softmax", "tf_third_party")
+INIT_STD = 1e-2  # SD of the attention block's last-conv weights at initialisation (see the module docstring)
 HEAD_MODES = ("split", "mean")
 COMBINE_RULES = ("prod", "mean", "last")
 TF_EPS = 1e-7  # the Keras layer's eps inside the window sum
@@ -39,13 +47,17 @@ TF_EPS = 1e-7  # the Keras layer's eps inside the window sum
 
 class AttentionBlock(nn.Sequential):
     """g: conv3×3 (C -> max(1, C // reduction)) + BN + ReLU + conv1×1 (-> heads): the score maps S.
-    The last conv starts at zero (S = 0: uniform pooling weights, the inserted network unchanged)."""
+    The last conv starts near zero, weights N(0, `init_std`²) from torch's global generator and bias 0
+    (S ≈ 0: nearly uniform pooling weights, the inserted network nearly unchanged, yet off the saddle
+    where the task loss gives the block no gradient; `init_std` = 0 puts it exactly on that saddle)."""
 
-    def __init__(self, channels: int, heads: int = 1, reduction: int = 4):
+    def __init__(self, channels: int, heads: int = 1, reduction: int = 4, init_std: float = INIT_STD):
+        if init_std < 0:
+            raise ValueError(f"AttentionBlock: init_std = {init_std}; give a standard deviation >= 0.")
         hidden = max(1, channels // reduction)
         super().__init__(nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
                          nn.ReLU(), nn.Conv2d(hidden, heads, 1))
-        nn.init.zeros_(self[-1].weight)
+        nn.init.normal_(self[-1].weight, std=init_std)
         nn.init.zeros_(self[-1].bias)
 
 
@@ -58,11 +70,15 @@ class LAP2d(nn.Module):
     weigh nothing), or over the whole map when `kernel` is None (global pooling; `flatten` returns
     B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
     module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
-    scores). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block)."""
+    scores). `init_std`: the SD of the attention block's last-conv weights at initialisation (module
+    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block).
+    Inside `lrp_linear()` the window weights are constants (detached), so the layer is linear in its input
+    and LRP's rule for pools (zennit's `Norm`, `analysis.attribution`) gives R_p = w_p X_p / Σ_q w_q X_q · R."""
 
     def __init__(self, channels: int, *, kernel: int | None = None, stride: int | None = None, padding: int = 0,
                  heads: int = 1, head_mode: str = "split", weight_mode: str = "gauss_max", alpha_init: float = 1.0,
-                 reduction: int = 4, flatten: bool = False, attention: nn.Module | None = None):
+                 reduction: int = 4, init_std: float = INIT_STD, flatten: bool = False,
+                 attention: nn.Module | None = None):
         super().__init__()
         problems = []
         if weight_mode not in WEIGHT_MODES:
@@ -81,8 +97,19 @@ class LAP2d(nn.Module):
         self.stride = stride if stride is not None else kernel
         self.heads, self.head_mode, self.weight_mode, self.flatten = heads, head_mode, weight_mode, flatten
         self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(float(alpha_init))))
-        self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction)
+        self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction, init_std)
         self.attention_map: torch.Tensor | None = None
+        self.constant_weights = False
+
+    @contextmanager
+    def lrp_linear(self) -> Iterator[None]:
+        """While active, the window weights are detached from the features: the forward is then linear in X
+        (what LRP's pool rule redistributes through), the gradient through the attention block is cut."""
+        previous, self.constant_weights = self.constant_weights, True
+        try:
+            yield
+        finally:
+            self.constant_weights = previous
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -113,6 +140,7 @@ class LAP2d(nn.Module):
         if self.weight_mode == "tf_third_party":
             top = features.masked_fill(invalid, -math.inf).amax(-1, keepdim=True)
             weights = torch.exp(-self.alpha ** 2 * (top - features) ** 2).masked_fill(invalid, 0)
+            weights = weights.detach() if self.constant_weights else weights
             pooled = ((weights * features + TF_EPS) * valid).sum(-1) / valid.sum(-1)
         else:
             if self.weight_mode == "gauss_max":
@@ -122,6 +150,7 @@ class LAP2d(nn.Module):
             else:
                 logits, _, _ = self._windows(self.alpha * scores)
             weights = torch.softmax(logits.masked_fill(invalid, -math.inf), dim=-1)  # B × heads × L × P
+            weights = weights.detach() if self.constant_weights else weights
             if self.head_mode == "mean":
                 pooled = (weights.mean(1, keepdim=True) * features).sum(-1)
             else:
@@ -160,14 +189,14 @@ def _probe(model: nn.Module, name: str, size: int) -> tuple[int, int]:
 
 def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads: int = 1, head_mode: str = "split",
                weight_mode: str = "gauss_max", alpha_init: float = 1.0, reduction: int = 4,
-               image_size: int = 64) -> list[str]:
+               init_std: float = INIT_STD, image_size: int = 64) -> list[str]:
     """Replace pooling layers of a trained or fresh `model` by LAP layers, in place (`surgery.replace_module`),
     and return their names. `where`: "global" (the classifier's pool from `anatomy_of(model).pool`, as
     global LAP; timm's flattening pool keeps flattening), "local_pools" (every MaxPool2d and AvgPool2d, as
     windowed LAP with its kernel, stride and padding), or explicit module names. Initialised so that a replaced
-    average pool computes exactly what it did (padded positions aside); a replaced max pool starts as an
-    average over its window. `image_size`:
-    of the probe image that finds each pool's channel count."""
+    average pool computes nearly what it did (exactly with `init_std` = 0, padded positions aside; see the
+    module docstring for why the default is not 0); a replaced max pool starts as a near-average over its
+    window. `image_size`: of the probe image that finds each pool's channel count."""
     if isinstance(where, str) and where == "global":
         pool = anatomy_of(model).pool
         if pool is None:
@@ -186,7 +215,8 @@ def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads
     for name in names:
         old = get_module(model, name)
         channels, out_ndim = _probe(model, name, image_size)
-        settings = dict(heads=heads, head_mode=head_mode, weight_mode=weight_mode, alpha_init=alpha_init, reduction=reduction)
+        settings = dict(heads=heads, head_mode=head_mode, weight_mode=weight_mode, alpha_init=alpha_init, reduction=reduction,
+                        init_std=init_std)
         if isinstance(old, (nn.MaxPool2d, nn.AvgPool2d)):
             kernel, stride, padding = (v if isinstance(v, int) else v[0] for v in (old.kernel_size, old.stride, old.padding))
             settings.update(kernel=kernel, stride=stride, padding=padding)
