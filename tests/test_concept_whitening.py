@@ -112,20 +112,62 @@ def test_rotation_stays_orthogonal_over_many_updates():
     layer = ConceptWhitening(16)
     for _ in range(30):
         layer.accumulate({j: torch.randn(16) * 100 for j in range(5)})
-        layer.counter += 5
+        layer.counter[:5] += 1
         layer.update_rotation(steps=2)
     assert check_orthogonal(layer.running_rot) < 1e-5
     assert layer.skipped_updates == 0 and not torch.equal(layer.running_rot, torch.eye(16))
 
 
-def test_nan_guard_skips_a_degenerate_batch(caplog):
+def test_counter_is_per_concept_as_in_the_official_update():
+    """Axis 0 gets two concept batches, axis 1 one, before an update: the official code smooths sum_G per
+    batch and divides row j by counter[j] = batches of j + 0.001 (a scalar counter would divide by 3.001)."""
+    layer = ConceptWhitening(4, mode="mean").eval()  # fresh buffers: the whitened map is the input itself
+    g = torch.Generator().manual_seed(7)
+    batches = [(0, torch.randn(5, 4, 3, 3, generator=g)), (0, torch.randn(5, 4, 3, 3, generator=g)),
+               (1, torch.randn(5, 4, 3, 3, generator=g))]
+    sum_g, counter = np.zeros((4, 4)), np.full(4, 0.001)
+    for axis, batch in batches:
+        with layer.record(axis) as rows:
+            layer(batch)
+        layer.accumulate({axis: rows[0]})
+        sum_g[axis] = 0.05 * -batch.double().mean((0, 2, 3)).numpy() + 0.95 * sum_g[axis]
+        counter[axis] += 1
+    expected = sum_g / counter[:, None]
+    np.testing.assert_allclose(layer.counter.numpy(), [2.001, 1.001, 0.001, 0.001])
+    np.testing.assert_allclose(layer.gradient().numpy(), expected, rtol=1e-6, atol=1e-9)
+    first = cayley_step(layer.running_rot, torch.from_numpy(expected))
+    results = layer.update_rotation(steps=1)
+    np.testing.assert_allclose(results[0].rotation.double().numpy(), first.rotation.double().numpy(), atol=1e-6)
+    assert results[0].before == pytest.approx(np.trace(expected))  # F = <G, I>
+    assert torch.equal(layer.counter, torch.full((4,), 0.001, dtype=torch.float64))  # reset after the update
+    with pytest.raises(ValueError, match="axis 4 does not exist"):
+        with layer.record(4):
+            pass
+
+
+def test_nan_row_is_dropped_and_later_updates_proceed(caplog):
     layer = ConceptWhitening(4).eval()
-    batch = torch.randn(8, 4, 3, 3)
-    batch[0, 1, 0, 0] = float("nan")  # one corrupt value poisons the gradient row
-    layer.recording, layer._recorded = 0, []
-    layer(batch)
-    layer.recording = None
-    layer.accumulate({0: layer._recorded[0]})
+    batch = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    corrupt = batch.clone()
+    corrupt[0, 1, 0, 0] = float("nan")  # one corrupt value poisons the gradient row
+    with layer.record(0) as rows:
+        layer(corrupt)
+    with caplog.at_level(logging.WARNING):
+        layer.accumulate({0: rows[0]})
+    assert int(layer.dropped_rows) == 1 and "not finite" in caplog.text
+    assert torch.isfinite(layer.sum_G).all()  # the never-reset average is not poisoned
+    layer.update_rotation()
+    assert torch.equal(layer.running_rot, torch.eye(4)) and int(layer.skipped_updates) == 0
+    with layer.record(0) as rows:
+        layer(batch)
+    layer.accumulate({0: rows[0]})
+    layer.update_rotation()
+    assert not torch.equal(layer.running_rot, torch.eye(4))  # a later clean batch still rotates
+
+
+def test_nan_guard_skips_a_non_finite_gradient_matrix(caplog):
+    layer = ConceptWhitening(4)
+    layer.sum_G[0, 1] = float("inf")
     with caplog.at_level(logging.WARNING):
         layer.update_rotation()
     assert torch.equal(layer.running_rot, torch.eye(4)) and int(layer.skipped_updates) == 1

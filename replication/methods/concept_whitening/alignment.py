@@ -5,14 +5,21 @@ Objectives [I] (spec 3.7), each a setting of `ConceptAlignment`:
 - "flat" (H0): CW's objective over every tree node, node n aligned with axis a(n);
 - "ancestor" (H1): also, images of child c activate the axis of its parent p with weight λ_h: row a(p)
   of the gradient receives λ_h x (c's gradient row), computed with the same activation mode.
-In one alignment call every node contributes one concept batch; row j of the raw gradient is the sum of
-the contributions aimed at axis j, then smoothed into sum_G as the official code does per concept batch
-(so the flat objective with one batch per node is exactly the official update). H2, the subspace variant,
-belongs to a later paper (MGCW) and is not implemented.
+In one alignment call every node contributes one concept batch, counted for its own axis (the official
+per-concept counter); row j of the raw gradient is the sum of the contributions aimed at axis j, smoothed
+into sum_G once per call, and the update divides row j by its counter (1.001 here). For the flat objective
+this is the official update (`IterNormRotation.update_rotation_matrix` after one batch per concept, as its
+training loop sends), except that the call runs after the step's SGD update instead of before the next
+one. The official code divides a moving average by the batch count, which is only that row (÷ 1.001) for
+one batch per concept; several batches per concept between updates would shrink the row, not average it.
+For "ancestor" a parent's row also holds its children's weighted rows without counting them (the
+gradient of the summed objective). H2, the subspace variant, belongs to a later paper (MGCW) and is not
+implemented.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -116,6 +123,12 @@ class ConceptSets:
     leaf: torch.Tensor
     members: dict[str, torch.Tensor]
 
+    def __post_init__(self) -> None:
+        empty = [node for node in self.tree.nodes if len(self.members.get(node, ())) == 0]
+        if empty:
+            raise ValueError(f"concept nodes {empty} have no crops (after the min_pixels filter on this split); "
+                             "every node needs images to align its axis: lower min_pixels, add crops or drop the node.")
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.images.numpy().tobytes())
         digest.update(self.leaf.numpy().tobytes())
@@ -171,6 +184,7 @@ class ConceptAlignment:
     seed: int = 0
     concepts: ConceptSets | None = field(default=None, repr=False, metadata={"cache_key": False})
     name: str = "concept_alignment"
+    revision: int = 2  # the update's code revision, part of the cache identity (2: per-concept counter)
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.concept_batch < 1 or self.cayley_steps < 1:
@@ -188,22 +202,20 @@ class ConceptAlignment:
         if self.concepts is None:
             raise ValueError("ConceptAlignment has no concept images; pass concepts=concept_sets(...).")
         layers = cw_layers(model, self.layers)
+        narrow = {name: layer.channels for name, layer in layers.items() if layer.channels < len(self.tree.nodes)}
+        if narrow:
+            raise ValueError(f"the concept tree has {len(self.tree.nodes)} nodes (one axis each) but CW layers {narrow} "
+                             "have fewer channels; keep fewer tree levels or whiten a wider layer.")
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rows = {name: {} for name in layers}
         with eval_mode(model), forward_until(model, list(self.layers)) as forward:
             for node in self.tree.nodes:
                 images = self.concepts.sample(node, self.concept_batch, generator).to(device)
-                for layer in layers.values():
-                    layer.recording, layer._recorded = self.tree.axis(node), []
-                try:
+                with ExitStack() as stack:
+                    recorded = {name: stack.enter_context(layer.record(self.tree.axis(node))) for name, layer in layers.items()}
                     forward(images)
-                finally:
-                    for layer in layers.values():
-                        layer.recording = None
-                for name, layer in layers.items():
-                    (gradient,) = layer._recorded
-                    layer.counter += 1
+                for name, (gradient,) in recorded.items():
                     for axis, weight in self.targets[node].items():
                         rows[name][axis] = rows[name].get(axis, 0) + weight * gradient
         for name, layer in layers.items():

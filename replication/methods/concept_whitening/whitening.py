@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import chain
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -125,9 +127,9 @@ class ConceptWhitening(nn.Module):
     the rows of R are the concept axes (axis j = concept j of the alignment). No affine parameters.
 
     Training mode whitens with the batch's μ and W (autograd through the Newton iterations) and updates
-    the running buffers with `momentum`; eval mode uses the running buffers. While `recording` is a
-    concept index j (set by `alignment.ConceptAlignment`), a forward also computes that batch's alignment gradient row
-    (`alignment_gradient`) and keeps it in `_recorded` for the alignment step. `activation` is applied
+    the running buffers with `momentum`; eval mode uses the running buffers. Inside `record(j)` (used by
+    `alignment.ConceptAlignment`) a forward also computes that concept batch's alignment gradient row
+    (`alignment_gradient`) and counts one batch for axis j (`counter[j]`). `activation` is applied
     after the rotation (timm's BatchNormAct2d applies its own; ResNet's bn1 needs none). The rotated map
     passes through `self.rotated` (an identity) so hooks can read it."""
 
@@ -147,11 +149,25 @@ class ConceptWhitening(nn.Module):
         self.register_buffer("running_wm", torch.eye(channels))
         self.register_buffer("running_rot", torch.eye(channels))
         self.register_buffer("sum_G", torch.zeros(channels, channels))
-        self.register_buffer("counter", torch.tensor(0.001, dtype=torch.float64))
+        # the official code's per-concept counter: concept batches per axis since the last rotation update
+        self.register_buffer("counter", torch.full((channels,), 0.001, dtype=torch.float64))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("dropped_rows", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.recording: int | None = None
-        self._recorded: list[torch.Tensor] = []
+        self._recording: tuple[int, list[torch.Tensor]] | None = None
+
+    @contextmanager
+    def record(self, axis: int) -> Iterator[list[torch.Tensor]]:
+        """Within the block every forward is one concept batch of axis `axis`: its gradient row is appended
+        to the yielded list and `counter[axis]` grows by one (the official code's `mode` = axis)."""
+        if not 0 <= axis < self.channels:
+            raise ValueError(f"concept axis {axis} does not exist in a ConceptWhitening layer of {self.channels} channels.")
+        rows: list[torch.Tensor] = []
+        self._recording = (axis, rows)
+        try:
+            yield rows
+        finally:
+            self._recording = None
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """ψ(x): the whitened, un-rotated map (batch statistics in training mode, running ones in eval)."""
@@ -177,22 +193,37 @@ class ConceptWhitening(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xhat = self.whiten(x)
         rotated = torch.einsum("dc,nchw->ndhw", self.running_rot.to(x.dtype), xhat)
-        if self.recording is not None:
+        if self._recording is not None:
+            axis, rows = self._recording
             with torch.no_grad():
-                self._recorded.append(alignment_gradient(xhat.double(), rotated.double(), self.mode))
+                rows.append(alignment_gradient(xhat.double(), rotated.double(), self.mode))
+                self.counter[axis] += 1
         return self.activation(self.rotated(rotated))
 
     def accumulate(self, rows: dict[int, torch.Tensor]) -> None:
-        """Add one alignment call's gradient rows (axis -> C vector) into the persistent moving average
-        sum_G[j] <- m g_j + (1 - m) sum_G[j] (m = `momentum`, sum_G never reset), as the official code."""
+        """Add gradient rows (axis -> C vector) into the persistent moving average
+        sum_G[j] <- m g_j + (1 - m) sum_G[j] (m = `momentum`, sum_G never reset), as the official code does
+        per concept batch. A row that is not finite is dropped (sum_G[j] keeps its value), logged and
+        counted in `dropped_rows`, so one corrupt batch cannot poison the never-reset average."""
         for axis, row in rows.items():
+            if not torch.isfinite(row).all():
+                self.dropped_rows += 1
+                LOG.warning("concept whitening: the gradient row of axis %d is not finite; row dropped.", axis)
+                continue
             self.sum_G[axis] = self.momentum * row.to(self.sum_G.dtype) + (1 - self.momentum) * self.sum_G[axis]
 
+    def gradient(self) -> torch.Tensor:
+        """The official update's G = sum_G / counter[:, None] (float64): each row divided by its own axis's
+        count of concept batches since the last update (+0.001, so rows without a batch are sum_G x 1000, as
+        in the official code). With one batch per concept per update (the official training loop's and
+        `ConceptAlignment`'s schedule) row j is sum_G[j] / 1.001."""
+        return self.sum_G.double() / self.counter[:, None]
+
     def update_rotation(self, *, steps: int = 2, reorthonormalise: bool = True, **search) -> list[CayleyResult]:
-        """`steps` Cayley updates with G = sum_G / counter (the same G for both), then the counter reset.
-        A G that is not finite, or a failed line search, leaves R unchanged and is logged and counted in
+        """`steps` Cayley updates with G = `gradient()` (the same G for both), then the counters reset to
+        0.001. A G that is not finite, or a failed line search, leaves R unchanged and is logged and counted in
         `skipped_updates`. `reorthonormalise` projects R back onto the orthogonal group (QR, signs kept)."""
-        gradient = self.sum_G.double() / self.counter
+        gradient = self.gradient()
         results = []
         self.updates += 1
         if not torch.isfinite(gradient).all():
