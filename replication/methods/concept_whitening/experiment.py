@@ -242,7 +242,8 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
     """The notebook's measurements on `layer` of one fine-tuned network: val accuracy (and per class),
     purity AUC per node over `settings.folds` folds of the val crops (CW: the node's own axis; BN: the
     unit with the best AUC on the train crops, CW's "best filter" baseline), the normalised similarity
-    matrix Q of the leaves ordered by the tree with its within/across-branch summary, the absolute
+    matrix Q of the leaves ordered by the tree, on the concept axes' spatial means (over all channels a
+    cosine would not depend on the rotation), with its within/across-branch summary, the absolute
     correlation of the axes, concept importance by permutation (`importance`), the top images of every
     axis on the val split, and the dissection label of every axis (`dissection`)."""
     device = resolve_device(device)
@@ -259,7 +260,7 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
         train_maps = metrics.layer_outputs(model, read, train_concepts.images, batch_size=batch_size, device=device)
         axes = metrics.best_units(metrics.axis_scores(train_maps, settings.mode), train_concepts, tree)
     auc = metrics.purity_auc(val_scores, eval_concepts, tree, axes, folds=settings.folds, seed=seed)
-    q = metrics.similarity_matrix(val_maps.mean((2, 3)), eval_concepts, tree)
+    q = metrics.similarity_matrix(val_maps.mean((2, 3))[:, axes], eval_concepts, tree)  # the concept axes only
     images = task.val.images
     image_scores = metrics.axis_scores(metrics.layer_outputs(model, read, images, batch_size=batch_size, device=device),
                                        settings.mode)[:, axes]
@@ -291,7 +292,7 @@ class Study:
     auc: pd.DataFrame
     per_class: pd.DataFrame
     branches: pd.DataFrame
-    rotations: dict[tuple[str, int, str], tuple[torch.Tensor, int]]
+    rotations: dict[tuple[str, int, str], tuple[torch.Tensor, int, int]]
 
 
 def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject], tree: ConceptTree,
@@ -314,7 +315,8 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
         finetuned[run.name] = run
         if variant != "bn" and len(layers) == 1:
             cw = get_module(run.model, layers[0])
-            rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates))
+            rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates),
+                                                                 int(cw.skipped_updates))
         first = subject.seed == first_seed[subject.network]
         for layer in layers:
             name = run.name if len(layers) == 1 else f"{run.name}@{layer}"

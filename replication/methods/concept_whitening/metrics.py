@@ -81,8 +81,10 @@ def purity_auc(scores: torch.Tensor, concepts: ConceptSets, tree: ConceptTree, a
 
 def similarity_matrix(features: torch.Tensor, concepts: ConceptSets, tree: ConceptTree) -> pd.DataFrame:
     """CW's normalised similarity of the leaves (ordered by the tree): d_pq = mean cosine similarity of
-    the feature vectors (spatial means of the layer's output) of crops of p and crops of q, and
-    Q_pq = |d_pq| / sqrt(|d_pp d_qq|), the diagonal 1 (the official code's form)."""
+    the feature vectors of crops of p and crops of q (self-pairs included in d_pp, as the official code),
+    and Q_pq = |d_pq| / sqrt(|d_pp d_qq|), the diagonal 1 (the official code's form). Pass the concept
+    axes' activations (notebook 01: their spatial means): a cosine over every channel of a rotated map
+    is the same for any orthogonal rotation, so it could not tell two rotations apart."""
     unit = F.normalize(features.double(), dim=1)
     groups = [unit[concepts.leaf == tree.leaves.index(leaf)] for leaf in tree.leaves]
     d = np.array([[float((a @ b.T).mean()) for b in groups] for a in groups])
