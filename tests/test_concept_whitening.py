@@ -297,15 +297,60 @@ def test_ancestor_objective_changes_the_rotation():
     assert torch.equal(zero.bn.running_rot, flat.bn.running_rot)  # λ_h = 0 is the flat objective
 
 
+def test_alignment_trace_records_every_update_and_survives_a_reload():
+    model, sets = aligned_net("flat", calls=3)
+    trace = model.bn.trace
+    assert trace.shape == (6, 7)  # 3 updates x 2 Cayley steps
+    assert trace[:, 0].tolist() == [1, 1, 2, 2, 3, 3] and trace[:, 1].tolist() == [1, 2] * 3
+    assert (trace[:, 3] <= trace[:, 2]).all() and (trace[:, 6] == 1).all()  # F never rises; all accepted
+    fresh = TinyNet()
+    replace_with_cw(fresh, ["bn"])
+    fresh.load_state_dict(model.state_dict())  # the saved trace's length, not the fresh layer's
+    assert torch.equal(fresh.bn.trace, trace)
+    from replication.methods.concept_whitening.experiment import Finetuned, alignment_trace
+    table = alignment_trace(Finetuned("tiny", 0, "flat", ("bn",), model, None), interval=5)
+    assert table.train_step.tolist() == [5, 5, 10, 10, 15, 15] and not table.skipped.any()
+    assert table.before.iloc[0] == pytest.approx(float(trace[0, 2]))
+    import matplotlib.pyplot as plt
+    from replication.methods.concept_whitening.figures import plot_alignment_trace
+    figure = plot_alignment_trace(table)
+    assert len(figure.axes[0].lines) == 3  # before, after, skipped markers of the one run
+    plt.close(figure)
+
+
 def test_replace_with_cw_refuses_other_layers():
     model = TinyNet()
-    with pytest.raises(ValueError, match="not a BatchNorm2d"):
-        replace_with_cw(model, ["conv"])
-    assert isinstance(model.conv, nn.Conv2d)
+    with pytest.raises(ValueError, match="not BatchNorm2d"):
+        replace_with_cw(model, ["bn", "conv"])
+    assert isinstance(model.conv, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)  # nothing half-replaced
+    with pytest.raises(ValueError):
+        replace_with_cw(model, ["bn", "no_such_layer"])
+    assert isinstance(model.bn, nn.BatchNorm2d)
     layers = replace_with_cw(model, ["bn"])
     assert isinstance(model.bn, ConceptWhitening) and layers["bn"].channels == 8
     with pytest.raises(ValueError, match="channels"):
         model.bn(torch.randn(2, 4, 3, 3))
+
+
+def test_replace_with_cw_keeps_the_device_of_a_bn_without_affine_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)).to("meta")
+    layers = replace_with_cw(model, ["1"])
+    assert layers["1"].running_rot.device.type == "meta"
+
+
+def test_empty_concept_node_and_a_narrow_layer_give_clear_errors():
+    tree = tiny_tree()
+    sets = colour_sets(tree)
+    members = {**sets.members, "blue": torch.zeros(0, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"\['blue'\] have no crops"):
+        ConceptSets(tree, sets.images, sets.leaf, members)
+    model = TinyNet()
+    replace_with_cw(model, ["bn"])
+    wide = ConceptTree(tuple(f"n{i}" for i in range(9)), (None,) * 9)
+    wide_sets = ConceptSets(wide, sets.images[:9], torch.arange(9), {f"n{i}": torch.tensor([i]) for i in range(9)})
+    callback = ConceptAlignment(("bn",), wide, wide_sets.fingerprint(), concepts=wide_sets)
+    with pytest.raises(ValueError, match=r"9 nodes .* \{'bn': 8\}"):
+        callback.align(model)
 
 
 @pytest.mark.parametrize("profile", ["ci", "default", "gpu"])

@@ -22,7 +22,7 @@ from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset
 from replication.methods.concept_whitening import metrics
 from replication.methods.concept_whitening.alignment import ConceptAlignment, ConceptSets, ConceptTree
-from replication.methods.concept_whitening.whitening import ConceptWhitening, replace_with_cw
+from replication.methods.concept_whitening.whitening import TRACE_COLUMNS, ConceptWhitening, replace_with_cw
 from replication.models.backbones import BackboneConfig
 from replication.models.hooks import get_module
 from replication.runtime import progress, resolve_device
@@ -293,6 +293,23 @@ class Study:
     per_class: pd.DataFrame
     branches: pd.DataFrame
     rotations: dict[tuple[str, int, str], tuple[torch.Tensor, int, int]]
+    alignment_trace: pd.DataFrame
+
+
+def alignment_trace(finetuned: Finetuned, interval: int) -> pd.DataFrame:
+    """Every rotation update of every CW layer of a fine-tuned network: one row per Cayley step with the
+    objective F = <G, R> before and after it (lower is better aligned; G is that update's accumulated
+    gradient), the accepted step size τ, the bisections, whether it was accepted, and `skipped` (the
+    update changed nothing: G not finite or the line search failed); `train_step` = update x `interval`."""
+    frames = []
+    for layer in finetuned.layers:
+        trace = pd.DataFrame(get_module(finetuned.model, layer).trace.cpu().numpy(), columns=list(TRACE_COLUMNS))
+        trace = trace.astype({"update": int, "cayley_step": int, "bisections": int}).assign(accepted=trace.accepted > 0)
+        skipped = trace.groupby("update").accepted.transform(lambda a: not a.all()) | (trace.cayley_step == 0)
+        frames.append(trace.assign(skipped=skipped, train_step=trace["update"] * interval, layer=layer,
+                                   name=finetuned.name, network=finetuned.network, seed=finetuned.seed,
+                                   variant=finetuned.variant, cw_layers=len(finetuned.layers)))
+    return pd.concat(frames, ignore_index=True)
 
 
 def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject], tree: ConceptTree,
@@ -303,7 +320,7 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
     importance and the dissection on each network's first seed). `train_concepts` (train split) choose
     the BN baseline's best units, `eval_concepts` (val split) score every axis."""
     task = TaskData.load(root)
-    finetuned, evaluations, rows, aucs, classes, branches, rotations = {}, {}, [], [], [], [], {}
+    finetuned, evaluations, rows, aucs, classes, branches, rotations, traces = {}, {}, [], [], [], [], {}, []
     jobs = [(s, v, (settings.layers[s.network],)) for s in subjects_.values() for v in settings.variants]
     jobs += [(s, "ancestor", (settings.second_layers[s.network], settings.layers[s.network]))
              for s in subjects_.values() if s.network in settings.second_layers and "ancestor" in settings.variants]
@@ -313,6 +330,8 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
     for subject, variant, layers in progress(jobs, desc="fine-tune and evaluate"):
         run = finetune(subject, variant, layers, settings, tree, train_concepts, task, device=device)
         finetuned[run.name] = run
+        if variant != "bn":
+            traces.append(alignment_trace(run, settings.interval))
         if variant != "bn" and len(layers) == 1:
             cw = get_module(run.model, layers[0])
             rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates),
@@ -337,7 +356,8 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
             classes.append(pd.DataFrame({"class_id": range(len(evaluation.accuracy["per_class"])),
                                          "accuracy": evaluation.accuracy["per_class"]}).assign(**base))
     return Study(finetuned, evaluations, pd.DataFrame(rows), pd.concat(aucs, ignore_index=True),
-                 pd.concat(classes, ignore_index=True), pd.concat(branches, ignore_index=True), rotations)
+                 pd.concat(classes, ignore_index=True), pd.concat(branches, ignore_index=True), rotations,
+                 pd.concat(traces, ignore_index=True) if traces else pd.DataFrame())
 
 
 def dissection_table(study: Study) -> pd.DataFrame:

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from replication.models.hooks import get_module
 from replication.models.surgery import replace_module
 
 LOG = logging.getLogger(__name__)
 ACTIVATION_MODES = ("mean", "max", "pos_mean", "pool_max")
 POOL = 3  # pool_max: 3 x 3 max-pool with stride 3, then the spatial mean
+# one row of a CW layer's `trace` per Cayley step (cayley_step 0: the whole update skipped, G not finite)
+TRACE_COLUMNS = ("update", "cayley_step", "before", "after", "tau", "bisections", "accepted")
 
 
 def iternorm_matrix(centred: torch.Tensor, *, iterations: int = 10, eps: float = 1e-5) -> torch.Tensor:
@@ -154,6 +157,7 @@ class ConceptWhitening(nn.Module):
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("dropped_rows", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("trace", torch.zeros(0, len(TRACE_COLUMNS), dtype=torch.float64))
         self._recording: tuple[int, list[torch.Tensor]] | None = None
 
     @contextmanager
@@ -168,6 +172,17 @@ class ConceptWhitening(nn.Module):
             yield rows
         finally:
             self._recording = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "trace")
+        if saved is not None:  # the trace grows with every update: take the saved one's length
+            self.trace = torch.zeros_like(saved, dtype=self.trace.dtype, device=self.trace.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _log_step(self, cayley_step: int, result: CayleyResult | None) -> None:
+        row = ([self.updates.item(), cayley_step, result.before, result.after, result.tau, result.bisections,
+                float(result.accepted)] if result is not None else [self.updates.item(), 0] + [math.nan] * 3 + [0, 0])
+        self.trace = torch.cat([self.trace, torch.tensor([row], dtype=self.trace.dtype, device=self.trace.device)])
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """ψ(x): the whitened, un-rotated map (batch statistics in training mode, running ones in eval)."""
@@ -222,17 +237,21 @@ class ConceptWhitening(nn.Module):
     def update_rotation(self, *, steps: int = 2, reorthonormalise: bool = True, **search) -> list[CayleyResult]:
         """`steps` Cayley updates with G = `gradient()` (the same G for both), then the counters reset to
         0.001. A G that is not finite, or a failed line search, leaves R unchanged and is logged and counted in
-        `skipped_updates`. `reorthonormalise` projects R back onto the orthogonal group (QR, signs kept)."""
+        `skipped_updates`. `reorthonormalise` projects R back onto the orthogonal group (QR, signs kept).
+        Every Cayley step (F before and after, the accepted τ, bisections, accepted) or skipped update is
+        appended to the `trace` buffer (`TRACE_COLUMNS`), saved with the model."""
         gradient = self.gradient()
         results = []
         self.updates += 1
         if not torch.isfinite(gradient).all():
             self.skipped_updates += 1
+            self._log_step(0, None)
             LOG.warning("concept whitening: the alignment gradient is not finite; rotation update skipped.")
         else:
-            for _ in range(steps):
+            for step in range(1, steps + 1):
                 result = cayley_step(self.running_rot, gradient, **search)
                 results.append(result)
+                self._log_step(step, result)
                 if not result.accepted:
                     self.skipped_updates += 1
                     LOG.warning("concept whitening: the Cayley line search failed (tau %.3g); update skipped.", result.tau)
@@ -249,16 +268,17 @@ class ConceptWhitening(nn.Module):
 def replace_with_cw(model: nn.Module, names: Sequence[str], **options) -> dict[str, ConceptWhitening]:
     """Replace each named BatchNorm of `model` by a `ConceptWhitening` layer of its channel count (through
     `models.surgery.replace_module`); the BN's statistics and affine weights are discarded (spec 3.5). A
-    timm BatchNormAct2d's activation is kept after the rotation. Returns name -> CW layer."""
+    timm BatchNormAct2d's activation is kept after the rotation, and each CW layer lives on its BN's device.
+    Every name is checked before any is replaced, so a wrong one leaves `model` unchanged. Returns name -> CW layer."""
+    olds = {name: get_module(model, name) for name in names}
+    wrong = {name: type(old).__name__ for name, old in olds.items() if not isinstance(old, nn.BatchNorm2d)}
+    if wrong:
+        raise ValueError(f"{wrong} are not BatchNorm2d layers; concept whitening replaces BatchNorm layers.")
     layers = {}
-    for name in names:
-        old = replace_module(model, name, nn.Identity())
-        if not isinstance(old, nn.BatchNorm2d):
-            replace_module(model, name, old)
-            raise ValueError(f"{name} is a {type(old).__name__}, not a BatchNorm2d; concept whitening replaces BatchNorm layers.")
-        activation = getattr(old, "act", None)
-        layer = ConceptWhitening(old.num_features, activation=activation, **options)
-        replace_module(model, name, layer.to(old.weight.device if old.weight is not None else "cpu"))
+    for name, old in olds.items():
+        layer = ConceptWhitening(old.num_features, activation=getattr(old, "act", None), **options)
+        device = next(chain(old.parameters(), old.buffers()), torch.empty(0)).device
+        replace_module(model, name, layer.to(device))
         layers[name] = layer
     return layers
 
@@ -266,4 +286,5 @@ def replace_with_cw(model: nn.Module, names: Sequence[str], **options) -> dict[s
 def check_orthogonal(rotation: torch.Tensor) -> float:
     """max |R Rᵀ - I|: how far a rotation has drifted from orthogonality."""
     r = rotation.double()
-    return float((r @ r.T - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()) if r.numel() else math.nan
+    eye = torch.eye(r.shape[0], dtype=torch.float64, device=r.device)
+    return float((r @ r.T - eye).abs().max()) if r.numel() else math.nan
