@@ -209,6 +209,8 @@ def test_tree_and_objectives():
     assert alignment_targets(tree, "flat") == {n: {i: 1.0} for i, n in enumerate(tree.nodes)}
     ancestor = alignment_targets(tree, "ancestor", 0.5)
     assert ancestor["red"] == {2: 1.0, 0: 0.5} and ancestor["warm"] == {0: 1.0}
+    matched = alignment_targets(tree, "matched", 0.5)
+    assert matched["warm"] == {0: 2.0} and matched["cold"] == {1: 1.5} and matched["red"] == {2: 1.0}
     with pytest.raises(ValueError, match="objective"):
         alignment_targets(tree, "subspace")
 
@@ -249,7 +251,7 @@ def colour_sets(tree, per_leaf=24, size=6):
     return ConceptSets(tree, torch.cat(images), leaf, members)
 
 
-def aligned_net(objective, lambda_h=1.0, calls=15):
+def aligned_net(objective, lambda_h=1.0, calls=15, concept_batch=16):
     torch.manual_seed(0)
     model = TinyNet()
     replace_with_cw(model, ["bn"])
@@ -261,7 +263,7 @@ def aligned_net(objective, lambda_h=1.0, calls=15):
     model(sets.images)
     model.bn.momentum = 0.05
     callback = ConceptAlignment(("bn",), tree, sets.fingerprint(), interval=1, objective=objective, lambda_h=lambda_h,
-                                concept_batch=16, concepts=sets)
+                                concept_batch=concept_batch, concepts=sets)
     for step in range(1, calls + 1):
         callback(model, step=step, epoch=1)
     return model, sets
@@ -316,6 +318,17 @@ def test_alignment_trace_records_every_update_and_survives_a_reload():
     figure = plot_alignment_trace(table)
     assert len(figure.axes[0].lines) == 3  # before, after, skipped markers of the one run
     plt.close(figure)
+
+
+def test_hierarchical_objective_equals_the_weight_matched_flat_one_on_full_concept_sets():
+    """With every concept batch the node's whole set (a parent's = the union of its equal-sized children's),
+    H1's parent row g(parent) + λ Σ g(child) is exactly (1 + λ·children) g(parent): H1 is the weight-matched
+    flat CW, which is why notebook 01 runs that control."""
+    ancestor, _ = aligned_net("ancestor", lambda_h=1.0, calls=3, concept_batch=1000)
+    matched, _ = aligned_net("matched", lambda_h=1.0, calls=3, concept_batch=1000)
+    flat, _ = aligned_net("flat", calls=3, concept_batch=1000)
+    torch.testing.assert_close(ancestor.bn.running_rot, matched.bn.running_rot, atol=1e-5, rtol=0)
+    assert (ancestor.bn.running_rot - flat.bn.running_rot).abs().max() > 1e-3
 
 
 def test_replace_with_cw_refuses_other_layers():

@@ -91,18 +91,21 @@ def test_concept_importance_is_one_for_an_unused_axis_and_above_for_the_used_one
     assert table.loc["used", "importance"] > 5
 
 
-def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2, 3), gap_gain=None):
+def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2, 3), gap_gain=None, matched_gain=None):
     """Long tables as run_study writes them, with H1 better than flat CW and BN by `h1_gain` and its
     within- minus across-branch Q gap (flat CW's: 0.1) larger than flat CW's by `gap_gain` (default `h1_gain`); each seed
     gets its own small offset (runs differ), nodes, leaves and classes their own noise (a leaf's
-    across-branch Q the same in every variant of a seed)."""
+    across-branch Q the same in every variant of a seed). `matched_gain`: also a weight-matched flat CW
+    run, that much above BN."""
     rng = np.random.default_rng(0)
     gap_gain = h1_gain if gap_gain is None else gap_gain
     aucs, classes, runs, similarity, branches = [], [], [], {}, []
     for network in ("net_a", "net_b"):
         for seed in seeds:
             run_noise, across = 0.003 * rng.standard_normal(), 0.5 + 0.01 * rng.standard_normal(3)
-            for variant, shift, gap in (("bn", 0.0, 0.0), ("flat", 0.5 * h1_gain, 0.1), ("ancestor", h1_gain, 0.1 + gap_gain)):
+            variants = [("bn", 0.0, 0.0), ("flat", 0.5 * h1_gain, 0.1), ("ancestor", h1_gain, 0.1 + gap_gain)]
+            variants += [] if matched_gain is None else [("matched", matched_gain, 0.1)]
+            for variant, shift, gap in variants:
                 base = {"network": network, "seed": seed, "variant": variant, "cw_layers": 1, "layer": "l"}
                 name = f"{network}_{seed}_{variant}"
                 runs.append({"name": name, **base})
@@ -166,6 +169,14 @@ def test_t3_needs_a_larger_branch_gap_than_flat_cw_and_t4_can_fail_against_flat_
     judged = {(j.test.network, j.test.condition): j.verdict for j in judge_tests(tests)}
     assert judged["net_a", "Q H1 - flat CW below +0.02"] == "refuted"
     assert verdicts(auc, classes, runs, similarity, branches)["T4"].verdict == "refuted"
+
+
+def test_t3_needs_h1_above_the_weight_matched_control_where_it_was_run():
+    assert verdicts(*synthetic_study(matched_gain=0.05))["T3"].verdict == "confirmed"  # H1 0.1 above BN, H0w 0.05
+    auc, classes, runs, similarity, branches = synthetic_study(matched_gain=0.1)
+    tests = claim_tests(auc, leaf_rows(similarity, runs), branches, classes)
+    assert "parent-axis AUC H1 - weight-matched flat CW" in {t.condition for t in tests}
+    assert verdicts(auc, classes, runs, similarity, branches)["T3"].verdict != "confirmed"  # H1 no better than H0w
 
 
 def test_one_run_per_network_is_not_testable_and_nodes_are_only_described():

@@ -4,7 +4,11 @@ and the step callback that rotates every CW layer every `interval` batches (spec
 Objectives [I] (spec 3.7), each a setting of `ConceptAlignment`:
 - "flat" (H0): CW's objective over every tree node, node n aligned with axis a(n);
 - "ancestor" (H1): also, images of child c activate the axis of its parent p with weight λ_h: row a(p)
-  of the gradient receives λ_h x (c's gradient row), computed with the same activation mode.
+  of the gradient receives λ_h x (c's gradient row), computed with the same activation mode;
+- "matched" (H0w, the control of H1): flat CW with row a(p) weighted 1 + λ_h x (p's children). The
+  gradient row does not depend on the target axis and a parent's set is the union of its children's
+  crops, so H1's row a(p) is, in expectation, flat CW's scaled by that weight: H1 over H0w is what the
+  tree adds beyond re-weighting the parent rows in the Cayley step.
 In one alignment call every node contributes one concept batch, counted for its own axis (the official
 per-concept counter); row j of the raw gradient is the sum of the contributions aimed at axis j, smoothed
 into sum_G once per call, and the update divides row j by its counter (1.001 here). For the flat objective
@@ -35,7 +39,7 @@ from replication.methods.concept_whitening.whitening import ConceptWhitening
 from replication.models.hooks import forward_until, get_module
 from replication.models.surgery import eval_mode
 
-OBJECTIVES = ("flat", "ancestor")
+OBJECTIVES = ("flat", "ancestor", "matched")
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,13 @@ class ConceptTree:
 
 def alignment_targets(tree: ConceptTree, objective: str = "flat", lambda_h: float = 1.0) -> dict[str, dict[int, float]]:
     """Per node, the axes its concept batch's gradient row is added to, with weights: its own axis
-    (weight 1) and, for "ancestor", its parent's axis (weight `lambda_h`)."""
+    (weight 1; for "matched" 1 + `lambda_h` x its children) and, for "ancestor", its parent's axis
+    (weight `lambda_h`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"alignment objective {objective!r}; choose one of {OBJECTIVES}.")
     targets = {}
     for node in tree.nodes:
-        targets[node] = {tree.axis(node): 1.0}
+        targets[node] = {tree.axis(node): 1.0 + (lambda_h * len(tree.children(node)) if objective == "matched" else 0.0)}
         parent = tree.parent(node)
         if objective == "ancestor" and parent is not None and lambda_h != 0:
             targets[node][tree.axis(parent)] = lambda_h

@@ -29,8 +29,9 @@ from replication.runtime import progress, resolve_device
 from replication.training.classifiers import BaselineSettings, train_baselines, train_world_classifier
 from replication.training.loop import Recipe, TrainConfig, predict, train_cached
 
-VARIANTS = ("bn", "flat", "ancestor")
-VARIANT_NAMES = {"bn": "BN (kept)", "flat": "flat CW (H0)", "ancestor": "hierarchical CW (H1)"}
+VARIANTS = ("bn", "flat", "ancestor", "matched")
+VARIANT_NAMES = {"bn": "BN (kept)", "flat": "flat CW (H0)", "ancestor": "hierarchical CW (H1)",
+                 "matched": "weight-matched flat CW (H0w)"}
 
 
 def _default_finetune() -> TrainConfig:
