@@ -331,6 +331,35 @@ def test_hierarchical_objective_equals_the_weight_matched_flat_one_on_full_conce
     assert (ancestor.bn.running_rot - flat.bn.running_rot).abs().max() > 1e-3
 
 
+def test_calibration_replaces_the_ema_by_the_batches_average():
+    from replication.methods.concept_whitening.alignment import calibrate_statistics
+    torch.manual_seed(3)
+    model = TinyNet()
+    replace_with_cw(model, ["bn"])
+    images = torch.randn(12, 3, 5, 5) + 1
+    conv_before = model.conv.weight.clone()
+    model.train()
+    calibrate_statistics(model, ["bn"], images, batch_size=6)
+    with torch.no_grad():
+        maps = [model.conv(images[:6]).double(), model.conv(images[6:]).double()]
+    columns = [m.transpose(0, 1).reshape(8, -1) for m in maps]
+    means = [c.mean(1) for c in columns]
+    wms = [iternorm_matrix(c - mu[:, None]) for c, mu in zip(columns, means)]
+    np.testing.assert_allclose(model.bn.running_mean.numpy(), ((means[0] + means[1]) / 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.bn.running_wm.numpy(), ((wms[0] + wms[1]) / 2).numpy(), atol=1e-4)
+    assert model.training and model.bn.training and model.bn.momentum == 0.05  # modes and momentum restored
+    assert torch.equal(model.conv.weight, conv_before)
+    tree = tiny_tree()
+    sets = colour_sets(tree)
+    fresh = TinyNet()
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    replace_with_cw(fresh, ["bn"])
+    callback = ConceptAlignment(("bn",), tree, sets.fingerprint(), interval=1, concept_batch=6, concepts=sets,
+                                calibration=12, calibration_images=images)
+    callback.align(fresh)  # the first call calibrates before aligning
+    torch.testing.assert_close(fresh.bn.running_mean, model.bn.running_mean)
+
+
 def test_replace_with_cw_refuses_other_layers():
     model = TinyNet()
     with pytest.raises(ValueError, match="not BatchNorm2d"):

@@ -170,13 +170,36 @@ def cw_layers(model: nn.Module, names: Sequence[str]) -> dict[str, ConceptWhiten
     return layers
 
 
+@torch.no_grad()
+def calibrate_statistics(model: nn.Module, names: Sequence[str], images: torch.Tensor, *, batch_size: int = 64) -> None:
+    """Re-estimate the running mean and whitening matrix of the CW layers `names` from `images` (e.g. a
+    few training batches): the cumulative average of the batches' statistics (BatchNorm's momentum=None),
+    the rest of the model in eval mode and nothing else changed. The EMA (momentum 0.05) starts from
+    mean 0 and W = I, so after a few dozen steps it still carries much of that start (0.95^10 = 60%)."""
+    layers = cw_layers(model, names)
+    device = next(model.parameters()).device
+    momenta = {name: layer.momentum for name, layer in layers.items()}
+    with eval_mode(model), forward_until(model, list(names)) as forward:
+        try:
+            for index, start in enumerate(range(0, len(images), batch_size)):
+                for layer in layers.values():
+                    layer.train()
+                    layer.momentum = 1.0 / (index + 1)
+                forward(images[start:start + batch_size].to(device))
+        finally:
+            for name, layer in layers.items():
+                layer.momentum = momenta[name]
+
+
 @dataclass
 class ConceptAlignment:
     """The step callback that aligns every CW layer in `layers` every `interval` optimiser steps (CW Alg. 2):
     in eval mode, one batch of `concept_batch` crops per tree node (drawn with a generator seeded by `seed`
     and the step), each forwarded up to the last CW layer with the layers recording its gradient row; the
     rows are added to their `objective`'s target axes, smoothed into sum_G, and R takes `cayley_steps`
-    Cayley steps. Runs after the step's SGD update (the official code aligns before the next batch's)."""
+    Cayley steps. Runs after the step's SGD update (the official code aligns before the next batch's).
+    With `calibration_images`, the first call first re-estimates the layers' running statistics from them
+    (`calibrate_statistics`; `calibration` = their number, part of the cache identity when set)."""
 
     layers: tuple[str, ...]
     tree: ConceptTree
@@ -190,12 +213,18 @@ class ConceptAlignment:
     concepts: ConceptSets | None = field(default=None, repr=False, metadata={"cache_key": False})
     name: str = "concept_alignment"
     revision: int = 2  # the update's code revision, part of the cache identity (2: per-concept counter)
+    calibration: int = field(default=0, metadata={"cache_key": "if_set"})
+    calibration_images: torch.Tensor | None = field(default=None, repr=False, metadata={"cache_key": False})
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.concept_batch < 1 or self.cayley_steps < 1:
             raise ValueError(f"ConceptAlignment needs interval, concept_batch and cayley_steps >= 1; got "
                              f"{self.interval}, {self.concept_batch}, {self.cayley_steps}.")
         self.targets = alignment_targets(self.tree, self.objective, self.lambda_h)
+        if self.calibration_images is not None and len(self.calibration_images) != self.calibration:
+            raise ValueError(f"ConceptAlignment: calibration = {self.calibration} but {len(self.calibration_images)} "
+                             "calibration images; pass their number.")
+        self._calibrated = False
 
     def __call__(self, model: nn.Module, *, step: int, epoch: int) -> None:
         if step % self.interval == 0:
@@ -212,6 +241,9 @@ class ConceptAlignment:
             raise ValueError(f"the concept tree has {len(self.tree.nodes)} nodes (one axis each) but CW layers {narrow} "
                              "have fewer channels; keep fewer tree levels or whiten a wider layer.")
         device = next(model.parameters()).device
+        if self.calibration_images is not None and not self._calibrated:
+            calibrate_statistics(model, self.layers, self.calibration_images, batch_size=self.concept_batch)
+            self._calibrated = True
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rows = {name: {} for name in layers}
         with eval_mode(model), forward_until(model, list(self.layers)) as forward:

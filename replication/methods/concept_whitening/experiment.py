@@ -21,7 +21,8 @@ from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset
 from replication.methods.concept_whitening import metrics
-from replication.methods.concept_whitening.alignment import ConceptAlignment, ConceptSets, ConceptTree
+from replication.methods.concept_whitening.alignment import (ConceptAlignment, ConceptSets, ConceptTree,
+                                                             calibrate_statistics)
 from replication.methods.concept_whitening.whitening import TRACE_COLUMNS, ConceptWhitening, replace_with_cw
 from replication.models.backbones import BackboneConfig
 from replication.models.hooks import get_module
@@ -52,7 +53,10 @@ class CWSettings:
     objects); `objective` settings `lambda_h`, alignment `interval`, `concept_batch`, `cayley_steps`,
     activation `mode`; crops per leaf for alignment (train split) and evaluation (val split);
     `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images`,
-    `top_k`; `accuracy_tolerance` (points, claim T5); `dissect_axes` (the dissection check)."""
+    `top_k`; `accuracy_tolerance` (points, claim T5); `dissect_axes` (the dissection check);
+    `calibration_images`: that many training images (seeded) re-estimate the CW layers' running statistics
+    before the first alignment and before evaluation (`alignment.calibrate_statistics`; 0: off, the
+    official EMA only). `variants` may add "matched", the weight-matched flat CW control of H1."""
 
     networks: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -76,6 +80,7 @@ class CWSettings:
     top_k: int = 10
     accuracy_tolerance: float = 1.0
     dissect_axes: bool = True
+    calibration_images: int = 0
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -200,16 +205,21 @@ class TaskData:
 def finetune(subject: Subject, variant: str, layers: Sequence[str], settings: CWSettings, tree: ConceptTree,
              concepts: ConceptSets, task: TaskData, *, device: str | torch.device | None = None) -> Finetuned:
     """Fine-tune `subject` with the variant's layer(s) (cached: kind "cw_finetune"), `settings.finetune`
-    seeded with the subject's seed."""
+    seeded with the subject's seed; with `settings.calibration_images`, the CW layers' running statistics
+    are re-estimated before the first alignment and again after fine-tuning (before evaluation)."""
     train_set, val_set = task.train, task.val
+    chosen = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(subject.seed))
+    calibration = train_set.images[chosen[:settings.calibration_images]] if settings.calibration_images else None
     alignment = None if variant == "bn" else ConceptAlignment(
         tuple(layers), tree, concepts.fingerprint(), interval=settings.interval, objective=variant,
         lambda_h=settings.lambda_h, concept_batch=settings.concept_batch, cayley_steps=settings.cayley_steps,
-        seed=subject.seed, concepts=concepts)
+        seed=subject.seed, concepts=concepts, calibration=settings.calibration_images, calibration_images=calibration)
     recipe = FinetuneRecipe(subject.config, len(task.classes), subject.start, variant,
                             tuple(layers) if variant != "bn" else (), settings.mode, alignment, subject.state)
     config = dataclasses.replace(settings.finetune, seed=subject.seed)
     result = train_cached("cw_finetune", recipe, train_set, config=config, val_set=val_set, device=device)
+    if alignment is not None and calibration is not None:
+        calibrate_statistics(result.model, layers, calibration, batch_size=settings.concept_batch)
     return Finetuned(subject.network, subject.seed, variant, tuple(layers), result.model.eval(), result.history)
 
 
