@@ -299,7 +299,8 @@ def test_ancestor_objective_changes_the_rotation():
     assert torch.equal(zero.bn.running_rot, flat.bn.running_rot)  # λ_h = 0 is the flat objective
 
 
-def test_alignment_trace_records_every_update_and_survives_a_reload():
+def test_alignment_trace_records_every_update_and_survives_a_reload(tmp_path):
+    from replication.models.backbones import load_weights
     model, sets = aligned_net("flat", calls=3)
     trace = model.bn.trace
     assert trace.shape == (6, 7)  # 3 updates x 2 Cayley steps
@@ -307,7 +308,8 @@ def test_alignment_trace_records_every_update_and_survives_a_reload():
     assert (trace[:, 3] <= trace[:, 2]).all() and (trace[:, 6] == 1).all()  # F never rises; all accepted
     fresh = TinyNet()
     replace_with_cw(fresh, ["bn"])
-    fresh.load_state_dict(model.state_dict())  # the saved trace's length, not the fresh layer's
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    load_weights(fresh, tmp_path / "model.pt")  # as the cache loads it: the saved trace's length, not the fresh layer's
     assert torch.equal(fresh.bn.trace, trace)
     from replication.methods.concept_whitening.experiment import Finetuned, alignment_trace
     table = alignment_trace(Finetuned("tiny", 0, "flat", ("bn",), model, None), interval=5)

@@ -173,6 +173,8 @@ class ConceptWhitening(nn.Module):
         finally:
             self._recording = None
 
+    growing_buffers = ("trace",)  # its saved length is taken on loading (`backbones.load_weights` allows it)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "trace")
         if saved is not None:  # the trace grows with every update: take the saved one's length
