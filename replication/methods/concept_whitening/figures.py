@@ -83,7 +83,8 @@ def plot_correlation(matrices: Mapping[str, pd.DataFrame], *, title: str = "|cor
 def plot_alignment_trace(trace: pd.DataFrame, *, title: str = "Alignment objective per rotation update"):
     """Per network, the objective F = <G, R> before the first and after the last Cayley step of every
     rotation update (G that update's accumulated gradient; lower is better aligned), one line per run;
-    skipped updates marked with a cross. A plateau says the alignment converged at this budget."""
+    skipped updates marked with a cross. F also grows in size while sum_G's moving average warms up
+    from 0, so only a plateau after many updates says the alignment converged."""
     networks = list(dict.fromkeys(trace.network))
     fig, axes = plt.subplots(1, len(networks), figsize=(5 * len(networks), 3.4), squeeze=False)
     for ax, network in zip(axes[0], networks):
