@@ -45,6 +45,11 @@ def iternorm_matrix(centred: torch.Tensor, *, iterations: int = 10, eps: float =
     return p / trace.sqrt()
 
 
+def _pool_kernel(maps: torch.Tensor) -> int:
+    """pool_max's block size: 3, or the map's own size when it is smaller."""
+    return min(POOL, maps.shape[2], maps.shape[3])
+
+
 def axis_activations(maps: torch.Tensor, mode: str = "pool_max") -> torch.Tensor:
     """One scalar per image and channel of N × C × h × w maps (CW's activation modes): `mean`, `max`,
     `pos_mean` (mean of the positive values, 0 without any) or `pool_max` (3 × 3 max-pool, stride 3,
@@ -57,7 +62,7 @@ def axis_activations(maps: torch.Tensor, mode: str = "pool_max") -> torch.Tensor
         positive = (maps > 0).to(maps.dtype)
         return (maps * positive).sum((2, 3)) / (positive.sum((2, 3)) + 1e-4)
     if mode == "pool_max":
-        kernel = min(POOL, maps.shape[2], maps.shape[3])
+        kernel = _pool_kernel(maps)
         return F.max_pool2d(maps, kernel, stride=kernel).mean((2, 3))
     raise ValueError(f"activation mode {mode!r}; choose one of {ACTIVATION_MODES}.")
 
@@ -77,7 +82,7 @@ def alignment_gradient(xhat: torch.Tensor, rotated: torch.Tensor, mode: str = "p
         mask = (rotated > 0).to(xhat.dtype)
         return -((xhat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-4)).mean(0)
     if mode == "pool_max":
-        kernel = min(POOL, rotated.shape[2], rotated.shape[3])
+        kernel = _pool_kernel(rotated)
         _, indices = F.max_pool2d(rotated, kernel, stride=kernel, return_indices=True)
         mask = torch.zeros_like(rotated).flatten(2).scatter_(2, indices.flatten(2), 1.0).view_as(rotated).to(xhat.dtype)
         return -((xhat * mask).sum((2, 3)) / mask.sum((2, 3))).mean(0)
