@@ -86,9 +86,12 @@ def test_concept_importance_is_one_for_an_unused_axis_and_above_for_the_used_one
     images[:, 0] = (1 - 2 * labels.float())[:, None, None]  # channel 0 decides the class
     images[:, 1] = torch.randn(40, 2, 2)
     tree = ConceptTree(("used", "unused"), (None, None))
-    table = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16).set_index("node")
-    assert table.loc["unused", "importance"] == pytest.approx(1.0)
-    assert table.loc["used", "importance"] > 5
+    table = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16,
+                               permutations=3).set_index("node")
+    assert table.loc["unused", "importance"] == pytest.approx(1.0) and table.loc["unused", "importance_sd"] == pytest.approx(0.0)
+    assert table.loc["used", "importance"] > 5 and table.loc["used", "importance_sd"] > 0  # permutations differ
+    single = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16)
+    assert np.isnan(single.importance_sd).all()
 
 
 def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2, 3), gap_gain=None, matched_gain=None):

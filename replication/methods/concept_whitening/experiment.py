@@ -52,7 +52,8 @@ class CWSettings:
     hierarchical variant. `levels` of the ConceptWorld tree get an axis each (2: superclasses and
     objects); `objective` settings `lambda_h`, alignment `interval`, `concept_batch`, `cayley_steps`,
     activation `mode`; crops per leaf for alignment (train split) and evaluation (val split);
-    `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images`,
+    `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images` and
+    `importance_permutations` (mean and SD over that many permutations),
     `top_k`; `accuracy_tolerance` (points, claim T5); `dissect_axes` (the dissection check);
     `calibration_images`: that many training images (seeded) re-estimate the CW layers' running statistics
     before the first alignment and before evaluation (`alignment.calibrate_statistics`; 0: off, the
@@ -77,6 +78,7 @@ class CWSettings:
     finetune: TrainConfig = field(default_factory=_default_finetune)
     folds: int = 5
     importance_images: int = 200
+    importance_permutations: int = 5
     top_k: int = 10
     accuracy_tolerance: float = 1.0
     dissect_axes: bool = True
@@ -281,7 +283,7 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
     if importance:
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:settings.importance_images]
         ranked = metrics.concept_importance(model, read, images[chosen], labels[chosen], axes, tree, batch_size=batch_size,
-                                            seed=seed, device=device)
+                                            seed=seed, permutations=settings.importance_permutations, device=device)
     labels_table = None
     if dissection is not None:
         broden = BrodenDataset(Path(root), split=dissection.split)
