@@ -112,20 +112,62 @@ def test_rotation_stays_orthogonal_over_many_updates():
     layer = ConceptWhitening(16)
     for _ in range(30):
         layer.accumulate({j: torch.randn(16) * 100 for j in range(5)})
-        layer.counter += 5
+        layer.counter[:5] += 1
         layer.update_rotation(steps=2)
     assert check_orthogonal(layer.running_rot) < 1e-5
     assert layer.skipped_updates == 0 and not torch.equal(layer.running_rot, torch.eye(16))
 
 
-def test_nan_guard_skips_a_degenerate_batch(caplog):
+def test_counter_is_per_concept_as_in_the_official_update():
+    """Axis 0 gets two concept batches, axis 1 one, before an update: the official code smooths sum_G per
+    batch and divides row j by counter[j] = batches of j + 0.001 (a scalar counter would divide by 3.001)."""
+    layer = ConceptWhitening(4, mode="mean").eval()  # fresh buffers: the whitened map is the input itself
+    g = torch.Generator().manual_seed(7)
+    batches = [(0, torch.randn(5, 4, 3, 3, generator=g)), (0, torch.randn(5, 4, 3, 3, generator=g)),
+               (1, torch.randn(5, 4, 3, 3, generator=g))]
+    sum_g, counter = np.zeros((4, 4)), np.full(4, 0.001)
+    for axis, batch in batches:
+        with layer.record(axis) as rows:
+            layer(batch)
+        layer.accumulate({axis: rows[0]})
+        sum_g[axis] = 0.05 * -batch.double().mean((0, 2, 3)).numpy() + 0.95 * sum_g[axis]
+        counter[axis] += 1
+    expected = sum_g / counter[:, None]
+    np.testing.assert_allclose(layer.counter.numpy(), [2.001, 1.001, 0.001, 0.001])
+    np.testing.assert_allclose(layer.gradient().numpy(), expected, rtol=1e-6, atol=1e-9)
+    first = cayley_step(layer.running_rot, torch.from_numpy(expected))
+    results = layer.update_rotation(steps=1)
+    np.testing.assert_allclose(results[0].rotation.double().numpy(), first.rotation.double().numpy(), atol=1e-6)
+    assert results[0].before == pytest.approx(np.trace(expected))  # F = <G, I>
+    assert torch.equal(layer.counter, torch.full((4,), 0.001, dtype=torch.float64))  # reset after the update
+    with pytest.raises(ValueError, match="axis 4 does not exist"):
+        with layer.record(4):
+            pass
+
+
+def test_nan_row_is_dropped_and_later_updates_proceed(caplog):
     layer = ConceptWhitening(4).eval()
-    batch = torch.randn(8, 4, 3, 3)
-    batch[0, 1, 0, 0] = float("nan")  # one corrupt value poisons the gradient row
-    layer.recording, layer._recorded = 0, []
-    layer(batch)
-    layer.recording = None
-    layer.accumulate({0: layer._recorded[0]})
+    batch = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    corrupt = batch.clone()
+    corrupt[0, 1, 0, 0] = float("nan")  # one corrupt value poisons the gradient row
+    with layer.record(0) as rows:
+        layer(corrupt)
+    with caplog.at_level(logging.WARNING):
+        layer.accumulate({0: rows[0]})
+    assert int(layer.dropped_rows) == 1 and "not finite" in caplog.text
+    assert torch.isfinite(layer.sum_G).all()  # the never-reset average is not poisoned
+    layer.update_rotation()
+    assert torch.equal(layer.running_rot, torch.eye(4)) and int(layer.skipped_updates) == 0
+    with layer.record(0) as rows:
+        layer(batch)
+    layer.accumulate({0: rows[0]})
+    layer.update_rotation()
+    assert not torch.equal(layer.running_rot, torch.eye(4))  # a later clean batch still rotates
+
+
+def test_nan_guard_skips_a_non_finite_gradient_matrix(caplog):
+    layer = ConceptWhitening(4)
+    layer.sum_G[0, 1] = float("inf")
     with caplog.at_level(logging.WARNING):
         layer.update_rotation()
     assert torch.equal(layer.running_rot, torch.eye(4)) and int(layer.skipped_updates) == 1
@@ -167,6 +209,8 @@ def test_tree_and_objectives():
     assert alignment_targets(tree, "flat") == {n: {i: 1.0} for i, n in enumerate(tree.nodes)}
     ancestor = alignment_targets(tree, "ancestor", 0.5)
     assert ancestor["red"] == {2: 1.0, 0: 0.5} and ancestor["warm"] == {0: 1.0}
+    matched = alignment_targets(tree, "matched", 0.5)
+    assert matched["warm"] == {0: 2.0} and matched["cold"] == {1: 1.5} and matched["red"] == {2: 1.0}
     with pytest.raises(ValueError, match="objective"):
         alignment_targets(tree, "subspace")
 
@@ -207,7 +251,7 @@ def colour_sets(tree, per_leaf=24, size=6):
     return ConceptSets(tree, torch.cat(images), leaf, members)
 
 
-def aligned_net(objective, lambda_h=1.0, calls=15):
+def aligned_net(objective, lambda_h=1.0, calls=15, concept_batch=16):
     torch.manual_seed(0)
     model = TinyNet()
     replace_with_cw(model, ["bn"])
@@ -219,7 +263,7 @@ def aligned_net(objective, lambda_h=1.0, calls=15):
     model(sets.images)
     model.bn.momentum = 0.05
     callback = ConceptAlignment(("bn",), tree, sets.fingerprint(), interval=1, objective=objective, lambda_h=lambda_h,
-                                concept_batch=16, concepts=sets)
+                                concept_batch=concept_batch, concepts=sets)
     for step in range(1, calls + 1):
         callback(model, step=step, epoch=1)
     return model, sets
@@ -255,15 +299,102 @@ def test_ancestor_objective_changes_the_rotation():
     assert torch.equal(zero.bn.running_rot, flat.bn.running_rot)  # λ_h = 0 is the flat objective
 
 
+def test_alignment_trace_records_every_update_and_survives_a_reload(tmp_path):
+    from replication.models.backbones import load_weights
+    model, sets = aligned_net("flat", calls=3)
+    trace = model.bn.trace
+    assert trace.shape == (6, 7)  # 3 updates x 2 Cayley steps
+    assert trace[:, 0].tolist() == [1, 1, 2, 2, 3, 3] and trace[:, 1].tolist() == [1, 2] * 3
+    assert (trace[:, 3] <= trace[:, 2]).all() and (trace[:, 6] == 1).all()  # F never rises; all accepted
+    fresh = TinyNet()
+    replace_with_cw(fresh, ["bn"])
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    load_weights(fresh, tmp_path / "model.pt")  # as the cache loads it: the saved trace's length, not the fresh layer's
+    assert torch.equal(fresh.bn.trace, trace)
+    from replication.methods.concept_whitening.experiment import Finetuned, alignment_trace
+    table = alignment_trace(Finetuned("tiny", 0, "flat", ("bn",), model, None), interval=5)
+    assert table.train_step.tolist() == [5, 5, 10, 10, 15, 15] and not table.skipped.any()
+    assert table.before.iloc[0] == pytest.approx(float(trace[0, 2]))
+    import matplotlib.pyplot as plt
+    from replication.methods.concept_whitening.figures import plot_alignment_trace
+    figure = plot_alignment_trace(table)
+    assert len(figure.axes[0].lines) == 3  # before, after, skipped markers of the one run
+    plt.close(figure)
+
+
+def test_hierarchical_objective_equals_the_weight_matched_flat_one_on_full_concept_sets():
+    """With every concept batch the node's whole set (a parent's = the union of its equal-sized children's),
+    H1's parent row g(parent) + λ Σ g(child) is exactly (1 + λ·children) g(parent): H1 is the weight-matched
+    flat CW, which is why notebook 01 runs that control."""
+    ancestor, _ = aligned_net("ancestor", lambda_h=1.0, calls=3, concept_batch=1000)
+    matched, _ = aligned_net("matched", lambda_h=1.0, calls=3, concept_batch=1000)
+    flat, _ = aligned_net("flat", calls=3, concept_batch=1000)
+    torch.testing.assert_close(ancestor.bn.running_rot, matched.bn.running_rot, atol=1e-5, rtol=0)
+    assert (ancestor.bn.running_rot - flat.bn.running_rot).abs().max() > 1e-3
+
+
+def test_calibration_replaces_the_ema_by_the_batches_average():
+    from replication.methods.concept_whitening.alignment import calibrate_statistics
+    torch.manual_seed(3)
+    model = TinyNet()
+    replace_with_cw(model, ["bn"])
+    images = torch.randn(12, 3, 5, 5) + 1
+    conv_before = model.conv.weight.clone()
+    model.train()
+    calibrate_statistics(model, ["bn"], images, batch_size=6)
+    with torch.no_grad():
+        maps = [model.conv(images[:6]).double(), model.conv(images[6:]).double()]
+    columns = [m.transpose(0, 1).reshape(8, -1) for m in maps]
+    means = [c.mean(1) for c in columns]
+    wms = [iternorm_matrix(c - mu[:, None]) for c, mu in zip(columns, means)]
+    np.testing.assert_allclose(model.bn.running_mean.numpy(), ((means[0] + means[1]) / 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.bn.running_wm.numpy(), ((wms[0] + wms[1]) / 2).numpy(), atol=1e-4)
+    assert model.training and model.bn.training and model.bn.momentum == 0.05  # modes and momentum restored
+    assert torch.equal(model.conv.weight, conv_before)
+    tree = tiny_tree()
+    sets = colour_sets(tree)
+    fresh = TinyNet()
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    replace_with_cw(fresh, ["bn"])
+    callback = ConceptAlignment(("bn",), tree, sets.fingerprint(), interval=1, concept_batch=6, concepts=sets,
+                                calibration=12, calibration_images=images)
+    callback.align(fresh)  # the first call calibrates before aligning
+    torch.testing.assert_close(fresh.bn.running_mean, model.bn.running_mean)
+
+
 def test_replace_with_cw_refuses_other_layers():
     model = TinyNet()
-    with pytest.raises(ValueError, match="not a BatchNorm2d"):
-        replace_with_cw(model, ["conv"])
-    assert isinstance(model.conv, nn.Conv2d)
+    with pytest.raises(ValueError, match="not BatchNorm2d"):
+        replace_with_cw(model, ["bn", "conv"])
+    assert isinstance(model.conv, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)  # nothing half-replaced
+    with pytest.raises(ValueError):
+        replace_with_cw(model, ["bn", "no_such_layer"])
+    assert isinstance(model.bn, nn.BatchNorm2d)
     layers = replace_with_cw(model, ["bn"])
     assert isinstance(model.bn, ConceptWhitening) and layers["bn"].channels == 8
     with pytest.raises(ValueError, match="channels"):
         model.bn(torch.randn(2, 4, 3, 3))
+
+
+def test_replace_with_cw_keeps_the_device_of_a_bn_without_affine_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)).to("meta")
+    layers = replace_with_cw(model, ["1"])
+    assert layers["1"].running_rot.device.type == "meta"
+
+
+def test_empty_concept_node_and_a_narrow_layer_give_clear_errors():
+    tree = tiny_tree()
+    sets = colour_sets(tree)
+    members = {**sets.members, "blue": torch.zeros(0, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"\['blue'\] have no crops"):
+        ConceptSets(tree, sets.images, sets.leaf, members)
+    model = TinyNet()
+    replace_with_cw(model, ["bn"])
+    wide = ConceptTree(tuple(f"n{i}" for i in range(9)), (None,) * 9)
+    wide_sets = ConceptSets(wide, sets.images[:9], torch.arange(9), {f"n{i}": torch.tensor([i]) for i in range(9)})
+    callback = ConceptAlignment(("bn",), wide, wide_sets.fingerprint(), concepts=wide_sets)
+    with pytest.raises(ValueError, match=r"9 nodes .* \{'bn': 8\}"):
+        callback.align(model)
 
 
 @pytest.mark.parametrize("profile", ["ci", "default", "gpu"])

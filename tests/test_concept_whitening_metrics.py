@@ -10,7 +10,7 @@ from replication.methods.concept_whitening.claims import claim_results, claim_te
 from replication.methods.concept_whitening.metrics import (axis_labels, roc_auc, best_units, branch_similarity,
                                                            concept_importance, purity_auc, similarity_matrix,
                                                            similarity_summary, top_images)
-from replication.reporting.claims import load_reference
+from replication.reporting.claims import judge_tests, load_reference
 
 TREE = ConceptTree(("warm", "cold", "red", "yellow", "blue"), (None, None, "warm", "warm", "cold"))
 
@@ -86,30 +86,53 @@ def test_concept_importance_is_one_for_an_unused_axis_and_above_for_the_used_one
     images[:, 0] = (1 - 2 * labels.float())[:, None, None]  # channel 0 decides the class
     images[:, 1] = torch.randn(40, 2, 2)
     tree = ConceptTree(("used", "unused"), (None, None))
-    table = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16).set_index("node")
-    assert table.loc["unused", "importance"] == pytest.approx(1.0)
-    assert table.loc["used", "importance"] > 5
+    table = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16,
+                               permutations=3).set_index("node")
+    assert table.loc["unused", "importance"] == pytest.approx(1.0) and table.loc["unused", "importance_sd"] == pytest.approx(0.0)
+    assert table.loc["used", "importance"] > 5 and table.loc["used", "importance_sd"] > 0  # permutations differ
+    single = concept_importance(TwoAxes(), "features", images, labels, [0, 1], tree, batch_size=16)
+    assert np.isnan(single.importance_sd).all()
 
 
-def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2)):
-    """Long tables as run_study writes them, with H1 better than flat CW and BN by `h1_gain`."""
+def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2, 3), gap_gain=None, matched_gain=None):
+    """Long tables as run_study writes them, with H1 better than flat CW and BN by `h1_gain` and its
+    within- minus across-branch Q gap (flat CW's: 0.1) larger than flat CW's by `gap_gain` (default `h1_gain`); each seed
+    gets its own small offset (runs differ), nodes, leaves and classes their own noise (a leaf's
+    across-branch Q the same in every variant of a seed). `matched_gain`: also a weight-matched flat CW
+    run, that much above BN."""
     rng = np.random.default_rng(0)
+    gap_gain = h1_gain if gap_gain is None else gap_gain
     aucs, classes, runs, similarity, branches = [], [], [], {}, []
     for network in ("net_a", "net_b"):
         for seed in seeds:
-            for variant, shift in (("bn", 0.0), ("flat", 0.5 * h1_gain), ("ancestor", h1_gain)):
+            run_noise, across = 0.003 * rng.standard_normal(), 0.5 + 0.01 * rng.standard_normal(3)
+            variants = [("bn", 0.0, 0.0), ("flat", 0.5 * h1_gain, 0.1), ("ancestor", h1_gain, 0.1 + gap_gain)]
+            variants += [] if matched_gain is None else [("matched", matched_gain, 0.1)]
+            for variant, shift, gap in variants:
                 base = {"network": network, "seed": seed, "variant": variant, "cw_layers": 1, "layer": "l"}
                 name = f"{network}_{seed}_{variant}"
                 runs.append({"name": name, **base})
-                aucs += [{"node": n, "depth": TREE.depth(n), "auc": 0.6 + shift + 0.01 * rng.standard_normal(), **base}
-                         for n in TREE.nodes]
+                aucs += [{"node": n, "depth": TREE.depth(n), "auc": 0.6 + shift + run_noise + 0.01 * rng.standard_normal(),
+                          **base} for n in TREE.nodes]
                 classes += [{"class_id": c, "accuracy": 95 + rng.standard_normal() * 0.1, **base} for c in range(6)]
-                q = np.full((3, 3), 0.8 - 3 * shift) + 0.01 * rng.random((3, 3))
+                q = np.full((3, 3), 0.8 - 3 * shift + run_noise) + 0.01 * rng.random((3, 3))
                 np.fill_diagonal(q, 1)
                 similarity[name] = pd.DataFrame(q, index=TREE.leaves, columns=TREE.leaves)
-                branches += [{"leaf": l, "within": 0.5 + shift, "across": 0.5 + 0.01 * rng.standard_normal(), **base}
-                             for l in TREE.leaves]
+                branches += [{"leaf": l, "within": 0.5 + gap + run_noise, "across": a, **base}
+                             for l, a in zip(TREE.leaves, across)]
     return pd.DataFrame(aucs), pd.DataFrame(classes), pd.DataFrame(runs), similarity, pd.DataFrame(branches)
+
+
+ROTATIONS = pd.DataFrame({"network": ["net_a"], "seed": [0], "max_rotation_difference": [0.3], "h1_updates": [4],
+                          "h1_accepted": [4], "h0_updates": [4], "h0_accepted": [4]})
+
+
+def verdicts(auc, classes, runs, similarity, branches, rotations=ROTATIONS):
+    leaves = leaf_rows(similarity, runs)
+    seeds = {n: sorted(auc[auc.network == n].seed.unique().tolist()) for n in auc.network.unique()}
+    reference = load_reference("01_hierarchical_concept_whitening")
+    return {r.claim_id: r for r in claim_results(auc, leaves, branches, classes, rotations, reference, profile="ci",
+                                                 seeds=seeds)}
 
 
 def test_claims_confirm_a_clear_hierarchical_gain_and_refuse_missing_variants():
@@ -117,19 +140,73 @@ def test_claims_confirm_a_clear_hierarchical_gain_and_refuse_missing_variants():
     leaves = leaf_rows(similarity, runs)
     tests = claim_tests(auc, leaves, branches, classes)
     assert {t.claim_id for t in tests} == {"T2", "T3", "T4", "T5"} and len(tests) == 2 * 7
-    rotations = pd.DataFrame({"network": ["net_a"], "seed": [0], "max_rotation_difference": [0.3],
-                              "h1_updates": [4], "h0_updates": [4]})
-    reference = load_reference("01_hierarchical_concept_whitening")
-    rows = {r.claim_id: r for r in claim_results(auc, leaves, branches, classes, rotations, reference, profile="ci",
-                                                 seeds={"net_a": [0, 1, 2], "net_b": [0, 1, 2]})}
+    assert {t.effect.unit for t in tests} == {"seeds"} and {t.effect.n for t in tests} == {4}  # runs, not nodes
+    rows = verdicts(auc, classes, runs, similarity, branches)
     assert rows["T1"].verdict == "confirmed" and rows["T2"].verdict == "confirmed"
-    assert rows["T4"].verdict == "confirmed" and rows["T6"].verdict in ("confirmed", "inconclusive")
-    assert rows["T2"].note.startswith("REDUCED RUN (ci)")
+    assert rows["T3"].verdict == "confirmed" and rows["T4"].verdict == "confirmed"
+    assert rows["T6"].verdict in ("confirmed", "inconclusive")
+    assert rows["T2"].note.startswith("REDUCED RUN (ci)") and rows["T2"].unit.startswith("seeds")
     worse, *_ = synthetic_study(h1_gain=-0.1)
     worse_rows = {t.claim_id + t.condition: t.effect for t in claim_tests(worse, leaves, branches, classes)}
     assert worse_rows["T2AUC H1 - BN best filter"].mean < 0
     with pytest.raises(ValueError, match="variant 'flat'"):
         claim_tests(auc[auc.variant != "flat"], leaves, branches, classes)
+
+
+def test_t3_needs_a_larger_branch_gap_than_flat_cw_and_t4_can_fail_against_flat_cw():
+    # H1 has a within > across gap, but flat CW the same one: the contrast is not confirmed
+    auc, classes, runs, similarity, branches = synthetic_study(gap_gain=0.0)
+    h1 = branches[branches.variant == "ancestor"]
+    assert (h1.within - h1.across).mean() > 0.09  # what "H1 within > across" alone would have confirmed
+    judged = {(j.test.network, j.test.condition): j.verdict
+              for j in judge_tests(claim_tests(auc, leaf_rows(similarity, runs), branches, classes))}
+    assert judged["net_a", "(within - across-branch Q) H1 - flat CW"] == "inconclusive"
+    assert verdicts(auc, classes, runs, similarity, branches)["T3"].verdict != "confirmed"
+    # H1's Q of the axes well above flat CW's: the bound "H1 - flat below +0.02" is refuted
+    auc, classes, runs, similarity, branches = synthetic_study()
+    for name in [n for n in similarity if n.endswith("_ancestor")]:
+        q = similarity[name].to_numpy().copy()
+        q[~np.eye(3, dtype=bool)] += 0.5
+        similarity[name] = pd.DataFrame(q, index=TREE.leaves, columns=TREE.leaves)
+    tests = claim_tests(auc, leaf_rows(similarity, runs), branches, classes)
+    judged = {(j.test.network, j.test.condition): j.verdict for j in judge_tests(tests)}
+    assert judged["net_a", "Q H1 - flat CW below +0.02"] == "refuted"
+    assert verdicts(auc, classes, runs, similarity, branches)["T4"].verdict == "refuted"
+
+
+def test_t3_needs_h1_above_the_weight_matched_control_where_it_was_run():
+    assert verdicts(*synthetic_study(matched_gain=0.05))["T3"].verdict == "confirmed"  # H1 0.1 above BN, H0w 0.05
+    auc, classes, runs, similarity, branches = synthetic_study(matched_gain=0.1)
+    tests = claim_tests(auc, leaf_rows(similarity, runs), branches, classes)
+    assert "parent-axis AUC H1 - weight-matched flat CW" in {t.condition for t in tests}
+    assert verdicts(auc, classes, runs, similarity, branches)["T3"].verdict != "confirmed"  # H1 no better than H0w
+
+
+def test_one_run_per_network_is_not_testable_and_nodes_are_only_described():
+    auc, classes, runs, similarity, branches = synthetic_study(seeds=(0,))
+    assert claim_tests(auc, leaf_rows(similarity, runs), branches, classes) == []
+    rows = verdicts(auc, classes, runs, similarity, branches)
+    for cid in ("T2", "T3", "T4", "T5", "T6"):
+        assert rows[cid].verdict == "not testable here", cid
+    assert "descriptive" in rows["T2"].ours and "(n=5)" in rows["T2"].ours  # 5 nodes described, not tested
+
+
+def test_t1_is_refuted_when_no_update_was_accepted():
+    stalled = ROTATIONS.assign(h1_accepted=[0])
+    assert verdicts(*synthetic_study(), rotations=stalled)["T1"].verdict == "refuted"
+
+
+def test_similarity_over_all_channels_ignores_the_rotation_but_not_over_the_axes():
+    """Q over every channel is rotation invariant (why notebook 01 uses the concept axes only)."""
+    sets = crops(per_leaf=6)
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(len(sets.leaf), 8, generator=g, dtype=torch.float64) + 2 * torch.eye(8, dtype=torch.float64)[sets.leaf]
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    rotated = features @ rotation.T
+    np.testing.assert_allclose(similarity_matrix(rotated, sets, TREE).to_numpy(),
+                               similarity_matrix(features, sets, TREE).to_numpy(), atol=1e-12)
+    on_axes = similarity_matrix(rotated[:, :5], sets, TREE).to_numpy() - similarity_matrix(features[:, :5], sets, TREE).to_numpy()
+    assert np.abs(on_axes).max() > 0.05
 
 
 def test_roc_auc_by_hand():

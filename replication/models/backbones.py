@@ -275,7 +275,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape) and not _growing(model, k)
     ]
     if missing or unexpected or mismatched:
         parts = [
@@ -290,6 +290,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     # num_batches_tracked may be absent from old files: keep the model's own counters for those.
     model.load_state_dict({**expected, **state}, strict=True)
     return model
+
+
+def _growing(model: nn.Module, key: str) -> bool:
+    """Whether `key` is a buffer its module declares as growing (in `growing_buffers`, e.g. a concept
+    whitening layer's update trace), whose saved length the module takes when loading."""
+    module_name, _, buffer = key.rpartition(".")
+    return buffer in getattr(model.get_submodule(module_name), "growing_buffers", ())
 
 
 def _unwrap_state_dict(payload: Any, path: Path) -> Mapping[str, torch.Tensor]:

@@ -9,7 +9,7 @@ Modules, lowest first (this file only re-exports their public names):
 - `metrics`: purity AUC per node, best-unit baseline, similarity matrix Q and its branch summary, axis
   correlation, concept importance, top images, dissection labels of the axes;
 - `experiment`: notebook 01's `CWSettings` ([cw]), `subjects`, `FinetuneRecipe`, `finetune`,
-  `evaluate_network`, `run_study` and its tables;
+  `evaluate_network`, `run_study` and its tables (with `alignment_trace`, every rotation update);
 - `claims`: T1-T6 through the claims kit; `figures`: the CW paper's figures adapted.
 """
 from replication.methods.concept_whitening.alignment import (OBJECTIVES, ConceptAlignment, ConceptSets, ConceptTree,
@@ -17,10 +17,10 @@ from replication.methods.concept_whitening.alignment import (OBJECTIVES, Concept
 from replication.methods.concept_whitening.claims import claim_results, claim_tests, leaf_rows, rotation_check
 from replication.methods.concept_whitening.experiment import (VARIANT_NAMES, VARIANTS, CWSettings, Evaluation,
                                                               FinetuneRecipe, Finetuned, Study, Subject, TaskData,
-                                                              dissection_table, evaluate_network, finetune,
+                                                              alignment_trace, dissection_table, evaluate_network, finetune,
                                                               importance_table, run_study, subjects)
-from replication.methods.concept_whitening.figures import (plot_auc, plot_correlation, plot_similarity,
-                                                           plot_top_images)
+from replication.methods.concept_whitening.figures import (plot_alignment_trace, plot_auc, plot_correlation,
+                                                           plot_similarity, plot_top_images)
 from replication.methods.concept_whitening.metrics import (axis_correlation, axis_labels, axis_scores, best_units,
                                                            branch_similarity, concept_importance, layer_outputs,
                                                            purity_auc, similarity_matrix, similarity_summary,
@@ -33,8 +33,8 @@ __all__ = [
     "OBJECTIVES", "ConceptAlignment", "ConceptSets", "ConceptTree", "alignment_targets", "concept_sets", "node_table",
     "claim_results", "claim_tests", "leaf_rows", "rotation_check",
     "VARIANT_NAMES", "VARIANTS", "CWSettings", "Evaluation", "FinetuneRecipe", "Finetuned", "Study", "Subject",
-    "TaskData", "dissection_table", "evaluate_network", "finetune", "importance_table", "run_study", "subjects",
-    "plot_auc", "plot_correlation", "plot_similarity", "plot_top_images",
+    "TaskData", "alignment_trace", "dissection_table", "evaluate_network", "finetune", "importance_table", "run_study", "subjects",
+    "plot_alignment_trace", "plot_auc", "plot_correlation", "plot_similarity", "plot_top_images",
     "axis_correlation", "axis_labels", "axis_scores", "best_units", "branch_similarity", "concept_importance",
     "layer_outputs", "purity_auc", "similarity_matrix", "similarity_summary", "top_images",
     "ACTIVATION_MODES", "CayleyResult", "ConceptWhitening", "alignment_gradient", "axis_activations", "cayley_step",

@@ -4,15 +4,26 @@ and the step callback that rotates every CW layer every `interval` batches (spec
 Objectives [I] (spec 3.7), each a setting of `ConceptAlignment`:
 - "flat" (H0): CW's objective over every tree node, node n aligned with axis a(n);
 - "ancestor" (H1): also, images of child c activate the axis of its parent p with weight λ_h: row a(p)
-  of the gradient receives λ_h x (c's gradient row), computed with the same activation mode.
-In one alignment call every node contributes one concept batch; row j of the raw gradient is the sum of
-the contributions aimed at axis j, then smoothed into sum_G as the official code does per concept batch
-(so the flat objective with one batch per node is exactly the official update). H2, the subspace variant,
-belongs to a later paper (MGCW) and is not implemented.
+  of the gradient receives λ_h x (c's gradient row), computed with the same activation mode;
+- "matched" (H0w, the control of H1): flat CW with row a(p) weighted 1 + λ_h x (p's children). The
+  gradient row does not depend on the target axis and a parent's set is the union of its children's
+  crops, so H1's row a(p) is, in expectation, flat CW's scaled by that weight: H1 over H0w is what the
+  tree adds beyond re-weighting the parent rows in the Cayley step.
+In one alignment call every node contributes one concept batch, counted for its own axis (the official
+per-concept counter); row j of the raw gradient is the sum of the contributions aimed at axis j, smoothed
+into sum_G once per call, and the update divides row j by its counter (1.001 here). For the flat objective
+this is the official update (`IterNormRotation.update_rotation_matrix` after one batch per concept, as its
+training loop sends), except that the call runs after the step's SGD update instead of before the next
+one. The official code divides a moving average by the batch count, which is only that row (÷ 1.001) for
+one batch per concept; several batches per concept between updates would shrink the row, not average it.
+For "ancestor" a parent's row also holds its children's weighted rows without counting them (the
+gradient of the summed objective). H2, the subspace variant, belongs to a later paper (MGCW) and is not
+implemented.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,7 +39,7 @@ from replication.methods.concept_whitening.whitening import ConceptWhitening
 from replication.models.hooks import forward_until, get_module
 from replication.models.surgery import eval_mode
 
-OBJECTIVES = ("flat", "ancestor")
+OBJECTIVES = ("flat", "ancestor", "matched")
 
 
 @dataclass(frozen=True)
@@ -94,12 +105,13 @@ class ConceptTree:
 
 def alignment_targets(tree: ConceptTree, objective: str = "flat", lambda_h: float = 1.0) -> dict[str, dict[int, float]]:
     """Per node, the axes its concept batch's gradient row is added to, with weights: its own axis
-    (weight 1) and, for "ancestor", its parent's axis (weight `lambda_h`)."""
+    (weight 1; for "matched" 1 + `lambda_h` x its children) and, for "ancestor", its parent's axis
+    (weight `lambda_h`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"alignment objective {objective!r}; choose one of {OBJECTIVES}.")
     targets = {}
     for node in tree.nodes:
-        targets[node] = {tree.axis(node): 1.0}
+        targets[node] = {tree.axis(node): 1.0 + (lambda_h * len(tree.children(node)) if objective == "matched" else 0.0)}
         parent = tree.parent(node)
         if objective == "ancestor" and parent is not None and lambda_h != 0:
             targets[node][tree.axis(parent)] = lambda_h
@@ -115,6 +127,12 @@ class ConceptSets:
     images: torch.Tensor
     leaf: torch.Tensor
     members: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        empty = [node for node in self.tree.nodes if len(self.members.get(node, ())) == 0]
+        if empty:
+            raise ValueError(f"concept nodes {empty} have no crops (after the min_pixels filter on this split); "
+                             "every node needs images to align its axis: lower min_pixels, add crops or drop the node.")
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.images.numpy().tobytes())
@@ -152,13 +170,36 @@ def cw_layers(model: nn.Module, names: Sequence[str]) -> dict[str, ConceptWhiten
     return layers
 
 
+@torch.no_grad()
+def calibrate_statistics(model: nn.Module, names: Sequence[str], images: torch.Tensor, *, batch_size: int = 64) -> None:
+    """Re-estimate the running mean and whitening matrix of the CW layers `names` from `images` (e.g. a
+    few training batches): the cumulative average of the batches' statistics (BatchNorm's momentum=None),
+    the rest of the model in eval mode and nothing else changed. The EMA (momentum 0.05) starts from
+    mean 0 and W = I, so after a few dozen steps it still carries much of that start (0.95^10 = 60%)."""
+    layers = cw_layers(model, names)
+    device = next(model.parameters()).device
+    momenta = {name: layer.momentum for name, layer in layers.items()}
+    with eval_mode(model), forward_until(model, list(names)) as forward:
+        try:
+            for index, start in enumerate(range(0, len(images), batch_size)):
+                for layer in layers.values():
+                    layer.train()
+                    layer.momentum = 1.0 / (index + 1)
+                forward(images[start:start + batch_size].to(device))
+        finally:
+            for name, layer in layers.items():
+                layer.momentum = momenta[name]
+
+
 @dataclass
 class ConceptAlignment:
     """The step callback that aligns every CW layer in `layers` every `interval` optimiser steps (CW Alg. 2):
     in eval mode, one batch of `concept_batch` crops per tree node (drawn with a generator seeded by `seed`
     and the step), each forwarded up to the last CW layer with the layers recording its gradient row; the
     rows are added to their `objective`'s target axes, smoothed into sum_G, and R takes `cayley_steps`
-    Cayley steps. Runs after the step's SGD update (the official code aligns before the next batch's)."""
+    Cayley steps. Runs after the step's SGD update (the official code aligns before the next batch's).
+    With `calibration_images`, the first call first re-estimates the layers' running statistics from them
+    (`calibrate_statistics`; `calibration` = their number, part of the cache identity when set)."""
 
     layers: tuple[str, ...]
     tree: ConceptTree
@@ -171,12 +212,19 @@ class ConceptAlignment:
     seed: int = 0
     concepts: ConceptSets | None = field(default=None, repr=False, metadata={"cache_key": False})
     name: str = "concept_alignment"
+    revision: int = 2  # the update's code revision, part of the cache identity (2: per-concept counter)
+    calibration: int = field(default=0, metadata={"cache_key": "if_set"})
+    calibration_images: torch.Tensor | None = field(default=None, repr=False, metadata={"cache_key": False})
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.concept_batch < 1 or self.cayley_steps < 1:
             raise ValueError(f"ConceptAlignment needs interval, concept_batch and cayley_steps >= 1; got "
                              f"{self.interval}, {self.concept_batch}, {self.cayley_steps}.")
         self.targets = alignment_targets(self.tree, self.objective, self.lambda_h)
+        if self.calibration_images is not None and len(self.calibration_images) != self.calibration:
+            raise ValueError(f"ConceptAlignment: calibration = {self.calibration} but {len(self.calibration_images)} "
+                             "calibration images; pass their number.")
+        self._calibrated = False
 
     def __call__(self, model: nn.Module, *, step: int, epoch: int) -> None:
         if step % self.interval == 0:
@@ -188,22 +236,23 @@ class ConceptAlignment:
         if self.concepts is None:
             raise ValueError("ConceptAlignment has no concept images; pass concepts=concept_sets(...).")
         layers = cw_layers(model, self.layers)
+        narrow = {name: layer.channels for name, layer in layers.items() if layer.channels < len(self.tree.nodes)}
+        if narrow:
+            raise ValueError(f"the concept tree has {len(self.tree.nodes)} nodes (one axis each) but CW layers {narrow} "
+                             "have fewer channels; keep fewer tree levels or whiten a wider layer.")
         device = next(model.parameters()).device
+        if self.calibration_images is not None and not self._calibrated:
+            calibrate_statistics(model, self.layers, self.calibration_images, batch_size=self.concept_batch)
+            self._calibrated = True
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rows = {name: {} for name in layers}
         with eval_mode(model), forward_until(model, list(self.layers)) as forward:
             for node in self.tree.nodes:
                 images = self.concepts.sample(node, self.concept_batch, generator).to(device)
-                for layer in layers.values():
-                    layer.recording, layer._recorded = self.tree.axis(node), []
-                try:
+                with ExitStack() as stack:
+                    recorded = {name: stack.enter_context(layer.record(self.tree.axis(node))) for name, layer in layers.items()}
                     forward(images)
-                finally:
-                    for layer in layers.values():
-                        layer.recording = None
-                for name, layer in layers.items():
-                    (gradient,) = layer._recorded
-                    layer.counter += 1
+                for name, (gradient,) in recorded.items():
                     for axis, weight in self.targets[node].items():
                         rows[name][axis] = rows[name].get(axis, 0) + weight * gradient
         for name, layer in layers.items():

@@ -21,16 +21,18 @@ from replication.data.broden import BrodenDataset
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset
 from replication.methods.concept_whitening import metrics
-from replication.methods.concept_whitening.alignment import ConceptAlignment, ConceptSets, ConceptTree
-from replication.methods.concept_whitening.whitening import ConceptWhitening, replace_with_cw
+from replication.methods.concept_whitening.alignment import (ConceptAlignment, ConceptSets, ConceptTree,
+                                                             calibrate_statistics)
+from replication.methods.concept_whitening.whitening import TRACE_COLUMNS, ConceptWhitening, replace_with_cw
 from replication.models.backbones import BackboneConfig
 from replication.models.hooks import get_module
 from replication.runtime import progress, resolve_device
 from replication.training.classifiers import BaselineSettings, train_baselines, train_world_classifier
 from replication.training.loop import Recipe, TrainConfig, predict, train_cached
 
-VARIANTS = ("bn", "flat", "ancestor")
-VARIANT_NAMES = {"bn": "BN (kept)", "flat": "flat CW (H0)", "ancestor": "hierarchical CW (H1)"}
+VARIANTS = ("bn", "flat", "ancestor", "matched")
+VARIANT_NAMES = {"bn": "BN (kept)", "flat": "flat CW (H0)", "ancestor": "hierarchical CW (H1)",
+                 "matched": "weight-matched flat CW (H0w)"}
 
 
 def _default_finetune() -> TrainConfig:
@@ -50,8 +52,12 @@ class CWSettings:
     hierarchical variant. `levels` of the ConceptWorld tree get an axis each (2: superclasses and
     objects); `objective` settings `lambda_h`, alignment `interval`, `concept_batch`, `cayley_steps`,
     activation `mode`; crops per leaf for alignment (train split) and evaluation (val split);
-    `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images`,
-    `top_k`; `accuracy_tolerance` (points, claim T5); `dissect_axes` (the dissection check)."""
+    `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images` and
+    `importance_permutations` (mean and SD over that many permutations),
+    `top_k`; `accuracy_tolerance` (points, claim T5); `dissect_axes` (the dissection check);
+    `calibration_images`: that many training images (seeded) re-estimate the CW layers' running statistics
+    before the first alignment and before evaluation (`alignment.calibrate_statistics`; 0: off, the
+    official EMA only). `variants` may add "matched", the weight-matched flat CW control of H1."""
 
     networks: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -72,9 +78,11 @@ class CWSettings:
     finetune: TrainConfig = field(default_factory=_default_finetune)
     folds: int = 5
     importance_images: int = 200
+    importance_permutations: int = 5
     top_k: int = 10
     accuracy_tolerance: float = 1.0
     dissect_axes: bool = True
+    calibration_images: int = 0
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -199,16 +207,21 @@ class TaskData:
 def finetune(subject: Subject, variant: str, layers: Sequence[str], settings: CWSettings, tree: ConceptTree,
              concepts: ConceptSets, task: TaskData, *, device: str | torch.device | None = None) -> Finetuned:
     """Fine-tune `subject` with the variant's layer(s) (cached: kind "cw_finetune"), `settings.finetune`
-    seeded with the subject's seed."""
+    seeded with the subject's seed; with `settings.calibration_images`, the CW layers' running statistics
+    are re-estimated before the first alignment and again after fine-tuning (before evaluation)."""
     train_set, val_set = task.train, task.val
+    chosen = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(subject.seed))
+    calibration = train_set.images[chosen[:settings.calibration_images]] if settings.calibration_images else None
     alignment = None if variant == "bn" else ConceptAlignment(
         tuple(layers), tree, concepts.fingerprint(), interval=settings.interval, objective=variant,
         lambda_h=settings.lambda_h, concept_batch=settings.concept_batch, cayley_steps=settings.cayley_steps,
-        seed=subject.seed, concepts=concepts)
+        seed=subject.seed, concepts=concepts, calibration=settings.calibration_images, calibration_images=calibration)
     recipe = FinetuneRecipe(subject.config, len(task.classes), subject.start, variant,
                             tuple(layers) if variant != "bn" else (), settings.mode, alignment, subject.state)
     config = dataclasses.replace(settings.finetune, seed=subject.seed)
     result = train_cached("cw_finetune", recipe, train_set, config=config, val_set=val_set, device=device)
+    if alignment is not None and calibration is not None:
+        calibrate_statistics(result.model, layers, calibration, batch_size=settings.concept_batch)
     return Finetuned(subject.network, subject.seed, variant, tuple(layers), result.model.eval(), result.history)
 
 
@@ -242,7 +255,8 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
     """The notebook's measurements on `layer` of one fine-tuned network: val accuracy (and per class),
     purity AUC per node over `settings.folds` folds of the val crops (CW: the node's own axis; BN: the
     unit with the best AUC on the train crops, CW's "best filter" baseline), the normalised similarity
-    matrix Q of the leaves ordered by the tree with its within/across-branch summary, the absolute
+    matrix Q of the leaves ordered by the tree, on the concept axes' spatial means (over all channels a
+    cosine would not depend on the rotation), with its within/across-branch summary, the absolute
     correlation of the axes, concept importance by permutation (`importance`), the top images of every
     axis on the val split, and the dissection label of every axis (`dissection`)."""
     device = resolve_device(device)
@@ -259,7 +273,7 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
         train_maps = metrics.layer_outputs(model, read, train_concepts.images, batch_size=batch_size, device=device)
         axes = metrics.best_units(metrics.axis_scores(train_maps, settings.mode), train_concepts, tree)
     auc = metrics.purity_auc(val_scores, eval_concepts, tree, axes, folds=settings.folds, seed=seed)
-    q = metrics.similarity_matrix(val_maps.mean((2, 3)), eval_concepts, tree)
+    q = metrics.similarity_matrix(val_maps.mean((2, 3))[:, axes], eval_concepts, tree)  # the concept axes only
     images = task.val.images
     image_scores = metrics.axis_scores(metrics.layer_outputs(model, read, images, batch_size=batch_size, device=device),
                                        settings.mode)[:, axes]
@@ -269,7 +283,7 @@ def evaluate_network(finetuned: Finetuned, layer: str, tree: ConceptTree, train_
     if importance:
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:settings.importance_images]
         ranked = metrics.concept_importance(model, read, images[chosen], labels[chosen], axes, tree, batch_size=batch_size,
-                                            seed=seed, device=device)
+                                            seed=seed, permutations=settings.importance_permutations, device=device)
     labels_table = None
     if dissection is not None:
         broden = BrodenDataset(Path(root), split=dissection.split)
@@ -291,7 +305,24 @@ class Study:
     auc: pd.DataFrame
     per_class: pd.DataFrame
     branches: pd.DataFrame
-    rotations: dict[tuple[str, int, str], tuple[torch.Tensor, int]]
+    rotations: dict[tuple[str, int, str], tuple[torch.Tensor, int, int]]
+    alignment_trace: pd.DataFrame
+
+
+def alignment_trace(finetuned: Finetuned, interval: int) -> pd.DataFrame:
+    """Every rotation update of every CW layer of a fine-tuned network: one row per Cayley step with the
+    objective F = <G, R> before and after it (lower is better aligned; G is that update's accumulated
+    gradient), the accepted step size τ, the bisections, whether it was accepted, and `skipped` (the
+    update changed nothing: G not finite or the line search failed); `train_step` = update x `interval`."""
+    frames = []
+    for layer in finetuned.layers:
+        trace = pd.DataFrame(get_module(finetuned.model, layer).trace.cpu().numpy(), columns=list(TRACE_COLUMNS))
+        trace = trace.astype({"update": int, "cayley_step": int, "bisections": int}).assign(accepted=trace.accepted > 0)
+        skipped = trace.groupby("update").accepted.transform(lambda a: not a.all()) | (trace.cayley_step == 0)
+        frames.append(trace.assign(skipped=skipped, train_step=trace["update"] * interval, layer=layer,
+                                   name=finetuned.name, network=finetuned.network, seed=finetuned.seed,
+                                   variant=finetuned.variant, cw_layers=len(finetuned.layers)))
+    return pd.concat(frames, ignore_index=True)
 
 
 def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject], tree: ConceptTree,
@@ -302,7 +333,7 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
     importance and the dissection on each network's first seed). `train_concepts` (train split) choose
     the BN baseline's best units, `eval_concepts` (val split) score every axis."""
     task = TaskData.load(root)
-    finetuned, evaluations, rows, aucs, classes, branches, rotations = {}, {}, [], [], [], [], {}
+    finetuned, evaluations, rows, aucs, classes, branches, rotations, traces = {}, {}, [], [], [], [], {}, []
     jobs = [(s, v, (settings.layers[s.network],)) for s in subjects_.values() for v in settings.variants]
     jobs += [(s, "ancestor", (settings.second_layers[s.network], settings.layers[s.network]))
              for s in subjects_.values() if s.network in settings.second_layers and "ancestor" in settings.variants]
@@ -312,9 +343,12 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
     for subject, variant, layers in progress(jobs, desc="fine-tune and evaluate"):
         run = finetune(subject, variant, layers, settings, tree, train_concepts, task, device=device)
         finetuned[run.name] = run
+        if variant != "bn":
+            traces.append(alignment_trace(run, settings.interval))
         if variant != "bn" and len(layers) == 1:
             cw = get_module(run.model, layers[0])
-            rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates))
+            rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates),
+                                                                 int(cw.skipped_updates))
         first = subject.seed == first_seed[subject.network]
         for layer in layers:
             name = run.name if len(layers) == 1 else f"{run.name}@{layer}"
@@ -335,7 +369,8 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
             classes.append(pd.DataFrame({"class_id": range(len(evaluation.accuracy["per_class"])),
                                          "accuracy": evaluation.accuracy["per_class"]}).assign(**base))
     return Study(finetuned, evaluations, pd.DataFrame(rows), pd.concat(aucs, ignore_index=True),
-                 pd.concat(classes, ignore_index=True), pd.concat(branches, ignore_index=True), rotations)
+                 pd.concat(classes, ignore_index=True), pd.concat(branches, ignore_index=True), rotations,
+                 pd.concat(traces, ignore_index=True) if traces else pd.DataFrame())
 
 
 def dissection_table(study: Study) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Notebook 01's figures, CW's figures adapted: top images per concept axis (CW Fig. 2), similarity heat
 maps ordered by the tree (Fig. 5: BN / flat CW / hierarchical CW), purity AUC per node and per layer
-(Fig. 6), and the axis correlation matrices (Fig. 7)."""
+(Fig. 6), the axis correlation matrices (Fig. 7), and the alignment objective per rotation update."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -77,4 +77,27 @@ def plot_correlation(matrices: Mapping[str, pd.DataFrame], *, title: str = "|cor
         ax.set_yticks(range(len(matrix)), matrix.index, fontsize=6)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
+    return fig
+
+
+def plot_alignment_trace(trace: pd.DataFrame, *, title: str = "Alignment objective per rotation update"):
+    """Per network, the objective F = <G, R> before the first and after the last Cayley step of every
+    rotation update (G that update's accumulated gradient; lower is better aligned), one line per run;
+    skipped updates marked with a cross. F also grows in size while sum_G's moving average warms up
+    from 0, so only a plateau after many updates says the alignment converged."""
+    networks = list(dict.fromkeys(trace.network))
+    fig, axes = plt.subplots(1, len(networks), figsize=(5 * len(networks), 3.4), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        for name, run in trace[trace.network == network].groupby("name", sort=False):
+            steps = run[run.cayley_step > 0].groupby("update")
+            line, = ax.plot(steps.before.first().index, steps.before.first(), "--", alpha=0.6)
+            ax.plot(steps.after.last().index, steps.after.last(), "-", color=line.get_color(), label=f"{name} (after)")
+            skipped = run[run.skipped]["update"].unique()
+            ax.plot(skipped, np.zeros(len(skipped)), "x", color=line.get_color())
+        ax.set_title(network)
+        ax.set_xlabel("rotation update")
+        ax.set_ylabel("F = <G, R> (dashed: before)")
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -81,8 +81,10 @@ def purity_auc(scores: torch.Tensor, concepts: ConceptSets, tree: ConceptTree, a
 
 def similarity_matrix(features: torch.Tensor, concepts: ConceptSets, tree: ConceptTree) -> pd.DataFrame:
     """CW's normalised similarity of the leaves (ordered by the tree): d_pq = mean cosine similarity of
-    the feature vectors (spatial means of the layer's output) of crops of p and crops of q, and
-    Q_pq = |d_pq| / sqrt(|d_pp d_qq|), the diagonal 1 (the official code's form)."""
+    the feature vectors of crops of p and crops of q (self-pairs included in d_pp, as the official code),
+    and Q_pq = |d_pq| / sqrt(|d_pp d_qq|), the diagonal 1 (the official code's form). Pass the concept
+    axes' activations (notebook 01: their spatial means): a cosine over every channel of a rotated map
+    is the same for any orthogonal rotation, so it could not tell two rotations apart."""
     unit = F.normalize(features.double(), dim=1)
     groups = [unit[concepts.leaf == tree.leaves.index(leaf)] for leaf in tree.leaves]
     d = np.array([[float((a @ b.T).mean()) for b in groups] for a in groups])
@@ -131,14 +133,18 @@ def top_images(scores: torch.Tensor, tree: ConceptTree, *, k: int = 10) -> pd.Da
 
 @torch.no_grad()
 def concept_importance(model: nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor, axes: Sequence[int],
-                       tree: ConceptTree, *, batch_size: int, seed: int = 0,
+                       tree: ConceptTree, *, batch_size: int, seed: int = 0, permutations: int = 1,
                        device: str | torch.device | None = None) -> pd.DataFrame:
     """CW's concept importance: per node, the cross-entropy on `images` after axis `axes[i]`'s map is
-    permuted across the images (a seeded permutation), divided by the original cross-entropy [I: the
-    paper's per-class balanced binary loss is replaced by the task's cross-entropy]."""
+    permuted across the images, divided by the original cross-entropy [I: the paper's per-class balanced
+    binary loss is replaced by the task's cross-entropy]; `importance` is the mean over `permutations`
+    seeded permutations and `importance_sd` their SD (ddof 1; NaN for one)."""
+    if permutations < 1:
+        raise ValueError(f"concept importance needs permutations >= 1, got {permutations}.")
     device = resolve_device(device)
     maps = layer_outputs(model, layer, images, batch_size=batch_size, device=device)
-    permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(len(images), generator=generator) for _ in range(permutations)]
     swap: dict[str, object] = {}
 
     def replace(_module, _inputs, output):
@@ -152,7 +158,7 @@ def concept_importance(model: nn.Module, layer: str, images: torch.Tensor, label
         total = 0.0
         for start in range(0, len(images), batch_size):
             if swap:
-                swap["maps"] = maps[permutation[start:start + batch_size], swap["axis"]]
+                swap["maps"] = maps[swap["order"][start:start + batch_size], swap["axis"]]
             logits = model(images[start:start + batch_size].to(device)).float().cpu()
             total += float(F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum"))
         return total / len(images)
@@ -163,9 +169,13 @@ def concept_importance(model: nn.Module, layer: str, images: torch.Tensor, label
             original = loss()
             rows = []
             for node, axis in zip(tree.nodes, axes):
-                swap.update(axis=axis)
-                rows.append({"node": node, "axis": int(axis), "importance": loss() / original})
-                swap.clear()
+                ratios = []
+                for order in orders:
+                    swap.update(axis=axis, order=order)
+                    ratios.append(loss() / original)
+                    swap.clear()
+                rows.append({"node": node, "axis": int(axis), "importance": float(np.mean(ratios)),
+                             "importance_sd": float(np.std(ratios, ddof=1)) if len(ratios) > 1 else np.nan})
     finally:
         handle.remove()
     return pd.DataFrame(rows)

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import chain
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from replication.models.hooks import get_module
 from replication.models.surgery import replace_module
 
 LOG = logging.getLogger(__name__)
 ACTIVATION_MODES = ("mean", "max", "pos_mean", "pool_max")
 POOL = 3  # pool_max: 3 x 3 max-pool with stride 3, then the spatial mean
+# one row of a CW layer's `trace` per Cayley step (cayley_step 0: the whole update skipped, G not finite)
+TRACE_COLUMNS = ("update", "cayley_step", "before", "after", "tau", "bisections", "accepted")
 
 
 def iternorm_matrix(centred: torch.Tensor, *, iterations: int = 10, eps: float = 1e-5) -> torch.Tensor:
@@ -40,6 +45,11 @@ def iternorm_matrix(centred: torch.Tensor, *, iterations: int = 10, eps: float =
     return p / trace.sqrt()
 
 
+def _pool_kernel(maps: torch.Tensor) -> int:
+    """pool_max's block size: 3, or the map's own size when it is smaller."""
+    return min(POOL, maps.shape[2], maps.shape[3])
+
+
 def axis_activations(maps: torch.Tensor, mode: str = "pool_max") -> torch.Tensor:
     """One scalar per image and channel of N × C × h × w maps (CW's activation modes): `mean`, `max`,
     `pos_mean` (mean of the positive values, 0 without any) or `pool_max` (3 × 3 max-pool, stride 3,
@@ -52,7 +62,7 @@ def axis_activations(maps: torch.Tensor, mode: str = "pool_max") -> torch.Tensor
         positive = (maps > 0).to(maps.dtype)
         return (maps * positive).sum((2, 3)) / (positive.sum((2, 3)) + 1e-4)
     if mode == "pool_max":
-        kernel = min(POOL, maps.shape[2], maps.shape[3])
+        kernel = _pool_kernel(maps)
         return F.max_pool2d(maps, kernel, stride=kernel).mean((2, 3))
     raise ValueError(f"activation mode {mode!r}; choose one of {ACTIVATION_MODES}.")
 
@@ -72,7 +82,7 @@ def alignment_gradient(xhat: torch.Tensor, rotated: torch.Tensor, mode: str = "p
         mask = (rotated > 0).to(xhat.dtype)
         return -((xhat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-4)).mean(0)
     if mode == "pool_max":
-        kernel = min(POOL, rotated.shape[2], rotated.shape[3])
+        kernel = _pool_kernel(rotated)
         _, indices = F.max_pool2d(rotated, kernel, stride=kernel, return_indices=True)
         mask = torch.zeros_like(rotated).flatten(2).scatter_(2, indices.flatten(2), 1.0).view_as(rotated).to(xhat.dtype)
         return -((xhat * mask).sum((2, 3)) / mask.sum((2, 3))).mean(0)
@@ -125,9 +135,9 @@ class ConceptWhitening(nn.Module):
     the rows of R are the concept axes (axis j = concept j of the alignment). No affine parameters.
 
     Training mode whitens with the batch's μ and W (autograd through the Newton iterations) and updates
-    the running buffers with `momentum`; eval mode uses the running buffers. While `recording` is a
-    concept index j (set by `alignment.ConceptAlignment`), a forward also computes that batch's alignment gradient row
-    (`alignment_gradient`) and keeps it in `_recorded` for the alignment step. `activation` is applied
+    the running buffers with `momentum`; eval mode uses the running buffers. Inside `record(j)` (used by
+    `alignment.ConceptAlignment`) a forward also computes that concept batch's alignment gradient row
+    (`alignment_gradient`) and counts one batch for axis j (`counter[j]`). `activation` is applied
     after the rotation (timm's BatchNormAct2d applies its own; ResNet's bn1 needs none). The rotated map
     passes through `self.rotated` (an identity) so hooks can read it."""
 
@@ -147,11 +157,39 @@ class ConceptWhitening(nn.Module):
         self.register_buffer("running_wm", torch.eye(channels))
         self.register_buffer("running_rot", torch.eye(channels))
         self.register_buffer("sum_G", torch.zeros(channels, channels))
-        self.register_buffer("counter", torch.tensor(0.001, dtype=torch.float64))
+        # the official code's per-concept counter: concept batches per axis since the last rotation update
+        self.register_buffer("counter", torch.full((channels,), 0.001, dtype=torch.float64))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("dropped_rows", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.recording: int | None = None
-        self._recorded: list[torch.Tensor] = []
+        self.register_buffer("trace", torch.zeros(0, len(TRACE_COLUMNS), dtype=torch.float64))
+        self._recording: tuple[int, list[torch.Tensor]] | None = None
+
+    @contextmanager
+    def record(self, axis: int) -> Iterator[list[torch.Tensor]]:
+        """Within the block every forward is one concept batch of axis `axis`: its gradient row is appended
+        to the yielded list and `counter[axis]` grows by one (the official code's `mode` = axis)."""
+        if not 0 <= axis < self.channels:
+            raise ValueError(f"concept axis {axis} does not exist in a ConceptWhitening layer of {self.channels} channels.")
+        rows: list[torch.Tensor] = []
+        self._recording = (axis, rows)
+        try:
+            yield rows
+        finally:
+            self._recording = None
+
+    growing_buffers = ("trace",)  # its saved length is taken on loading (`backbones.load_weights` allows it)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "trace")
+        if saved is not None:  # the trace grows with every update: take the saved one's length
+            self.trace = torch.zeros_like(saved, dtype=self.trace.dtype, device=self.trace.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _log_step(self, cayley_step: int, result: CayleyResult | None) -> None:
+        row = ([self.updates.item(), cayley_step, result.before, result.after, result.tau, result.bisections,
+                float(result.accepted)] if result is not None else [self.updates.item(), 0] + [math.nan] * 3 + [0, 0])
+        self.trace = torch.cat([self.trace, torch.tensor([row], dtype=self.trace.dtype, device=self.trace.device)])
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """ψ(x): the whitened, un-rotated map (batch statistics in training mode, running ones in eval)."""
@@ -177,31 +215,50 @@ class ConceptWhitening(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xhat = self.whiten(x)
         rotated = torch.einsum("dc,nchw->ndhw", self.running_rot.to(x.dtype), xhat)
-        if self.recording is not None:
+        if self._recording is not None:
+            axis, rows = self._recording
             with torch.no_grad():
-                self._recorded.append(alignment_gradient(xhat.double(), rotated.double(), self.mode))
+                rows.append(alignment_gradient(xhat.double(), rotated.double(), self.mode))
+                self.counter[axis] += 1
         return self.activation(self.rotated(rotated))
 
     def accumulate(self, rows: dict[int, torch.Tensor]) -> None:
-        """Add one alignment call's gradient rows (axis -> C vector) into the persistent moving average
-        sum_G[j] <- m g_j + (1 - m) sum_G[j] (m = `momentum`, sum_G never reset), as the official code."""
+        """Add gradient rows (axis -> C vector) into the persistent moving average
+        sum_G[j] <- m g_j + (1 - m) sum_G[j] (m = `momentum`, sum_G never reset), as the official code does
+        per concept batch. A row that is not finite is dropped (sum_G[j] keeps its value), logged and
+        counted in `dropped_rows`, so one corrupt batch cannot poison the never-reset average."""
         for axis, row in rows.items():
+            if not torch.isfinite(row).all():
+                self.dropped_rows += 1
+                LOG.warning("concept whitening: the gradient row of axis %d is not finite; row dropped.", axis)
+                continue
             self.sum_G[axis] = self.momentum * row.to(self.sum_G.dtype) + (1 - self.momentum) * self.sum_G[axis]
 
+    def gradient(self) -> torch.Tensor:
+        """The official update's G = sum_G / counter[:, None] (float64): each row divided by its own axis's
+        count of concept batches since the last update (+0.001, so rows without a batch are sum_G x 1000, as
+        in the official code). With one batch per concept per update (the official training loop's and
+        `ConceptAlignment`'s schedule) row j is sum_G[j] / 1.001."""
+        return self.sum_G.double() / self.counter[:, None]
+
     def update_rotation(self, *, steps: int = 2, reorthonormalise: bool = True, **search) -> list[CayleyResult]:
-        """`steps` Cayley updates with G = sum_G / counter (the same G for both), then the counter reset.
-        A G that is not finite, or a failed line search, leaves R unchanged and is logged and counted in
-        `skipped_updates`. `reorthonormalise` projects R back onto the orthogonal group (QR, signs kept)."""
-        gradient = self.sum_G.double() / self.counter
+        """`steps` Cayley updates with G = `gradient()` (the same G for both), then the counters reset to
+        0.001. A G that is not finite, or a failed line search, leaves R unchanged and is logged and counted in
+        `skipped_updates`. `reorthonormalise` projects R back onto the orthogonal group (QR, signs kept).
+        Every Cayley step (F before and after, the accepted τ, bisections, accepted) or skipped update is
+        appended to the `trace` buffer (`TRACE_COLUMNS`), saved with the model."""
+        gradient = self.gradient()
         results = []
         self.updates += 1
         if not torch.isfinite(gradient).all():
             self.skipped_updates += 1
+            self._log_step(0, None)
             LOG.warning("concept whitening: the alignment gradient is not finite; rotation update skipped.")
         else:
-            for _ in range(steps):
+            for step in range(1, steps + 1):
                 result = cayley_step(self.running_rot, gradient, **search)
                 results.append(result)
+                self._log_step(step, result)
                 if not result.accepted:
                     self.skipped_updates += 1
                     LOG.warning("concept whitening: the Cayley line search failed (tau %.3g); update skipped.", result.tau)
@@ -218,16 +275,17 @@ class ConceptWhitening(nn.Module):
 def replace_with_cw(model: nn.Module, names: Sequence[str], **options) -> dict[str, ConceptWhitening]:
     """Replace each named BatchNorm of `model` by a `ConceptWhitening` layer of its channel count (through
     `models.surgery.replace_module`); the BN's statistics and affine weights are discarded (spec 3.5). A
-    timm BatchNormAct2d's activation is kept after the rotation. Returns name -> CW layer."""
+    timm BatchNormAct2d's activation is kept after the rotation, and each CW layer lives on its BN's device.
+    Every name is checked before any is replaced, so a wrong one leaves `model` unchanged. Returns name -> CW layer."""
+    olds = {name: get_module(model, name) for name in names}
+    wrong = {name: type(old).__name__ for name, old in olds.items() if not isinstance(old, nn.BatchNorm2d)}
+    if wrong:
+        raise ValueError(f"{wrong} are not BatchNorm2d layers; concept whitening replaces BatchNorm layers.")
     layers = {}
-    for name in names:
-        old = replace_module(model, name, nn.Identity())
-        if not isinstance(old, nn.BatchNorm2d):
-            replace_module(model, name, old)
-            raise ValueError(f"{name} is a {type(old).__name__}, not a BatchNorm2d; concept whitening replaces BatchNorm layers.")
-        activation = getattr(old, "act", None)
-        layer = ConceptWhitening(old.num_features, activation=activation, **options)
-        replace_module(model, name, layer.to(old.weight.device if old.weight is not None else "cpu"))
+    for name, old in olds.items():
+        layer = ConceptWhitening(old.num_features, activation=getattr(old, "act", None), **options)
+        device = next(chain(old.parameters(), old.buffers()), torch.empty(0)).device
+        replace_module(model, name, layer.to(device))
         layers[name] = layer
     return layers
 
@@ -235,4 +293,5 @@ def replace_with_cw(model: nn.Module, names: Sequence[str], **options) -> dict[s
 def check_orthogonal(rotation: torch.Tensor) -> float:
     """max |R Rᵀ - I|: how far a rotation has drifted from orthogonality."""
     r = rotation.double()
-    return float((r @ r.T - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()) if r.numel() else math.nan
+    eye = torch.eye(r.shape[0], dtype=torch.float64, device=r.device)
+    return float((r @ r.T - eye).abs().max()) if r.numel() else math.nan
