@@ -7,8 +7,8 @@ import torch
 
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
     """Element-wise closeness for tensors, arrays or scalars, reporting the worst offender."""
-    actual_t = torch.as_tensor(np.asarray(actual.detach().cpu() if torch.is_tensor(actual) else actual), dtype=torch.float64)
-    expected_t = torch.as_tensor(np.asarray(expected.detach().cpu() if torch.is_tensor(expected) else expected), dtype=torch.float64)
+    actual_t = torch.as_tensor(np.array(actual.detach().cpu() if torch.is_tensor(actual) else actual), dtype=torch.float64)
+    expected_t = torch.as_tensor(np.array(expected.detach().cpu() if torch.is_tensor(expected) else expected), dtype=torch.float64)
     assert actual_t.shape == expected_t.shape, f"{msg} shape {tuple(actual_t.shape)} != {tuple(expected_t.shape)}"
     diff = (actual_t - expected_t).abs()
     bound = atol + rtol * expected_t.abs()
