@@ -5,10 +5,16 @@ import numpy as np
 import torch
 
 
+def _float64(value) -> torch.Tensor:
+    """A float64 CPU copy of a tensor, array or scalar (a copy, so read-only arrays are fine)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().to(torch.float64).clone()
+    return torch.from_numpy(np.array(value, dtype=np.float64))
+
+
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
     """Element-wise closeness for tensors, arrays or scalars, reporting the worst offender."""
-    actual_t = torch.as_tensor(np.array(actual.detach().cpu() if torch.is_tensor(actual) else actual), dtype=torch.float64)
-    expected_t = torch.as_tensor(np.array(expected.detach().cpu() if torch.is_tensor(expected) else expected), dtype=torch.float64)
+    actual_t, expected_t = _float64(actual), _float64(expected)
     assert actual_t.shape == expected_t.shape, f"{msg} shape {tuple(actual_t.shape)} != {tuple(expected_t.shape)}"
     diff = (actual_t - expected_t).abs()
     bound = atol + rtol * expected_t.abs()
