@@ -25,6 +25,11 @@ CONNECTION_TYPES = ("plain", "residual", "dense", "nas")  # the paper's four (v1
 UNIT = "classes"
 
 
+def val_accuracy(result: ArchitectureResult) -> float:
+    """The network's val accuracy (mean over classes): below the bar, no claim is judged on it."""
+    return float(result.accuracy["original_accuracy"].mean())
+
+
 def _n6_pairs(results: Mapping[str, ArchitectureResult]):
     """The hit-rate curves per network, the network pairs of one arch (`within`, the null) and of different
     connection types (`between`), and the classes every network has a complete curve for."""
@@ -63,7 +68,7 @@ def n6_distances(results: Mapping[str, ArchitectureResult], *, min_accuracy: flo
     """N6's two sides taken apart: per arch, the mean curve distance between its networks (its share of
     the null), and the distance between connection types; mean and SD over the classes N6 uses. Only
     networks at or above `min_accuracy` val accuracy, as in `claim_tests`."""
-    learned = {name: r for name, r in results.items() if float(r.accuracy["original_accuracy"].mean()) >= min_accuracy}
+    learned = {name: r for name, r in results.items() if val_accuracy(r) >= min_accuracy}
     within, between, complete, mean_distance = _n6_pairs(learned)
     groups = {f"between seeds of {arch}": [(a, b) for a, b in within if learned[a].arch == arch]
               for arch in dict.fromkeys(r.arch for r in learned.values())}
@@ -102,7 +107,7 @@ def claim_tests(results: Mapping[str, ArchitectureResult], concepts: Mapping[str
     details: dict[str, dict[str, str]] = {cid: {} for cid in ("N2", "N5", "N6")}
     learned = {}
     for arch, r in results.items():
-        accuracy = float(r.accuracy["original_accuracy"].mean())
+        accuracy = val_accuracy(r)
         if accuracy < min_accuracy:
             for cid in ("N1", "N2", "N4", "N5", "N7"):
                 untestable[cid][arch] = f"val accuracy {accuracy:.3f} below the {min_accuracy} bar"

@@ -273,8 +273,8 @@ def _fit_in_processes(job: tuple, jobs: list[tuple[int, int]], workers: int) -> 
     """The restarts spread over `workers` CPU processes (forked where the platform can, so the pixels are
     shared, not copied), each with one torch thread; in restart order, so the choice equals the serial one."""
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
-                             initargs=(job,)) as pool:
+    workers = min(workers, len(jobs))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as pool:
         futures = [pool.submit(_fit_in_worker, *restart) for restart in jobs]
         for _ in progress(as_completed(futures), desc=f"UIBE restarts on {workers} processes", total=len(futures)):
             pass
