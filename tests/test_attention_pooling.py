@@ -161,3 +161,41 @@ def test_weak_evidence_and_mask_injection_losses_by_hand():
     outside = -torch.log(1 - own.flatten(1)[:, 1:]).mean()
     got = inject(None, {"pool.attention": scores}, targets={**targets, "masks": masks})
     torch.testing.assert_close(got, inside + outside)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,head_mode", [(None, None, 0, "mean"), (None, None, 0, "split"),
+                                                             (2, 2, 0, "mean"), (3, 2, 1, "split")])
+def test_pooling_map_holds_the_weights_the_forward_pass_used(kernel, stride, padding, head_mode):
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    window = {} if kernel is None else dict(kernel=kernel, stride=stride, padding=padding)
+    pool = lap.LAP2d(4, heads=2, head_mode=head_mode, weight_mode="softmax", alpha_init=3.0, init_std=1.0, **window)
+    plane = torch.randn(2, 1, 6, 6, generator=generator)
+    # every channel the same plane: each output is the channel-mean weight map times the plane, window by window
+    out = pool(plane.expand(2, 4, 6, 6))
+    weights = pool.pooling_map
+    assert weights.shape == (2, 6, 6)
+    if kernel is None:
+        torch.testing.assert_close(out.mean(1).flatten(), (weights * plane[:, 0]).sum((1, 2)))
+        torch.testing.assert_close(weights.sum((1, 2)), torch.ones(2))
+    else:
+        # the windows' pooled values sum to the map-weighted plane (each position weighed in every window it is in)
+        torch.testing.assert_close(out.mean(1).sum((1, 2)), (weights * plane[:, 0]).sum((1, 2)))
+        windows = out.shape[-1] * out.shape[-2]
+        torch.testing.assert_close(weights.sum((1, 2)), torch.full((2,), float(windows)))
+    assert (pool.pooling_departure > 0).all() and (pool.pooling_departure < 1).all()
+
+
+def test_pooling_departure_is_zero_for_average_pooling_and_one_minus_one_over_n_for_one_position():
+    x = torch.randn(2, 3, 4, 4)
+    uniform = nn.Sequential(lap.LAP2d(3, heads=1, init_std=0.0, flatten=True))
+    torch.testing.assert_close(lap.pooling_departure(uniform, x, batch_size=1, device="cpu"), torch.zeros(2))
+    torch.testing.assert_close(uniform[0].pooling_map, torch.full((1, 4, 4), 1 / 16))  # the last batch of one
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 2] = 1.0
+    sharp = _self_scored(1, 1e7)
+    sharp(x)
+    torch.testing.assert_close(sharp.pooling_departure, torch.tensor([1 - 1 / 16]))
+    assert sharp.pooling_map[0, 1, 2] == pytest.approx(1.0) and sharp.pooling_map.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no LAP layer"):
+        lap.pooling_departure(nn.Conv2d(3, 3, 1), x)

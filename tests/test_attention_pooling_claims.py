@@ -80,6 +80,19 @@ def test_claims_are_not_judged_on_a_network_that_did_not_learn_and_a_failed_sani
     assert verdicts["L8"] == "refuted" and verdicts["L7"] == "confirmed"
 
 
+def test_holm_family_is_per_claim_by_default_and_said_in_every_note():
+    tables = _tables(gain=2.0)
+    reference = load_reference("02_local_attention_pooling")
+    per_claim = {r.claim_id: r for r in lp.claim_results(*tables, reference, main="weak", profile="default")}
+    together = {r.claim_id: r for r in lp.claim_results(*tables, reference, main="weak", profile="default",
+                                                        holm_family="notebook")}
+    assert "Holm over this claim's 2 tests" in per_claim["L4"].note  # energy and accuracy on one network
+    assert "Holm over the notebook's" in together["L4"].note
+    assert per_claim["L4"].ours != together["L4"].ours  # the same effects, adjusted in a smaller family
+    with pytest.raises(ValueError, match="holm_family"):
+        lp.claim_results(*tables, reference, main="weak", profile="default", holm_family="seeds")
+
+
 def test_settings_refuse_networks_outside_networks():
     with pytest.raises(ValueError, match="scratch_networks"):
         lp.LAPSettings(networks=("resnet18",), scratch_networks=("alexnet_bn",), injection_networks=(),
@@ -94,6 +107,8 @@ def test_settings_refuse_networks_outside_networks():
     (dict(ig_steps=0), "ig_steps"),
     (dict(perturbation_steps=0), "perturbation_steps"),
     (dict(lap=lp.LAPConfig(init_std=-1.0)), "lap.init_std"),
+    (dict(lap_map="attention"), "lap_map 'attention'"),
+    (dict(holm_family="paper"), "holm_family 'paper'"),
 ])
 def test_settings_refuse_unknown_names_and_steps_before_any_training(change, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(")) as error:

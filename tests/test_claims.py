@@ -9,7 +9,7 @@ from scipy import stats
 from statsmodels.stats.power import TTestPower
 
 from replication.reporting.claims import (
-    ClaimTest, Effect, bound_effect, cluster_means, combine, conjunction, judge, judge_tests, mean_spread,
+    ClaimTest, Effect, bound_effect, cluster_means, combine, conjunction, family_key, judge, judge_tests, mean_spread,
     minimal_detectable_effect, network_verdicts, paired_effect,
 )
 
@@ -151,3 +151,19 @@ def test_judged_tests_share_one_holm_family_and_are_worded_per_network():
                                 f"MDE {mde:.2f} at Holm's level 0.025 -> inconclusive")
     assert judged[1].mde > minimal_detectable_effect(5, 1.0, 0.05)  # stricter than the unadjusted level
     assert judged[3].text(1, "before ") == "vgg: before -2.0 [-3.0, -1.0] 95% CI, SD 1.0, n=5 seeds, p(Holm) 0.004 -> refuted"
+
+
+def test_per_claim_families_apply_holm_within_each_claim():
+    tests = [ClaimTest("N1", "vgg", effect(0.01), "accuracy"), ClaimTest("N1", "vgg", effect(0.03), "units"),
+             ClaimTest("N1", "resnet", effect(0.04), "accuracy"), ClaimTest("N4", "vgg", effect(0.04, mean=-2.0))]
+    judged = judge_tests(tests, family=family_key("claim"))
+    # N1: Holm over its three tests (0.03, 0.06, 0.06); N4 alone keeps its p
+    assert [j.p_holm for j in judged] == pytest.approx([0.03, 0.06, 0.06, 0.04])
+    assert [j.verdict for j in judged] == ["confirmed", "inconclusive", "inconclusive", "refuted"]
+    # within N1 one of three rejected: the next rejection needs 0.05 / 2
+    assert judged[1].mde_level == pytest.approx(0.025)
+    one_family = judge_tests(tests, family=family_key("notebook"))
+    assert [j.p_holm for j in one_family] == [j.p_holm for j in judge_tests(tests)]
+    assert one_family[3].verdict == "inconclusive"  # 0.04 x 4 tests in one family
+    with pytest.raises(ValueError, match="holm_family 'paper'"):
+        family_key("paper")

@@ -10,7 +10,9 @@ The rule (the same in every notebook):
   difference (`paired_effect`) or a value against a stated bound (`bound_effect`).
 - The effect gets a two-sided 95% confidence interval (t with n-1 degrees of freedom) and a two-sided
   t-test against the null or the bound (scipy.stats).
-- A notebook's tests form one family: `judge` adjusts their p-values by Holm's method and calls a claim
+- A notebook's tests form one family (or, declared in advance, one family per claim: `judge_tests(...,
+  family=by_claim)`, which bounds the chance of a false verdict per claim rather than per notebook):
+  `judge` adjusts their p-values by Holm's method and calls a claim
   confirmed when the adjusted test rejects on the paper's side, refuted when it rejects on the other
   side, and inconclusive otherwise, reported with the minimal detectable effect at 80% power for the
   n used (statsmodels) at the level the family asks of it: with r of the family's m tests rejected, a
@@ -27,7 +29,7 @@ The rule (the same in every notebook):
 - Every ± names its spread: `mean_spread(values, "SD")` or `"SE"`.
 
 A method's claims module builds one `ClaimTest` per (claim, network, condition), judges them together
-with `judge_tests` (one Holm family per notebook) and words each network's outcome with `Judged.text`.
+with `judge_tests` (one Holm family per notebook unless it declares per-claim families) and words each network's outcome with `Judged.text`.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -245,19 +247,41 @@ class Judged:
         return f"{words} -> {self.verdict}"
 
 
-def judge_tests(tests: Sequence[ClaimTest]) -> list[Judged]:
-    """Every test of one notebook judged as one Holm family (see the module docstring)."""
-    effects = [t.effect for t in tests]
-    adjusted = holm_p_values(effects)
-    verdicts = [_verdict(e, p) for e, p in zip(effects, adjusted)]
-    testable = sum(not math.isnan(p) for p in adjusted)
-    rejected = sum(v in ("confirmed", "refuted") for v in verdicts)
-    judged = []
-    for t, p, verdict in zip(tests, adjusted, verdicts):
-        level = ALPHA / (t.effect.searched * max(testable - rejected, 1)) if not math.isnan(p) else math.nan
-        mde = minimal_detectable_effect(t.effect.n, t.effect.sd, level) if not math.isnan(p) else math.nan
-        judged.append(Judged(t, p, verdict, level, mde))
+def judge_tests(tests: Sequence[ClaimTest], *, family: Callable[[ClaimTest], Hashable] | None = None) -> list[Judged]:
+    """Every test of one notebook judged by Holm's method (see the module docstring): as one family, or, when
+    `family` maps each test to a key (e.g. its claim, `by_claim`), one family per key, declared before the
+    data are seen and said in the notebook's decisions."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, test in enumerate(tests):
+        groups.setdefault(family(test) if family else None, []).append(index)
+    judged: list[Judged | None] = [None] * len(tests)
+    for members in groups.values():
+        effects = [tests[i].effect for i in members]
+        adjusted = holm_p_values(effects)
+        verdicts = [_verdict(e, p) for e, p in zip(effects, adjusted)]
+        testable = sum(not math.isnan(p) for p in adjusted)
+        rejected = sum(v in ("confirmed", "refuted") for v in verdicts)
+        for i, p, verdict in zip(members, adjusted, verdicts):
+            effect = tests[i].effect
+            level = ALPHA / (effect.searched * max(testable - rejected, 1)) if not math.isnan(p) else math.nan
+            mde = minimal_detectable_effect(effect.n, effect.sd, level) if not math.isnan(p) else math.nan
+            judged[i] = Judged(tests[i], p, verdict, level, mde)
     return judged
+
+
+HOLM_FAMILIES = ("notebook", "claim")  # a notebook's Holm family choices (`holm_family`), its key being `family_key`
+
+
+def family_key(holm_family: str) -> Callable[[ClaimTest], Hashable] | None:
+    """`judge_tests`' `family` for a notebook's `holm_family` setting (ValueError for an unknown one)."""
+    if holm_family not in HOLM_FAMILIES:
+        raise ValueError(f"holm_family {holm_family!r} is not one of {HOLM_FAMILIES}.")
+    return by_claim if holm_family == "claim" else None
+
+
+def by_claim(test: ClaimTest) -> str:
+    """The family key of per-claim Holm families (`judge_tests(..., family=by_claim)`)."""
+    return test.claim_id
 
 
 def conjunction(verdicts: Sequence[str]) -> str:

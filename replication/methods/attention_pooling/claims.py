@@ -3,7 +3,9 @@
 Units of replication: training seeds for accuracy and for the injection ablation (L2-L5: each seed is a
 network of notebook 00 and its LAP versions); for map validity and faithfulness on one network (L1,
 L7, L8) the classes of the explained images (per-image values averaged per class: images of one class
-are not independent). All tests form one Holm family. Per network a claim with several conditions is
+are not independent). The Holm family is a setting (`holm_family`): one per claim (the default, fixed before the
+run it judges: the seed-level claims L2-L5 have n = 3 and could not reach the level of a ~60-test family) or
+the notebook's tests together. Per network a claim with several conditions is
 their `conjunction`; networks are joined by `combine`.
 
 - L1: LAP's maps against a random map (the control), on pointing game, energy and pixel AUROC (higher),
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from replication.reporting.claims import (ClaimResult, ClaimTest, Judged, bound_effect, cluster_means, combine,
-                                          conjunction, judge_tests, paired_effect)
+                                          conjunction, family_key, judge_tests, paired_effect)
 
 SEEDS = "training seeds"
 CLASSES = "classes (image values averaged per class)"
@@ -120,9 +122,11 @@ def unlearned_networks(accuracy: pd.DataFrame, min_val_acc: float) -> dict[str, 
 
 def claim_results(accuracy: pd.DataFrame, metrics: pd.DataFrame, injection: pd.DataFrame, sanity: pd.DataFrame,
                   reference: Mapping[str, Any], *, main: str, profile: str, tolerance: float = 1.0,
-                  max_spearman: float = 0.5, min_val_acc: float = 80.0) -> list[ClaimResult]:
+                  max_spearman: float = 0.5, min_val_acc: float = 80.0, holm_family: str = "claim") -> list[ClaimResult]:
     """The claims table of notebook 02 (see the module docstring); a reduced-run note under every profile but
-    `paper`; networks that have not learned the task (`unlearned_networks`) are left out of every test."""
+    `paper`; networks that have not learned the task (`unlearned_networks`) are left out of every test;
+    `holm_family` "claim" (one Holm family per claim) or "notebook" (all tests together)."""
+    family_of = family_key(holm_family)
     claims = {c["id"]: c for c in reference["claims"]}
     blocked = unlearned_networks(accuracy, min_val_acc)
 
@@ -131,10 +135,15 @@ def claim_results(accuracy: pd.DataFrame, metrics: pd.DataFrame, injection: pd.D
 
     accuracy, metrics, injection = kept(accuracy), kept(metrics), kept(injection)
     tests = claim_tests(accuracy, metrics, injection, main=main, tolerance=tolerance)
-    judged = judge_tests(tests)
+    judged = judge_tests(tests, family=family_of)
     sanity_ok = sanity_passes(sanity, max_spearman=max_spearman)
     reduced = "" if profile == "paper" else f"REDUCED RUN ({profile}); "
-    family = f"; Holm over the notebook's {len(tests)} tests"
+    family_sizes = {c: sum(t.claim_id == c for t in tests) for c in CLAIM_IDS}
+
+    def family(claim: str) -> str:
+        if holm_family == "notebook":
+            return f"; Holm over the notebook's {len(tests)} tests"
+        return f"; Holm over this claim's {family_sizes[claim]} tests (one family per claim, see the decisions)"
     seeds = ", ".join(str(s) for s in sorted(set(accuracy.seed)))
 
     def by(claim: str) -> dict[str, list[Judged]]:
@@ -190,5 +199,5 @@ def claim_results(accuracy: pd.DataFrame, metrics: pd.DataFrame, injection: pd.D
     }
     units = {"L1": CLASSES, "L2": SEEDS, "L3": SEEDS, "L4": SEEDS, "L5": SEEDS, "L6": "datasets, n=1", "L7": CLASSES, "L8": CLASSES}
     return [ClaimResult(claim_id=cid, claim=claims[cid]["claim"], paper=claims[cid]["paper"], ours=rows[cid][1],
-                        verdict=rows[cid][0], note=reduced + notes[cid] + ("" if cid == "L6" else family),
+                        verdict=rows[cid][0], note=reduced + notes[cid] + ("" if cid == "L6" else family(cid)),
                         unit=units[cid], seeds=f"training seeds {seeds}") for cid in CLAIM_IDS]

@@ -33,11 +33,12 @@ from replication.analysis.attribution import LRP_COMPOSITES, explain
 from replication.data.classification import ClassificationDataset
 from replication.data.subsets import InMemoryDataset, seeded_indices
 from replication.methods.attention_pooling.layer import (COMBINE_RULES, HEAD_MODES, INIT_STD, WEIGHT_MODES, insert_lap,
-                                                         interpretation_map, lap_layers)
+                                                         interpretation_map, lap_layers, pooling_departure)
 from replication.methods.attention_pooling.losses import AttentionSparsity, MaskInjectionLoss, WeakEvidenceLoss
 from replication.models.anatomy import anatomy_of
 from replication.models.backbones import BackboneConfig
 from replication.models.pretrained import PRETRAINED
+from replication.reporting.claims import HOLM_FAMILIES
 from replication.runtime import resolve_device
 from replication.training.classifiers import BaselineSettings, accuracy_report, train_baselines, train_world_classifier
 from replication.training.loop import Recipe, TrainConfig, TrainResult, train_cached
@@ -45,6 +46,7 @@ from replication.training.loop import Recipe, TrainConfig, TrainResult, train_ca
 VARIANTS = ("plain", "weak", "weak+mask")  # loss terms of a LAP network: none, L_pos + L_neg, and + L_in + L_out
 CONTROL = "random"
 EXPLAINERS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
+LAP_MAPS = ("pooling", "class_head")  # LAP's explanation: the weights it pooled with, or the class's attention head
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,12 @@ class LAPSettings:
     (λ_s), `top_k`. Explanations: `explained_networks` (first seed), `images` val images (seeded by
     `subset_seed`), `ig_steps`, `lrp_composite`, `perturbation_steps`, `insertion_blur`, `pointing_tolerance`,
     `sanity_images`, `control_draws` (seeded random maps per image whose deletion and insertion curves are
-    averaged for the control; its validity is the exact expectation of a random map). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
-    `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it)."""
+    averaged for the control; its validity is the exact expectation of a random map). `lap_map`: which map
+    is LAP's explanation, "pooling" (the weights its layers pooled with, head-mean: what the logits were
+    computed from) or "class_head" (the explained class's attention head, for models trained with the
+    class-tying weak losses; the mean attention otherwise). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
+    `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it), `holm_family`
+    ("claim": one Holm family per claim; "notebook": all tests in one)."""
 
     networks: tuple[str, ...] = ("resnet18", "alexnet_bn", "efficientnet_lite0")
     lap: LAPConfig = LAPConfig()
@@ -106,9 +112,11 @@ class LAPSettings:
     pointing_tolerance: int = 0
     sanity_images: int = 16
     control_draws: int = 8
+    lap_map: str = "pooling"
     accuracy_tolerance: float = 1.0
     sanity_max_spearman: float = 0.5
     min_val_acc: float = 80.0
+    holm_family: str = "claim"
 
     def __post_init__(self):
         problems = []
@@ -126,7 +134,9 @@ class LAPSettings:
         for name, value, allowed in (("lrp_composite", self.lrp_composite, LRP_COMPOSITES),
                                      ("lap.combine", self.lap.combine, COMBINE_RULES),
                                      ("lap.weight_mode", self.lap.weight_mode, WEIGHT_MODES),
-                                     ("lap.head_mode", self.lap.head_mode, HEAD_MODES)):
+                                     ("lap.head_mode", self.lap.head_mode, HEAD_MODES),
+                                     ("lap_map", self.lap_map, LAP_MAPS),
+                                     ("holm_family", self.holm_family, HOLM_FAMILIES)):
             if value not in allowed:
                 problems.append(f"{name} {value!r} is not one of {allowed}")
         if self.ig_steps < 1 or self.perturbation_steps < 1 or self.pointing_tolerance < 0:
@@ -296,15 +306,19 @@ class InMemoryView(torch.utils.data.Dataset):
         return self.data.images[index], self.data.targets[index]
 
 
-def map_head(settings: LAPSettings, variant: str) -> str:
-    """Which head LAP's map reads: the predicted class's head when a loss ties heads to classes, else the mean."""
+def map_head(settings: LAPSettings, variant: str, lap_map: str | None = None) -> str:
+    """Which map of LAP is read (`lap_map`, default `settings.lap_map`): "pooling", the weights it pooled
+    with; for "class_head" the explained class's head when a loss ties heads to classes, else the mean."""
+    if (lap_map or settings.lap_map) == "pooling":
+        return "pooling"
     return "class" if settings.lap.class_heads and variant != "plain" else "mean"
 
 
-def lap_explainer(settings: LAPSettings, variant: str):
-    """LAP's own map as an `explain` method (the target's head for class heads)."""
+def lap_explainer(settings: LAPSettings, variant: str, lap_map: str | None = None):
+    """LAP's own map as an `explain` method (`map_head`; the target's head for class heads)."""
     def run(model, images, target):
-        head = target if map_head(settings, variant) == "class" else "mean"
+        head = map_head(settings, variant, lap_map)
+        head = target if head == "class" else head
         return interpretation_map(model, images, combine=settings.lap.combine, head=head)[0]
     return run
 
@@ -442,6 +456,26 @@ def _accuracy(model: nn.Module, data: EvidenceSet, batch_size: int, device) -> f
     return 100 * correct / len(data)
 
 
+def injection_validity(model: nn.Module, images: EvidenceSet, settings: LAPSettings, variant: str, *, batch_size: int,
+                       device: str | torch.device | None = None) -> dict[str, float]:
+    """LAP map validity on the explained images (constant maps counted; pointing, energy, pixel AUROC means)
+    for the explained map (`settings.lap_map`), and, for a "pooling" explanation, the class head's energy
+    (`class_head_energy`: what the weak and mask losses train, diluted in the pooling by the other heads)."""
+    masks = images.masks[:, 0] > 0.5
+    out = {}
+    readings = {"": settings.lap_map} | ({"class_head_": "class_head"} if settings.lap_map == "pooling" else {})
+    for prefix, lap_map in readings.items():
+        maps = explain(model, images.images, lap_explainer(settings, variant, lap_map), batch_size=batch_size, device=device)
+        if prefix:
+            out[prefix + "energy"] = float(loc.energy_in_mask(maps, masks).nanmean())
+            continue
+        out.update(constant_maps=int(loc.constant_maps(maps).sum()),
+                   pointing=float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
+                   energy=float(loc.energy_in_mask(maps, masks).nanmean()),
+                   auroc=float(loc.pixel_auroc(maps, masks).nanmean()))
+    return out
+
+
 def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Subject], train_set: EvidenceSet,
                    val_set: EvidenceSet, *, batch_size: int, device: str | torch.device | None = None) -> Runs:
     """Every training and measurement of the notebook (see `Runs`): per subject, LAP inserted (accuracy
@@ -457,7 +491,8 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             torch.manual_seed(subject.recipe.seed)
             inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {},
                                  image_size=int(train_set.images.shape[-1]), start=subject.model).build()
-        rows.append({"network": name, "seed": seed, "model": "LAP inserted", "val_acc": _accuracy(inserted, val_set, batch_size, device)})
+        rows.append({"network": name, "seed": seed, "model": "LAP inserted", "val_acc": _accuracy(inserted, val_set, batch_size, device),
+                     "pooling_departure": float(pooling_departure(inserted, images.images, batch_size=batch_size, device=device).mean())})
         runs = [(variant, False) for variant in settings.variants_of(name)]
         if name in settings.scratch_networks:
             runs.append((settings.main_variant, True))
@@ -465,16 +500,14 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             result = train_lap(subject, variant, settings, train_set, val_set, from_scratch=scratch, device=device)
             label = f"LAP {'scratch' if scratch else 'fine-tuned'} ({variant})"
             models[name, seed, label] = result.model
-            rows.append({"network": name, "seed": seed, "model": label, "val_acc": 100 * result.history.val_acc.iloc[-1]})
+            departure = float(pooling_departure(result.model, images.images, batch_size=batch_size, device=device).mean())
+            rows.append({"network": name, "seed": seed, "model": label, "val_acc": 100 * result.history.val_acc.iloc[-1],
+                         "pooling_departure": departure})
             histories.append(result.history.assign(network=name, seed=seed, model=label))
             if not scratch and name in settings.injection_networks:
-                maps = explain(result.model, images.images, lap_explainer(settings, variant), batch_size=batch_size, device=device)
-                masks = images.masks[:, 0] > 0.5
                 injection.append({"network": name, "seed": seed, "variant": variant, "val_acc": rows[-1]["val_acc"],
-                                  "constant_maps": int(loc.constant_maps(maps).sum()),
-                                  "pointing": float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
-                                  "energy": float(loc.energy_in_mask(maps, masks).nanmean()),
-                                  "auroc": float(loc.pixel_auroc(maps, masks).nanmean())})
+                                  "pooling_departure": departure,
+                                  **injection_validity(result.model, images, settings, variant, batch_size=batch_size, device=device)})
     maps_by_network, metrics, curves, seconds, sanity = {}, [], {}, [], []
     for name in settings.explained_networks:
         seed = min(s for n, s in subjects if n == name)
@@ -499,9 +532,15 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
 
 
 def accuracy_summary(accuracy: pd.DataFrame) -> pd.DataFrame:
-    """Val accuracy (%) per network and model: mean, SD over seeds and the number of seeds."""
-    return (accuracy.groupby(["network", "model"], sort=False).val_acc.agg(["mean", "std", "count"])
-            .rename(columns={"mean": "val_acc_mean", "std": "val_acc_sd", "count": "seeds"}))
+    """Val accuracy (%) per network and model: mean, SD over seeds and the number of seeds; and the mean
+    departure of LAP's pooling from average pooling on the explained images (`pooling_departure`, NaN for
+    the original networks)."""
+    groups = accuracy.groupby(["network", "model"], sort=False)
+    table = (groups.val_acc.agg(["mean", "std", "count"])
+             .rename(columns={"mean": "val_acc_mean", "std": "val_acc_sd", "count": "seeds"}))
+    if "pooling_departure" in accuracy:
+        table["pooling_departure"] = groups.pooling_departure.mean()
+    return table
 
 
 def metrics_summary(metrics: pd.DataFrame) -> pd.DataFrame:

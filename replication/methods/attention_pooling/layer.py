@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from replication.models.anatomy import anatomy_of
 from replication.models.hooks import get_module
 from replication.models.surgery import replace_module
+from replication.runtime import resolve_device
 
 WEIGHT_MODES = ("gauss_max", "softmax", "tf_third_party")
 INIT_STD = 1e-2  # SD of the attention block's last-conv weights at initialisation (see the module docstring)
@@ -71,7 +72,11 @@ class LAP2d(nn.Module):
     B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
     module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
     scores). `init_std`: the SD of the attention block's last-conv weights at initialisation (module
-    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block).
+    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block),
+    `pooling_map` (B × H × W) the weight each input position gets in the pooling, the mean over heads (or
+    channels) of the window weights actually used (summed where windows overlap), and `pooling_departure`
+    (B) each image's mean over windows of the total-variation distance of those weights from average
+    pooling (0: the layer average-pools; 1: all weight on one position), both detached.
     Inside `lrp_linear()` the window weights are constants (detached), so the layer is linear in its input
     and LRP's rule for pools (zennit's `Norm`, `analysis.attribution`) gives R_p = w_p X_p / Σ_q w_q X_q · R."""
 
@@ -99,6 +104,8 @@ class LAP2d(nn.Module):
         self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(float(alpha_init))))
         self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction, init_std)
         self.attention_map: torch.Tensor | None = None
+        self.pooling_map: torch.Tensor | None = None
+        self.pooling_departure: torch.Tensor | None = None
         self.constant_weights = False
 
     @contextmanager
@@ -131,6 +138,18 @@ class LAP2d(nn.Module):
         valid = F.unfold(x.new_ones(1, 1, h, w), **args).view(1, 1, self.kernel ** 2, -1).transpose(2, 3)
         return windows, valid, out
 
+    def _record_pooling(self, used: torch.Tensor, valid: torch.Tensor, plane: torch.Tensor) -> None:
+        """`pooling_map` and `pooling_departure` from the weights used (B × L × P, averaged over heads);
+        `plane` (B × H × W) carries the input's shape (a tensor, so that torch.fx can trace the forward)."""
+        normalised = used / used.sum(-1, keepdim=True).clamp_min(1e-30)
+        uniform = valid[0] / valid[0].sum(-1, keepdim=True)
+        self.pooling_departure = 0.5 * (normalised - uniform).abs().sum(-1).mean(-1)
+        if self.kernel is None:
+            self.pooling_map = used.reshape_as(plane)
+        else:
+            self.pooling_map = F.fold(used.transpose(1, 2), plane.shape[-2:], kernel_size=self.kernel, padding=self.padding,
+                                      stride=self.stride)[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.attention(x)  # B × heads × H × W (no shape check here: torch.fx traces this forward)
         attention = torch.sigmoid(scores)
@@ -142,6 +161,7 @@ class LAP2d(nn.Module):
             weights = torch.exp(-self.alpha ** 2 * (top - features) ** 2).masked_fill(invalid, 0)
             weights = weights.detach() if self.constant_weights else weights
             pooled = ((weights * features + TF_EPS) * valid).sum(-1) / valid.sum(-1)
+            self._record_pooling(weights.detach().mean(1) / valid.sum(-1, keepdim=True)[:, 0], valid, x[:, 0])
         else:
             if self.weight_mode == "gauss_max":
                 a, _, _ = self._windows(attention)
@@ -157,6 +177,7 @@ class LAP2d(nn.Module):
                 b, c, windows, positions = features.shape
                 grouped = features.view(b, self.heads, c // self.heads, windows, positions)
                 pooled = (weights.unsqueeze(2) * grouped).sum(-1).reshape(b, c, windows)
+            self._record_pooling(weights.detach().mean(1), valid, x[:, 0])
         out = pooled.view(x.shape[0], x.shape[1], *grid)
         return out.flatten(1) if self.flatten else out
 
@@ -226,18 +247,19 @@ def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads
     return names
 
 
-def layer_maps(model: nn.Module, *, head: str | int | torch.Tensor = "mean") -> dict[str, torch.Tensor]:
-    """Each LAP layer's attention from the last forward pass as B × h × w: the mean over heads, one
-    head (int), or one head per image (`head` a B-vector, e.g. the predicted classes of class heads)."""
+def layer_maps(model: nn.Module, *, head: str | int | torch.Tensor = "pooling") -> dict[str, torch.Tensor]:
+    """Each LAP layer's map from the last forward pass as B × h × w: "pooling", the weights the layer pooled
+    with (`LAP2d.pooling_map`: what the forward pass used); or its attention A: "mean" over heads, one head
+    (int), or one head per image (`head` a B-vector, e.g. the predicted classes of class heads)."""
     maps = {}
     for name, layer in lap_layers(model).items():
         attention = layer.attention_map
         if attention is None:
             raise ValueError(f"LAP layer {name} has no attention map yet; run a forward pass first.")
         if isinstance(head, str):
-            if head != "mean":
-                raise ValueError(f"head={head!r}: give 'mean', a head index or one index per image.")
-            maps[name] = attention.mean(1)
+            if head not in ("pooling", "mean"):
+                raise ValueError(f"head={head!r}: give 'pooling', 'mean', a head index or one index per image.")
+            maps[name] = layer.pooling_map if head == "pooling" else attention.mean(1)
         elif isinstance(head, int):
             maps[name] = attention[:, head]
         else:
@@ -260,12 +282,31 @@ def combine_maps(maps: Sequence[torch.Tensor], size: tuple[int, int], rule: str 
 
 
 def interpretation_map(model: nn.Module, images: torch.Tensor, *, combine: str = "prod",
-                       head: str | torch.Tensor = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+                       head: str | torch.Tensor = "pooling") -> tuple[torch.Tensor, torch.Tensor]:
     """LAP's own explanation: one forward pass of `model` (its mode unchanged, no gradients) -> (maps
-    B × H × W at the images' size, logits). `head` "class" reads each image's predicted-class head
-    (class-specific heads), "mean" the mean over heads, or a B-vector of head indices."""
+    B × H × W at the images' size, logits). `head` "pooling" reads the weights each layer pooled with,
+    "class" each image's predicted-class head of the attention (class-specific heads), "mean" the mean
+    attention over heads, or a B-vector of head indices."""
     with torch.no_grad():
         logits = model(images)
         chosen = logits.argmax(1) if isinstance(head, str) and head == "class" else head
         maps = layer_maps(model, head=chosen)
     return combine_maps(list(maps.values()), tuple(images.shape[-2:]), combine), logits
+
+
+def pooling_departure(model: nn.Module, images: torch.Tensor, *, batch_size: int = 64,
+                      device: str | torch.device | None = None) -> torch.Tensor:
+    """Per image, how far `model`'s LAP layers pool from average pooling: the mean over layers of
+    `LAP2d.pooling_departure` (0: every layer average-pools; 1: all weight on one position per window).
+    Forward passes in batches of `batch_size` on `device` (`runtime.resolve_device`), no gradients."""
+    layers = list(lap_layers(model).values())
+    if not layers:
+        raise ValueError(f"pooling_departure: {type(model).__name__} has no LAP layer.")
+    target = resolve_device(device)
+    model.to(target)
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size].to(target))
+            values.append(torch.stack([layer.pooling_departure for layer in layers]).mean(0).cpu())
+    return torch.cat(values)
