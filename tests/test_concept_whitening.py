@@ -411,3 +411,13 @@ def test_profile_cw_layers_are_batchnorms_of_their_networks(profile):
         for layer in (settings.layers[network], settings.second_layers.get(network)):
             if layer is not None:
                 assert isinstance(get_module(model, layer), nn.BatchNorm2d), (profile, network, layer)
+
+
+def test_each_placement_of_a_run_has_its_own_name():
+    from replication.methods.concept_whitening.experiment import MAIN, SECOND_DEPTH, TWO_DEPTHS, Finetuned
+    runs = [Finetuned("resnet18", 1, "ancestor", ("layer4.1.bn1",), None, None),
+            Finetuned("resnet18", 1, "ancestor", ("layer3.0.bn1",), None, None, SECOND_DEPTH),
+            Finetuned("resnet18", 1, "ancestor", ("layer3.0.bn1", "layer4.1.bn1"), None, None, TWO_DEPTHS)]
+    assert runs[0].placement == MAIN
+    assert [r.name for r in runs] == ["resnet18_s1_ancestor", "resnet18_s1_ancestor_layer3.0.bn1",
+                                      "resnet18_s1_ancestor_layer3.0.bn1+layer4.1.bn1"]

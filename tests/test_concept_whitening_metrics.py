@@ -109,7 +109,7 @@ def synthetic_study(h1_gain=0.1, seeds=(0, 1, 2, 3), gap_gain=None, matched_gain
             variants = [("bn", 0.0, 0.0), ("flat", 0.5 * h1_gain, 0.1), ("ancestor", h1_gain, 0.1 + gap_gain)]
             variants += [] if matched_gain is None else [("matched", matched_gain, 0.1)]
             for variant, shift, gap in variants:
-                base = {"network": network, "seed": seed, "variant": variant, "cw_layers": 1, "layer": "l"}
+                base = {"network": network, "seed": seed, "variant": variant, "cw_layers": 1, "placement": "main", "layer": "l"}
                 name = f"{network}_{seed}_{variant}"
                 runs.append({"name": name, **base})
                 aucs += [{"node": n, "depth": TREE.depth(n), "auc": 0.6 + shift + run_noise + 0.01 * rng.standard_normal(),

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from replication.methods.concept_whitening.experiment import MAIN
 from replication.reporting.claims import (ClaimResult, ClaimTest, Judged, bound_effect, combine, conjunction,
                                           judge_tests, mean_spread, network_verdicts, paired_effect)
 
@@ -26,8 +27,9 @@ HIERARCHICAL, FLAT, BN, MATCHED = "ancestor", "flat", "bn", "matched"
 ONE_RUN = "not testable here"
 
 
-def _single_layer(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[frame.cw_layers == 1]
+def _main_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs with CW at the network's main layer (the claims' runs; not the depth runs)."""
+    return frame[frame.placement == MAIN]
 
 
 def _per_seed(frame: pd.DataFrame, network: str, variant: str, column: str, keep: Sequence[str] | None = None,
@@ -52,7 +54,7 @@ def leaf_rows(similarity: Mapping[str, pd.DataFrame], runs: pd.DataFrame) -> pd.
     """One row per run and leaf: its mean off-diagonal Q (`inter_intra`) and its within- and across-branch
     means, from each run's similarity matrix (`similarity[name]`) and branch table."""
     rows = []
-    for run in _single_layer(runs).itertuples():
+    for run in _main_runs(runs).itertuples():
         q = similarity[run.name]
         values = q.to_numpy()
         off = values[~np.eye(len(values), dtype=bool)].reshape(len(values), -1).mean(1)
@@ -64,7 +66,7 @@ def leaf_rows(similarity: Mapping[str, pd.DataFrame], runs: pd.DataFrame) -> pd.
 
 def replicated_networks(auc: pd.DataFrame) -> dict[str, bool]:
     """Per network (first-seen order): whether it has two or more seeds, i.e. testable over runs."""
-    auc = _single_layer(auc)
+    auc = _main_runs(auc)
     return {n: auc[auc.network == n].seed.nunique() >= 2 for n in dict.fromkeys(auc.network)}
 
 
@@ -84,7 +86,7 @@ def claim_tests(auc: pd.DataFrame, leaves: pd.DataFrame, branches: pd.DataFrame,
     H1 than with flat CW (H1 - H0 contrast); T4 mean off-diagonal Q of the concept axes lower with H1 than with BN, and
     not above flat CW's by more than `similarity_margin`; T5 val accuracy (mean over classes) of H1 minus
     BN above -`accuracy_tolerance` points."""
-    auc, classes, branches = _single_layer(auc), _single_layer(classes), _single_layer(branches)
+    auc, classes, branches = _main_runs(auc), _main_runs(classes), _main_runs(branches)
     tests = []
     for network, replicated in replicated_networks(auc).items():
         if not replicated:
@@ -117,7 +119,7 @@ def claim_tests(auc: pd.DataFrame, leaves: pd.DataFrame, branches: pd.DataFrame,
 def descriptive(auc: pd.DataFrame, leaves: pd.DataFrame, network: str) -> str:
     """A single run's node- and leaf-level differences (mean ± SD over units), for description only:
     the units of one run are not independent replicates."""
-    auc = _single_layer(auc)
+    auc = _main_runs(auc)
     h1, h0, bn = (_per_unit(auc, network, v, "node", "auc") for v in (HIERARCHICAL, FLAT, BN))
     q1, q0 = (_per_unit(leaves, network, v, "leaf", "inter_intra") for v in (HIERARCHICAL, FLAT))
     return (f"{network}: {ONE_RUN} (one run); descriptive, nodes/leaves of that run: AUC H1 - BN "

@@ -31,6 +31,7 @@ from replication.training.classifiers import BaselineSettings, train_baselines, 
 from replication.training.loop import Recipe, TrainConfig, predict, train_cached
 
 VARIANTS = ("bn", "flat", "ancestor", "matched")
+MAIN, SECOND_DEPTH, TWO_DEPTHS = "main", "second depth", "two depths"  # where a run's CW sits (`Finetuned.placement`)
 VARIANT_NAMES = {"bn": "BN (kept)", "flat": "flat CW (H0)", "ancestor": "hierarchical CW (H1)",
                  "matched": "weight-matched flat CW (H0w)"}
 
@@ -48,8 +49,8 @@ class CWSettings:
     the network's name) trained by `start_recipes[network]` over [train] (notebook 00's recipe for the
     ResNet-18 baseline, notebook 05's for the fine-tuned EfficientNet-Lite0: the same cached models);
     `network_seeds[network]` caps how many of the runtime seeds it uses (None = all). `layers[network]`:
-    the BatchNorm CW replaces; `second_layers[network]`: another depth, whitened in a second run of the
-    hierarchical variant. `levels` of the ConceptWorld tree get an axis each (2: superclasses and
+    the BatchNorm CW replaces; `second_layers[network]`: another depth, where the hierarchical variant is
+    also run alone ("second depth") and together with the main layer ("two depths"). `levels` of the ConceptWorld tree get an axis each (2: superclasses and
     objects); `objective` settings `lambda_h`, alignment `interval`, `concept_batch`, `cayley_steps`,
     activation `mode`; crops per leaf for alignment (train split) and evaluation (val split);
     `finetune`: the budget every variant gets; `folds` of the purity AUC; `importance_images` and
@@ -176,7 +177,9 @@ class FinetuneRecipe(Recipe):
 
 @dataclass
 class Finetuned:
-    """One fine-tuned network: which (network, seed, variant, layers), the model and its history."""
+    """One fine-tuned network: which (network, seed, variant, layers), the model and its history;
+    `placement`: CW at the network's main layer, alone at its second depth, or at both (`MAIN`,
+    `SECOND_DEPTH`, `TWO_DEPTHS`)."""
 
     network: str
     seed: int
@@ -184,10 +187,11 @@ class Finetuned:
     layers: tuple[str, ...]
     model: nn.Module
     history: pd.DataFrame
+    placement: str = MAIN
 
     @property
     def name(self) -> str:
-        return f"{self.network}_s{self.seed}_{self.variant}" + ("" if len(self.layers) < 2 else "_" + "+".join(self.layers))
+        return f"{self.network}_s{self.seed}_{self.variant}" + ("" if self.placement == MAIN else "_" + "+".join(self.layers))
 
 
 @dataclass
@@ -205,7 +209,8 @@ class TaskData:
 
 
 def finetune(subject: Subject, variant: str, layers: Sequence[str], settings: CWSettings, tree: ConceptTree,
-             concepts: ConceptSets, task: TaskData, *, device: str | torch.device | None = None) -> Finetuned:
+             concepts: ConceptSets, task: TaskData, *, placement: str = MAIN,
+             device: str | torch.device | None = None) -> Finetuned:
     """Fine-tune `subject` with the variant's layer(s) (cached: kind "cw_finetune"), `settings.finetune`
     seeded with the subject's seed; with `settings.calibration_images`, the CW layers' running statistics
     are re-estimated before the first alignment and again after fine-tuning (before evaluation)."""
@@ -222,7 +227,7 @@ def finetune(subject: Subject, variant: str, layers: Sequence[str], settings: CW
     result = train_cached("cw_finetune", recipe, train_set, config=config, val_set=val_set, device=device)
     if alignment is not None and calibration is not None:
         calibrate_statistics(result.model, layers, calibration, batch_size=settings.concept_batch)
-    return Finetuned(subject.network, subject.seed, variant, tuple(layers), result.model.eval(), result.history)
+    return Finetuned(subject.network, subject.seed, variant, tuple(layers), result.model.eval(), result.history, placement)
 
 
 def read_layer(finetuned: Finetuned, layer: str) -> str:
@@ -321,7 +326,7 @@ def alignment_trace(finetuned: Finetuned, interval: int) -> pd.DataFrame:
         skipped = trace.groupby("update").accepted.transform(lambda a: not a.all()) | (trace.cayley_step == 0)
         frames.append(trace.assign(skipped=skipped, train_step=trace["update"] * interval, layer=layer,
                                    name=finetuned.name, network=finetuned.network, seed=finetuned.seed,
-                                   variant=finetuned.variant, cw_layers=len(finetuned.layers)))
+                                   variant=finetuned.variant, cw_layers=len(finetuned.layers), placement=finetuned.placement))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -329,23 +334,24 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
               train_concepts: ConceptSets, eval_concepts: ConceptSets, root: str | Path, *,
               batch_size: int, dissection: DissectionConfig | None, device: str | torch.device | None = None) -> Study:
     """Every subject fine-tuned with every variant at its layer (and, for the hierarchical variant, also
-    at its second layer together with the first: CW in two layers), then evaluated (`evaluate_network`;
+    alone at its second layer and at both layers at once: `placement`), then evaluated (`evaluate_network`;
     importance and the dissection on each network's first seed). `train_concepts` (train split) choose
     the BN baseline's best units, `eval_concepts` (val split) score every axis."""
     task = TaskData.load(root)
     finetuned, evaluations, rows, aucs, classes, branches, rotations, traces = {}, {}, [], [], [], [], {}, []
-    jobs = [(s, v, (settings.layers[s.network],)) for s in subjects_.values() for v in settings.variants]
-    jobs += [(s, "ancestor", (settings.second_layers[s.network], settings.layers[s.network]))
-             for s in subjects_.values() if s.network in settings.second_layers and "ancestor" in settings.variants]
+    jobs = [(s, v, (settings.layers[s.network],), MAIN) for s in subjects_.values() for v in settings.variants]
+    for placement in (SECOND_DEPTH, TWO_DEPTHS):
+        jobs += [(s, "ancestor", (settings.second_layers[s.network],) + ((settings.layers[s.network],) if placement == TWO_DEPTHS else ()),
+                  placement) for s in subjects_.values() if s.network in settings.second_layers and "ancestor" in settings.variants]
     first_seed = {}
     for subject in subjects_.values():
         first_seed.setdefault(subject.network, subject.seed)
-    for subject, variant, layers in progress(jobs, desc="fine-tune and evaluate"):
-        run = finetune(subject, variant, layers, settings, tree, train_concepts, task, device=device)
+    for subject, variant, layers, placement in progress(jobs, desc="fine-tune and evaluate"):
+        run = finetune(subject, variant, layers, settings, tree, train_concepts, task, placement=placement, device=device)
         finetuned[run.name] = run
         if variant != "bn":
             traces.append(alignment_trace(run, settings.interval))
-        if variant != "bn" and len(layers) == 1:
+        if variant != "bn" and placement == MAIN:
             cw = get_module(run.model, layers[0])
             rotations[subject.network, subject.seed, variant] = (cw.running_rot.detach().cpu().clone(), int(cw.updates),
                                                                  int(cw.skipped_updates))
@@ -353,12 +359,12 @@ def run_study(settings: CWSettings, subjects_: Mapping[tuple[str, int], Subject]
         for layer in layers:
             name = run.name if len(layers) == 1 else f"{run.name}@{layer}"
             evaluation = evaluate_network(run, layer, tree, train_concepts, eval_concepts,
-                                          task, root, settings, batch_size=batch_size, importance=first and len(layers) == 1,
+                                          task, root, settings, batch_size=batch_size, importance=first and placement == MAIN,
                                           dissection=dissection if first and settings.dissect_axes else None,
                                           seed=subject.seed, device=device)
             evaluations[name] = evaluation
             base = {"name": name, "network": subject.network, "seed": subject.seed, "variant": variant,
-                    "cw_layers": len(layers), "layer": layer}
+                    "cw_layers": len(layers), "placement": placement, "layer": layer}
             rows.append({**base, "start_val_acc": subject.val_accuracy, "val_acc": evaluation.accuracy["accuracy"],
                          "epochs": len(run.history), "minutes": float(run.history["seconds"].sum()) / 60,
                          "mean_auc": float(evaluation.auc.auc.mean()), **evaluation.similarity_summary,
@@ -379,7 +385,7 @@ def dissection_table(study: Study) -> pd.DataFrame:
     frames = [e.dissection.assign(name=name) for name, e in study.evaluations.items() if e.dissection is not None]
     if not frames:
         return pd.DataFrame(columns=["name", "node", "depth", "axis", "label", "iou", "matches"])
-    runs = study.runs.set_index("name")[["network", "variant", "layer", "cw_layers"]]
+    runs = study.runs.set_index("name")[["network", "variant", "layer", "cw_layers", "placement"]]
     return pd.concat(frames, ignore_index=True).join(runs, on="name")
 
 
