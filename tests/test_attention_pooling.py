@@ -163,6 +163,38 @@ def test_weak_evidence_and_mask_injection_losses_by_hand():
     torch.testing.assert_close(got, inside + outside)
 
 
+def test_mask_injection_averages_per_image_and_keeps_its_gradient_at_saturation():
+    scores = torch.zeros(2, 1, 2, 2)
+    scores[0, 0, 0, 0] = 2.0
+    masks = torch.zeros(2, 1, 2, 2)
+    masks[0, 0, 0, 0] = 1.0  # image 0: one evidence cell
+    masks[1, 0, :, :1] = 1.0  # image 1: two evidence cells
+    loss = MaskInjectionLoss(layer="a", weight=1.0)(None, {"a": scores}, targets={"labels": torch.zeros(2, dtype=torch.long),
+                                                                                  "masks": masks})
+    a = torch.sigmoid(scores[:, 0])
+    inside = (-torch.log(a[0, 0, 0]) - torch.log(a[1, :, 0]).mean()) / 2  # per image, then the mean (not pooled)
+    outside = (-torch.log(1 - a[0]).flatten()[1:].mean() - torch.log(1 - a[1, :, 1]).mean()) / 2
+    torch.testing.assert_close(loss, inside + outside)
+    # an evidence cell scored -30: log(sigmoid + eps) would flatten there, logsigmoid keeps d/dS = -1 / cells
+    saturated = torch.full((1, 1, 1, 2), -30.0, requires_grad=True)
+    one = torch.tensor([[[[1.0, 0.0]]]])
+    MaskInjectionLoss(layer="a")(None, {"a": saturated}, targets={"labels": torch.zeros(1, dtype=torch.long),
+                                                                  "masks": one}).backward()
+    assert saturated.grad[0, 0, 0, 0] == pytest.approx(-1.0, abs=1e-6)
+    # an image without evidence adds no inside term (and no NaN)
+    empty = MaskInjectionLoss(layer="a")(None, {"a": torch.zeros(1, 1, 2, 2)},
+                                         targets={"labels": torch.zeros(1, dtype=torch.long), "masks": torch.zeros(1, 1, 2, 2)})
+    torch.testing.assert_close(empty, -torch.log(torch.tensor(0.5)))
+
+
+def test_lap_resets_its_sharpness_for_the_randomisation_check():
+    layer = lap.LAP2d(4, alpha_init=3.0)
+    with torch.no_grad():
+        layer.raw_alpha.add_(2.0)
+    layer.reset_parameters()
+    assert layer.alpha.item() == pytest.approx(3.0)
+
+
 @pytest.mark.parametrize("kernel,stride,padding,head_mode", [(None, None, 0, "mean"), (None, None, 0, "split"),
                                                              (2, 2, 0, "mean"), (3, 2, 1, "split")])
 def test_pooling_map_holds_the_weights_the_forward_pass_used(kernel, stride, padding, head_mode):

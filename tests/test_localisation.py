@@ -160,3 +160,22 @@ def test_randomising_the_model_changes_a_gradient_map():
     assert (table.spearman_mean < 0.9).all()
     same = loc.randomisation_similarity(model, images, lambda network, x: images[:, 0].abs(), seed=1)
     assert np.allclose(same.spearman_mean, 1.0)  # a map that ignores the model fails the check
+
+
+def test_randomisation_scores_a_map_turned_constant_as_uncorrelated_and_keeps_the_global_generator():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    images = torch.randn(3, 3, 8, 8)
+    original = {"model": model}
+
+    def flattens_once_randomised(network, x):
+        return x[:, 0].abs() if network is original["model"] else torch.ones(len(x), 8, 8)
+
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    table = loc.randomisation_similarity(model, images, flattens_once_randomised, seed=1)
+    assert torch.rand(1) == expected_next  # the check's reinitialisation left the global generator alone
+    assert table.spearman_mean.tolist() == [0.0, 0.0] and table.constant_maps.tolist() == [3, 3]
+    assert table.images.tolist() == [3, 3]
+    flat_original = loc.randomisation_similarity(model, images, lambda network, x: torch.ones(len(x), 8, 8), seed=1)
+    assert flat_original.images.tolist() == [0, 0] and flat_original.spearman_mean.isna().all()

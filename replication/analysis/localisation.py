@@ -18,6 +18,7 @@ correlation of each image's map with its map under the randomised model.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -195,19 +196,29 @@ def randomisation_similarity(model: nn.Module, images: torch.Tensor, explainer: 
                              *, seed: int = 0, layers: Sequence[str] | None = None) -> pd.DataFrame:
     """The cascading parameter-randomisation check: `explainer(model, images) -> maps` on `model`, then on
     a copy whose `layers` (default every module with its own parameters; a named container stands for every
-    module in it) are re-initialised (`reset_parameters`) from the top down, one more per row. Rows: layer
-    randomised last, mean and SD over images of the Spearman correlation of the map with the original."""
+    module in it) are re-initialised (`reset_parameters`, under a generator seeded by `seed`; the global one is
+    restored) from the top down, one more per row. The explainer should explain fixed targets (e.g. the
+    original model's predictions), or a map changes only because another class is read. Rows: layer
+    randomised last, mean and SD over images of the Spearman correlation of the map with the original; a
+    randomised map that became constant has lost the original's ranking and scores 0 (counted in
+    `constant_maps`); an image whose original map is constant has no ranking to compare and is left out."""
     import copy
     original = explainer(model, images).flatten(1).numpy()
     names = list(layers) if layers is not None else [
         n for n, m in model.named_modules() if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False))]
     randomised, rows = copy.deepcopy(model), []
-    torch.manual_seed(seed)
-    for name in reversed(names):
-        for module in randomised.get_submodule(name).modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        maps = explainer(randomised, images).flatten(1).numpy()
-        rho = np.array([stats.spearmanr(a, b).statistic for a, b in zip(original, maps)], dtype=float)
-        rows.append({"layer": name, "spearman_mean": float(np.nanmean(rho)), "spearman_sd": float(np.nanstd(rho, ddof=1))})
+    ranked = original.max(1) > original.min(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in reversed(names):
+            for module in randomised.get_submodule(name).modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            maps = explainer(randomised, images).flatten(1).numpy()
+            flat = maps.max(1) == maps.min(1)
+            rho = np.array([0.0 if f else stats.spearmanr(a, b).statistic for a, b, f in zip(original, maps, flat)], dtype=float)
+            kept = rho[ranked]
+            rows.append({"layer": name, "spearman_mean": float(kept.mean()) if len(kept) else math.nan,
+                         "spearman_sd": float(kept.std(ddof=1)) if len(kept) > 1 else math.nan,
+                         "constant_maps": int((flat & ranked).sum()), "images": int(ranked.sum())})
     return pd.DataFrame(rows)

@@ -38,6 +38,7 @@ from replication.methods.attention_pooling.losses import AttentionSparsity, Mask
 from replication.models.anatomy import anatomy_of
 from replication.models.backbones import BackboneConfig
 from replication.models.pretrained import PRETRAINED
+from replication.models.surgery import eval_mode
 from replication.reporting.claims import HOLM_FAMILIES
 from replication.runtime import resolve_device
 from replication.training.classifiers import BaselineSettings, accuracy_report, train_baselines, train_world_classifier
@@ -360,6 +361,15 @@ def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, v
     return maps, seconds
 
 
+def predicted_classes(model: nn.Module, images: torch.Tensor, *, batch_size: int,
+                      device: str | torch.device | None = None) -> torch.Tensor:
+    """`model`'s predicted class per image (CPU), in batches on `device`, in eval mode (its mode restored)."""
+    device = resolve_device(device)
+    with torch.no_grad(), eval_mode(model):
+        model.to(device)
+        return torch.cat([model(images[s:s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(images), batch_size)])
+
+
 def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Tensor], settings: LAPSettings, *,
                 batch_size: int, device: str | torch.device | None = None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per method and image: pointing game, energy in the mask, pixel AUROC, deletion and insertion AUC
@@ -369,9 +379,7 @@ def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Te
     scores the exact expectation of a random map on the first three (`random_map_expectation`) and the
     mean curve of `control_draws` seeded draws (its map the first) on the last two."""
     masks = data.masks[:, 0] > 0.5
-    with torch.no_grad():
-        predicted = torch.cat([model.to(resolve_device(device))(data.images[s:s + batch_size].to(resolve_device(device))).argmax(1).cpu()
-                               for s in range(0, len(data), batch_size)])
+    predicted = predicted_classes(model, data.images, batch_size=batch_size, device=device)
     rows, curves = [], {}
     for name, method_maps in maps.items():
         if name == CONTROL:
@@ -399,14 +407,17 @@ def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Te
 def sanity_table(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str, *, gradcam_layer: str,
                  batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
     """The randomisation check for LAP and each explainer: the model's top-level children re-initialised
-    from the top down (`randomisation_similarity`), Spearman of each map with the trained model's."""
+    from the top down (`randomisation_similarity`), Spearman of each map with the trained model's, every
+    map explaining the trained model's predicted class (a randomised model's prediction would change the
+    class explained, not only the map)."""
     frames, options = [], explainer_options(settings, gradcam_layer)
     stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    target = predicted_classes(model, images, batch_size=batch_size, device=device)
     for name in ("LAP", *settings.explainers):
         method = lap_explainer(settings, variant) if name == "LAP" else name
 
         def explainer(network, x, method=method, options=options.get(name, {})):
-            return explain(network, x, method, batch_size=batch_size, device=device, **options)
+            return explain(network, x, method, target=target, batch_size=batch_size, device=device, **options)
 
         frames.append(loc.randomisation_similarity(model, images, explainer, seed=settings.subset_seed,
                                                    layers=stages).assign(method=name, stage=lambda f: range(1, len(f) + 1)))

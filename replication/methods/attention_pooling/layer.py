@@ -101,12 +101,19 @@ class LAP2d(nn.Module):
         self.channels, self.kernel, self.padding = channels, kernel, padding
         self.stride = stride if stride is not None else kernel
         self.heads, self.head_mode, self.weight_mode, self.flatten = heads, head_mode, weight_mode, flatten
-        self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(float(alpha_init))))
+        self.alpha_init = float(alpha_init)
+        self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(self.alpha_init)))
         self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction, init_std)
         self.attention_map: torch.Tensor | None = None
         self.pooling_map: torch.Tensor | None = None
         self.pooling_departure: torch.Tensor | None = None
         self.constant_weights = False
+
+    def reset_parameters(self) -> None:
+        """The sharpness back to `alpha_init` (the attention block's layers reset themselves): what the
+        parameter-randomisation check calls on every module it re-initialises."""
+        with torch.no_grad():
+            self.raw_alpha.fill_(_inverse_softplus(self.alpha_init))
 
     @contextmanager
     def lrp_linear(self) -> Iterator[None]:

@@ -6,13 +6,15 @@ of the weak scheme for a multi-class task [I]) the head of the image's class is 
 every other head a "negative" one:
 
 - `WeakEvidenceLoss` (image-level evidence, no annotation): L_pos = mean over images of (1 - max_p A_y),
-  L_neg = mean over images and the other classes k of max_p A_k; `reduce` "max" (the spec's) or
-  "topk" (mean of the k largest positions, a multiple-instance variant);
-- `MaskInjectionLoss` (expert annotation, where masks exist: ConceptWorld's evidence masks):
-  L_in = -mean_{p in mask} log A_p, L_out = -mean_{p outside} log(1 - A_p) on the class head, the mask
-  averaged to the attention grid (a soft share in [0, 1]: each position weighs by how much it is in);
+  L_neg = mean over images and the other classes k of max_p A_k; `top_k` None: the maximum (the spec's),
+  k: the mean of the k largest positions (a multiple-instance variant);
+- `MaskInjectionLoss` (expert annotation, where masks exist: ConceptWorld's evidence masks), per image
+  L_in = -mean_{p in mask} log A_p, L_out = -mean_{p outside} log(1 - A_p) on the class head, then the mean
+  over images (L_in over the images with evidence); the mask averaged to the attention grid (a soft
+  share in [0, 1]: each position weighs by how much it is in); log A = logsigmoid(S), exact at saturation;
 - `AttentionSparsity`: mean A (λ_s).
-One head (heads = 1): the map of every image is its positive map and L_neg has no term.
+One head (heads = 1): the map of every image is its positive map and L_neg has no term, so the weak loss
+is vacuous there (a constant high map satisfies it): it needs class heads, or the spec's binary negatives.
 """
 from __future__ import annotations
 
@@ -75,18 +77,22 @@ class WeakEvidenceLoss(_AttentionTerm):
 
 @dataclass(frozen=True)
 class MaskInjectionLoss(_AttentionTerm):
-    """weight · (L_in + L_out) against `targets["masks"]` (B × 1 × H × W in [0, 1], any size)."""
+    """weight · (L_in + L_out) against `targets["masks"]` (B × 1 × H × W in [0, 1], any size), per image
+    then averaged (an image with a large mask weighs as much as one with a small mask)."""
 
     name: str = "lap_mask"
     reads_targets = True
 
     def __call__(self, model: nn.Module, activations: Mapping[str, torch.Tensor], *,
                  targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        attention = _class_head(self.attention(activations), targets["labels"])
-        share = F.adaptive_avg_pool2d(targets["masks"].float(), attention.shape[-2:])[:, 0]
-        inside = -(share * torch.log(attention + EPS)).sum() / share.sum().clamp_min(EPS)
-        outside = -((1 - share) * torch.log(1 - attention + EPS)).sum() / (1 - share).sum().clamp_min(EPS)
-        return self.weight * (inside + outside)
+        scores = _class_head(activations[self.layer].float(), targets["labels"]).flatten(1)
+        share = F.adaptive_avg_pool2d(targets["masks"].float(), activations[self.layer].shape[-2:]).flatten(1)
+        inside_mass, outside_mass = share.sum(1), (1 - share).sum(1)
+        inside = -(share * F.logsigmoid(scores)).sum(1) / inside_mass.clamp_min(EPS)
+        outside = -((1 - share) * F.logsigmoid(-scores)).sum(1) / outside_mass.clamp_min(EPS)
+        has_evidence, has_background = (inside_mass > 0).float(), (outside_mass > 0).float()
+        return self.weight * ((inside * has_evidence).sum() / has_evidence.sum().clamp_min(1)
+                              + (outside * has_background).sum() / has_background.sum().clamp_min(1))
 
 
 @dataclass(frozen=True)
