@@ -231,3 +231,21 @@ def test_pooling_departure_is_zero_for_average_pooling_and_one_minus_one_over_n_
     assert sharp.pooling_map[0, 1, 2] == pytest.approx(1.0) and sharp.pooling_map.sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no LAP layer"):
         lap.pooling_departure(nn.Conv2d(3, 3, 1), x)
+
+
+@pytest.mark.parametrize("pool,named", [(nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
+                                        (nn.MaxPool2d((2, 3)), "non-square"),
+                                        (nn.AvgPool2d(3, 1, 1), "counts padding"),
+                                        (nn.AdaptiveAvgPool2d(2), "not 1x1"),
+                                        (nn.AdaptiveMaxPool2d(1), "not a global average")])
+def test_insert_lap_refuses_pools_it_cannot_stand_in_for(pool, named):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), pool, nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=named):
+        lap.insert_lap(model, where=["1"], image_size=8)
+
+
+def test_insert_lap_keeps_the_models_dtype():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
+    lap.insert_lap(model, where=["1"], image_size=8, init_std=0.0)
+    assert model[1].raw_alpha.dtype == torch.float64 and model(torch.zeros(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64

@@ -194,13 +194,13 @@ def lap_layers(model: nn.Module) -> dict[str, LAP2d]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LAP2d)}
 
 
-def _probe(model: nn.Module, name: str, size: int) -> tuple[int, int]:
-    """The channel count of the feature map that reaches module `name` and the number of dimensions of
-    its output (2: a pool that flattens), from one forward pass of a `size`-pixel image."""
+def _probe(model: nn.Module, name: str, size: int) -> tuple[int, tuple[int, ...]]:
+    """The channel count of the feature map that reaches module `name` and the shape of its output without
+    the batch (one entry: a pool that flattens), from one forward pass of a `size`-pixel image."""
     seen = {}
 
     def record(module, inputs, out):
-        seen.setdefault("shape", (inputs[0].shape[1], out.ndim))
+        seen.setdefault("shape", (inputs[0].shape[1], tuple(out.shape[1:])))
 
     handle = get_module(model, name).register_forward_hook(record)
     try:
@@ -213,6 +213,26 @@ def _probe(model: nn.Module, name: str, size: int) -> tuple[int, int]:
     finally:
         handle.remove()
     return seen["shape"]
+
+
+def _unsupported(name: str, old: nn.Module, out_shape: tuple[int, ...]) -> str | None:
+    """Why LAP cannot stand in for the pool `old` (None when it can): a window pool with options LAP does
+    not have, or a "global" pool that is not a global average (LAP starts as an average over the whole map)."""
+    if isinstance(old, (nn.MaxPool2d, nn.AvgPool2d)):
+        pairs = [old.kernel_size, old.stride, old.padding] + ([old.dilation] if isinstance(old, nn.MaxPool2d) else [])
+        if any(not isinstance(v, int) and len(set(v)) > 1 for v in pairs):
+            return f"{name} has a non-square kernel, stride or padding"
+        if old.ceil_mode or (isinstance(old, nn.MaxPool2d) and old.dilation not in (1, (1, 1))):
+            return f"{name} uses ceil_mode or dilation"
+        if isinstance(old, nn.AvgPool2d) and old.padding not in (0, (0, 0)) and old.count_include_pad:
+            return f"{name} counts padding in its average (LAP weighs padded positions 0)"
+        return None
+    if len(out_shape) > 1 and tuple(out_shape[1:]) != (1, 1):
+        return f"{name} outputs a {tuple(out_shape[1:])} map, not 1x1 (a global LAP would change the classifier's input)"
+    kind = getattr(old, "pool_type", "avg")
+    if not isinstance(old, nn.AdaptiveAvgPool2d) and kind not in ("avg", "fast") or isinstance(old, nn.AdaptiveMaxPool2d):
+        return f"{name} is a {type(old).__name__} ({kind}), not a global average pool"
+    return None
 
 
 def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads: int = 1, head_mode: str = "split",
@@ -239,18 +259,22 @@ def insert_lap(model: nn.Module, *, where: str | Sequence[str] = "global", heads
         names = list(where)
     if not names:
         raise ValueError(f"insert_lap: {type(model).__name__} has no pooling layer for where={where!r}.")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     for name in names:
         old = get_module(model, name)
-        channels, out_ndim = _probe(model, name, image_size)
+        channels, out_shape = _probe(model, name, image_size)
+        problem = _unsupported(name, old, out_shape)
+        if problem:
+            raise ValueError(f"insert_lap: {problem}; LAP replaces global average pools and square max/average "
+                             "pools without ceil_mode or dilation. Pass other module names in `where`.")
         settings = dict(heads=heads, head_mode=head_mode, weight_mode=weight_mode, alpha_init=alpha_init, reduction=reduction,
                         init_std=init_std)
         if isinstance(old, (nn.MaxPool2d, nn.AvgPool2d)):
             kernel, stride, padding = (v if isinstance(v, int) else v[0] for v in (old.kernel_size, old.stride, old.padding))
             settings.update(kernel=kernel, stride=stride, padding=padding)
         else:
-            settings.update(flatten=out_ndim == 2)
-        replace_module(model, name, LAP2d(channels, **settings).to(device).train(old.training))
+            settings.update(flatten=len(out_shape) == 1)
+        replace_module(model, name, LAP2d(channels, **settings).to(device=device, dtype=dtype).train(old.training))
     return names
 
 
