@@ -133,3 +133,40 @@ def test_lrp_through_lap_redistributes_by_its_window_weights_held_constant():
     weights = torch.softmax(2.0 * x.flatten(2), -1)
     contributions = model[1].weight[0].detach().view(3, 1) * weights[0] * x.flatten(2)[0]
     torch.testing.assert_close(maps[0].flatten(), contributions.sum(0) / contributions.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_guided_backprop_guides_relu6_as_it_guides_relu_and_refuses_other_activations():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 6, 6)  # below 6: ReLU6 and ReLU agree on the forward pass and its mask
+    target = torch.tensor([0, 1])
+
+    def net(activation):
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), activation, nn.Conv2d(4, 4, 3, padding=1), activation,
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    relu6_model = net(nn.ReLU6())
+    with_relu6 = explain(relu6_model, images, "guided_backprop", target=target, device="cpu")
+    with_relu = explain(net(nn.ReLU()), images, "guided_backprop", target=target, device="cpu")
+    torch.testing.assert_close(with_relu6, with_relu)
+    assert type(relu6_model[1]) is nn.ReLU6  # the swap is undone
+    plain_gradient = explain(relu6_model, images, lambda m, x, t: _plain_gradient(m, x, t), target=target, device="cpu")
+    assert not torch.allclose(with_relu6, plain_gradient)  # the rule acted (it was the plain gradient before)
+    with pytest.raises(ValueError, match="SiLU"):
+        explain(net(nn.SiLU()), images, "guided_backprop", target=target, device="cpu")
+
+
+def _plain_gradient(model, images, target):
+    x = images.clone().requires_grad_(True)
+    model(x).gather(1, target[:, None]).sum().backward()
+    return x.grad.abs().sum(1)
+
+
+def test_lrp_refuses_batchnorm_subclasses_zennit_cannot_merge():
+    class NormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), NormAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="NormAct"):
+        explain(model, torch.rand(1, 3, 6, 6), "lrp", device="cpu")

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from contextlib import ExitStack
-from typing import Callable
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from replication.models.anatomy import anatomy_of
 from replication.models.hooks import get_module
-from replication.models.surgery import eval_mode
+from replication.models.surgery import eval_mode, replace_module
 from replication.runtime import resolve_device
 
 METHODS = ("gradcam", "integrated_gradients", "guided_backprop", "lrp")
@@ -56,9 +56,38 @@ def _integrated_gradients(model, images, target, *, batch_size, steps=32, channe
     return _reduce(attribution, channel_reduce)
 
 
+UNGUIDED_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Tanh, nn.Sigmoid)
+
+
+class _GuidedReLU6(nn.ReLU):
+    """ReLU6 as an `nn.ReLU` subclass, so that captum's Guided Backprop (which hooks `nn.ReLU` modules only)
+    applies its rule (pass positive gradients only) at ReLU6 too; the forward is ReLU6's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu6(x, inplace=self.inplace)
+
+
+@contextmanager
+def _relu6_guided(model: nn.Module) -> Iterator[None]:
+    """Every `nn.ReLU6` of `model` replaced by `_GuidedReLU6` while active (restored after)."""
+    swapped = [(name, module) for name, module in model.named_modules(remove_duplicate=False) if type(module) is nn.ReLU6]
+    for name, module in swapped:
+        replace_module(model, name, _GuidedReLU6(inplace=module.inplace))
+    try:
+        yield
+    finally:
+        for name, module in swapped:
+            replace_module(model, name, module)
+
+
 def _guided_backprop(model, images, target, *, channel_reduce="abs_sum"):
     from captum.attr import GuidedBackprop
-    with warnings.catch_warnings():  # captum's notes that it sets requires_grad and hooks ReLUs (both intended)
+    other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, UNGUIDED_ACTIVATIONS)})
+    if other:
+        raise ValueError(f"guided_backprop: {type(model).__name__} has {other} activations, which captum's Guided "
+                         "Backprop does not modify (it hooks ReLUs only): its map would be partly the plain gradient. "
+                         "Use another explainer for this model.")
+    with warnings.catch_warnings(), _relu6_guided(model):  # captum's notes that it sets requires_grad and hooks ReLUs (both intended)
         warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
         attribution = GuidedBackprop(model).attribute(images, target=target)
@@ -66,10 +95,17 @@ def _guided_backprop(model, images, target, *, channel_reduce="abs_sum"):
 
 
 def lrp_canonizers(model: nn.Module) -> list:
-    """zennit's canonizers for `model`: its ResNet canonizer for torchvision ResNets, BatchNorm merging always."""
+    """zennit's canonizers for `model`: its ResNet canonizer for torchvision ResNets, BatchNorm merging always.
+    A model with BatchNorm subclasses (timm's `BatchNormAct2d`) is refused: zennit merges only `BatchNorm2d`
+    modules that follow a conv inside an `nn.Sequential`, so LRP would pass through those unmerged."""
     from torchvision.models import ResNet
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer
+    unmerged = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.BatchNorm2d) and type(m) is not nn.BatchNorm2d})
+    if unmerged:
+        raise ValueError(f"lrp: zennit has no canonizer for {type(model).__name__}'s {unmerged} (BatchNorm with an "
+                         "activation, not inside an nn.Sequential after its conv): LRP would pass relevance through "
+                         "unmerged BatchNorms. Use another explainer for this model.")
     return [ResNetCanonizer()] if isinstance(model, ResNet) else [SequentialMergeBatchNorm()]
 
 

@@ -86,6 +86,8 @@ class LAPSettings:
     is LAP's explanation, "pooling" (the weights its layers pooled with, head-mean: what the logits were
     computed from) or "class_head" (the explained class's attention head, for models trained with the
     class-tying weak losses; the mean attention otherwise). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
+    `skip_explainers[network]`: explainers not run on that network (stated in the decisions: e.g. zennit has
+    no canonizer for timm's BatchNormAct2d, so LRP refuses EfficientNet-Lite0),
     `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it), `holm_family`
     ("claim": one Holm family per claim; "notebook": all tests in one)."""
 
@@ -104,6 +106,7 @@ class LAPSettings:
     top_k: int | None = None
     explained_networks: tuple[str, ...] = ("resnet18", "alexnet_bn")
     explainers: tuple[str, ...] = EXPLAINERS
+    skip_explainers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     images: int = 64
     subset_seed: int = 0
     ig_steps: int = 32
@@ -123,11 +126,11 @@ class LAPSettings:
         problems = []
         if self.main_variant not in VARIANTS:
             problems.append(f"main_variant {self.main_variant!r} is not one of {VARIANTS}")
-        for name in ("injection_networks", "scratch_networks", "explained_networks"):
+        for name in ("injection_networks", "scratch_networks", "explained_networks", "skip_explainers"):
             extra = sorted(set(getattr(self, name)) - set(self.networks))
             if extra:
                 problems.append(f"{name} lists {extra}, which are not in networks {list(self.networks)}")
-        unknown = sorted(set(self.explainers) - set(EXPLAINERS))
+        unknown = sorted(set(self.explainers).union(*map(set, self.skip_explainers.values())) - set(EXPLAINERS))
         if unknown:
             problems.append(f"explainers {unknown} are not among {EXPLAINERS}")
         if self.finetune_epochs < 1 or self.images < 2 or self.sanity_images < 2 or self.control_draws < 1:
@@ -343,14 +346,15 @@ def explainer_options(settings: LAPSettings, gradcam_layer: str) -> dict[str, di
 
 
 def explain_all(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str | None, *, gradcam_layer: str,
-                batch_size: int, device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                batch_size: int, device: str | torch.device | None = None,
+                skip: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every explainer's maps of `images` on `model` (LAP's own when `variant` names the LAP model, then
-    each of `settings.explainers`, then the random control), all explaining the predicted class, and the
-    seconds per image each took."""
+    each of `settings.explainers` but those in `skip`, then the random control), all explaining the
+    predicted class, and the seconds per image each took."""
     methods: dict[str, Any] = {}
     if variant is not None:
         methods["LAP"] = lap_explainer(settings, variant)
-    methods.update({name: name for name in settings.explainers})
+    methods.update({name: name for name in settings.explainers if name not in skip})
     methods[CONTROL] = random_explainer(settings.subset_seed)
     options = explainer_options(settings, gradcam_layer)
     maps, seconds = {}, {}
@@ -405,7 +409,7 @@ def map_metrics(model: nn.Module, data: EvidenceSet, maps: Mapping[str, torch.Te
 
 
 def sanity_table(model: nn.Module, images: torch.Tensor, settings: LAPSettings, variant: str, *, gradcam_layer: str,
-                 batch_size: int, device: str | torch.device | None = None) -> pd.DataFrame:
+                 batch_size: int, device: str | torch.device | None = None, skip: Sequence[str] = ()) -> pd.DataFrame:
     """The randomisation check for LAP and each explainer: the model's top-level children re-initialised
     from the top down (`randomisation_similarity`), Spearman of each map with the trained model's, every
     map explaining the trained model's predicted class (a randomised model's prediction would change the
@@ -413,7 +417,7 @@ def sanity_table(model: nn.Module, images: torch.Tensor, settings: LAPSettings, 
     frames, options = [], explainer_options(settings, gradcam_layer)
     stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     target = predicted_classes(model, images, batch_size=batch_size, device=device)
-    for name in ("LAP", *settings.explainers):
+    for name in ("LAP", *(e for e in settings.explainers if e not in skip)):
         method = lap_explainer(settings, variant) if name == "LAP" else name
 
         def explainer(network, x, method=method, options=options.get(name, {})):
@@ -526,7 +530,7 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
         lap_model = models[name, seed, f"LAP fine-tuned ({settings.main_variant})"]
         for label, model, variant in (("LAP", lap_model, settings.main_variant), ("plain", subject.model, None)):
             maps, timing = explain_all(model, images.images, settings, variant, gradcam_layer=layer,
-                                       batch_size=batch_size, device=device)
+                                       batch_size=batch_size, device=device, skip=settings.skip_explainers.get(name, ()))
             table, mean_curves = map_metrics(model, images, maps, settings, batch_size=batch_size, device=device)
             metrics.append(table.assign(network=name, seed=seed, model=label))
             curves.update({(name, label, method, mode): curve for (method, mode), curve in mean_curves.items()})
@@ -535,7 +539,8 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             if label == "LAP":
                 maps_by_network[name] = maps
         sanity.append(sanity_table(lap_model, images.images[:settings.sanity_images], settings, settings.main_variant,
-                                   gradcam_layer=layer, batch_size=batch_size, device=device)
+                                   gradcam_layer=layer, batch_size=batch_size, device=device,
+                                   skip=settings.skip_explainers.get(name, ()))
                       .assign(network=name, seed=seed, subset_seed=settings.subset_seed))
     return Runs(pd.DataFrame(rows), pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                 maps_by_network, images, pd.concat(metrics, ignore_index=True), curves,
