@@ -249,3 +249,10 @@ def test_insert_lap_keeps_the_models_dtype():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
     lap.insert_lap(model, where=["1"], image_size=8, init_std=0.0)
     assert model[1].raw_alpha.dtype == torch.float64 and model(torch.zeros(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_pooling_departure_runs_in_eval_mode_and_restores_the_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), lap.LAP2d(4, flatten=True)).train()
+    before = model[1].running_mean.clone()
+    lap.pooling_departure(model, torch.randn(4, 3, 5, 5) + 3.0, device="cpu")
+    assert model.training and torch.equal(model[1].running_mean, before)  # no batch statistics were taken

@@ -460,17 +460,6 @@ class Runs:
     models: dict[tuple[str, int, str], nn.Module]
 
 
-def _accuracy(model: nn.Module, data: EvidenceSet, batch_size: int, device) -> float:
-    device = resolve_device(device)
-    correct = 0
-    with torch.no_grad():
-        model.to(device).eval()
-        for start in range(0, len(data), batch_size):
-            logits = model(data.images[start:start + batch_size].to(device))
-            correct += int((logits.argmax(1).cpu() == data.targets[start:start + batch_size]).sum())
-    return 100 * correct / len(data)
-
-
 def injection_validity(model: nn.Module, images: EvidenceSet, settings: LAPSettings, variant: str, *, batch_size: int,
                        device: str | torch.device | None = None) -> dict[str, float]:
     """LAP map validity on the explained images (constant maps counted; pointing, energy, pixel AUROC means)
@@ -506,7 +495,9 @@ def run_experiment(settings: LAPSettings, subjects: Mapping[tuple[str, int], Sub
             torch.manual_seed(subject.recipe.seed)
             inserted = LAPRecipe(subject.config, len(train_set.classes), settings.lap, {},
                                  image_size=int(train_set.images.shape[-1]), start=subject.model).build()
-        rows.append({"network": name, "seed": seed, "model": "LAP inserted", "val_acc": _accuracy(inserted, val_set, batch_size, device),
+        predicted = predicted_classes(inserted, val_set.images, batch_size=batch_size, device=device)
+        rows.append({"network": name, "seed": seed, "model": "LAP inserted",
+                     "val_acc": 100 * float((predicted == val_set.targets).float().mean()),
                      "pooling_departure": float(pooling_departure(inserted, images.images, batch_size=batch_size, device=device).mean())})
         runs = [(variant, False) for variant in settings.variants_of(name)]
         if name in settings.scratch_networks:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from replication.models.anatomy import anatomy_of
 from replication.models.hooks import get_module
-from replication.models.surgery import replace_module
+from replication.models.surgery import eval_mode, replace_module
 from replication.runtime import resolve_device
 
 WEIGHT_MODES = ("gauss_max", "softmax", "tf_third_party")
@@ -329,14 +329,15 @@ def pooling_departure(model: nn.Module, images: torch.Tensor, *, batch_size: int
                       device: str | torch.device | None = None) -> torch.Tensor:
     """Per image, how far `model`'s LAP layers pool from average pooling: the mean over layers of
     `LAP2d.pooling_departure` (0: every layer average-pools; 1: all weight on one position per window).
-    Forward passes in batches of `batch_size` on `device` (`runtime.resolve_device`), no gradients."""
+    Forward passes in eval mode (the model's mode restored) in batches of `batch_size` on `device`
+    (`runtime.resolve_device`), no gradients."""
     layers = list(lap_layers(model).values())
     if not layers:
         raise ValueError(f"pooling_departure: {type(model).__name__} has no LAP layer.")
     target = resolve_device(device)
     model.to(target)
     values = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(images), batch_size):
             model(images[start:start + batch_size].to(target))
             values.append(torch.stack([layer.pooling_departure for layer in layers]).mean(0).cpu())
