@@ -170,3 +170,14 @@ def test_lrp_refuses_batchnorm_subclasses_zennit_cannot_merge():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), NormAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="NormAct"):
         explain(model, torch.rand(1, 3, 6, 6), "lrp", device="cpu")
+
+
+def test_gamma_box_lrp_bounds_are_the_pixel_range_not_the_batchs():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    images, target = torch.randn(2, 3, 6, 6), torch.tensor([0, 1])
+    images[1] *= 3.0  # a second image with a wider range: batch-wide bounds would change the first image's map
+    together = explain(model, images, "lrp", target=target, composite="epsilon_gamma_box", device="cpu")
+    alone = explain(model, images[:1], "lrp", target=target[:1], composite="epsilon_gamma_box", device="cpu")
+    torch.testing.assert_close(together[:1], alone)

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from replication.data.broden import IMAGENET_MEAN, IMAGENET_STD
 from replication.models.anatomy import anatomy_of
 from replication.models.hooks import get_module
 from replication.models.surgery import eval_mode, replace_module
@@ -109,6 +110,18 @@ def lrp_canonizers(model: nn.Module) -> list:
     return [ResNetCanonizer()] if isinstance(model, ResNet) else [SequentialMergeBatchNorm()]
 
 
+def pixel_bounds(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The lowest and highest possible input values per channel (1 × C × 1 × 1): pixels in [0, 1] after the
+    ImageNet normalisation every dataset here applies (`data.broden.IMAGENET_MEAN` / `IMAGENET_STD`), for
+    the z-box rule of `epsilon_gamma_box`; fixed, so a map does not depend on the other images of its batch."""
+    if images.shape[1] != len(IMAGENET_MEAN):
+        raise ValueError(f"epsilon_gamma_box needs {len(IMAGENET_MEAN)}-channel ImageNet-normalised images, "
+                         f"got {images.shape[1]} channels.")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return {"low": (0 - mean) / std, "high": (1 - mean) / std}
+
+
 def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce="abs_sum"):
     from zennit import composites
     from zennit.attribution import Gradient
@@ -117,7 +130,7 @@ def _lrp(model, images, target, *, composite="epsilon_plus_flat", channel_reduce
              "epsilon_plus": composites.EpsilonPlus, "epsilon_gamma_box": composites.EpsilonGammaBox}
     if composite not in names:
         raise ValueError(f"LRP composite {composite!r} is not one of {LRP_COMPOSITES}.")
-    keywords = dict(low=float(images.min()), high=float(images.max())) if composite == "epsilon_gamma_box" else {}
+    keywords = pixel_bounds(images) if composite == "epsilon_gamma_box" else {}
     linearised = [module for module in model.modules() if callable(getattr(module, "lrp_linear", None))]
     layer_map = [(tuple({type(module) for module in linearised}), Norm())] if linearised else []
     rule = names[composite](canonizers=lrp_canonizers(model), layer_map=layer_map, **keywords)
