@@ -107,7 +107,7 @@ def run_notebook(notebook: Path, profile: str, results_root: Path) -> NotebookRu
     staged = staging_root / name
     staged.mkdir(parents=True)
     executed = staged / f"{name}.ipynb"
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), _git_commit()  # the code that runs is the code at the start
     cell_bar = progress_enabled()  # papermill's per-cell bar, on the terminal; read before the kernel's quiet is set
     try:
         with _notebook_environment(results=staging_root):
@@ -123,7 +123,7 @@ def run_notebook(notebook: Path, profile: str, results_root: Path) -> NotebookRu
             )
         _portable_metadata(executed, notebook)
         run = NotebookRun(name=name, seconds=time.perf_counter() - start)
-        io.write_json(staged / RUN_RECORD, _run_record(name, profile, run.seconds))
+        io.write_json(staged / RUN_RECORD, _run_record(name, profile, run.seconds, commit))
     except BaseException as error:
         shutil.rmtree(failed_dir, ignore_errors=True)
         os.replace(staged, failed_dir)
@@ -177,13 +177,14 @@ def _relative(path: Path) -> str:
         return path.name
 
 
-def _run_record(name: str, profile: str, seconds: float) -> dict:
-    """The run record: what ran, under which settings (seeds, device, threads), how long, from which commit."""
+def _run_record(name: str, profile: str, seconds: float, commit: str) -> dict:
+    """The run record: what ran, under which settings (seeds, device, threads), how long, from which commit
+    (HEAD when the run started: commits made while it runs are not in it)."""
     loaded = load_profile(profile)
     settings = loaded.build(RuntimeSettings, "runtime")
     return {"notebook": name, "profile": loaded.name, "seconds": round(seconds, 1),
             "seeds": list(settings.seeds), "device": settings.device, "threads": settings.threads,
-            "commit": _git_commit(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "commit": commit, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _git_commit() -> str:

@@ -106,6 +106,14 @@ def test_executed_notebook_and_run_record_carry_no_build_paths(notebooks: Path, 
     assert record["profile"] == "ci" and record["threads"] == 2 and record["seeds"] == [0]
 
 
+def test_the_run_record_names_the_commit_at_the_start_of_the_run(notebooks: Path, tmp_path: Path, monkeypatch):
+    heads = iter(["c0ffee1", "beef002"])  # a commit lands while the notebook runs
+    monkeypatch.setattr(reproduce, "_git_commit", lambda: next(heads))
+    _notebook(notebooks / "00_a.ipynb", "print(1)")
+    reproduce.reproduce(profile="ci", results_root=tmp_path / "results")
+    assert json.loads((tmp_path / "results" / "00_a" / "run.json").read_text())["commit"] == "c0ffee1"
+
+
 def test_a_user_kernelspec_named_python3_does_not_hijack_the_run(notebooks: Path, tmp_path: Path, monkeypatch):
     spec = tmp_path / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
