@@ -93,6 +93,14 @@ def test_holm_family_is_per_claim_by_default_and_said_in_every_note():
         lp.claim_results(*tables, reference, main="weak", profile="default", holm_family="seeds")
 
 
+def test_l8_is_inconclusive_when_no_original_lap_map_has_a_ranking():
+    accuracy, metrics, injection, sanity = _tables(gain=2.0)
+    results = lp.claim_results(accuracy, metrics, injection, sanity.assign(spearman_mean=float("nan")),
+                               load_reference("02_local_attention_pooling"), main="weak", profile="default")
+    l8 = next(r for r in results if r.claim_id == "L8")
+    assert l8.verdict == "inconclusive" and "every original map constant" in l8.ours
+
+
 def test_settings_refuse_networks_outside_networks():
     with pytest.raises(ValueError, match="scratch_networks"):
         lp.LAPSettings(networks=("resnet18",), scratch_networks=("alexnet_bn",), injection_networks=(),
@@ -144,3 +152,33 @@ def test_the_random_control_scores_its_expectation_and_the_mean_of_seeded_draws(
     assert torch.equal(draws[0], control) and not torch.equal(draws[1], draws[2])
     by_draw = [loc.curve_auc(loc.perturbation_curves(model, images, d, target=predicted, steps=4, device="cpu")) for d in draws]
     np.testing.assert_allclose(table.deletion, torch.stack(by_draw).mean(0).numpy(), rtol=1e-6)
+
+
+def test_injection_validity_scores_the_pooling_map_and_lists_the_class_heads_energy():
+    from replication.methods.attention_pooling.layer import LAP2d
+    model = torch.nn.Sequential(torch.nn.Identity(), LAP2d(3, heads=2, head_mode="mean", flatten=True, init_std=0.0),
+                                torch.nn.Linear(3, 2)).eval()
+    model[1].attention = _FixedScores()  # head 0 scores the top-left pixel high, head 1 is flat
+    with torch.no_grad():  # every image predicted as class 0, whose head is read as the class head
+        model[2].weight.zero_()
+        model[2].bias.copy_(torch.tensor([1.0, 0.0]))
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[:, :, 0, 0] = 1.0  # the top-left pixel is the evidence
+    data = _Images(torch.randn(3, 3, 4, 4), torch.tensor([0, 0, 0]), masks)
+    settings = lp.LAPSettings(control_draws=1)
+    got = lp.injection_validity(model, data, settings, "weak", batch_size=2, device="cpu")
+    a = torch.sigmoid(torch.tensor([10.0] + [0.0] * 15))  # head 0's attention; gauss_max weighs by (max A - A_p)^2
+    head = torch.softmax(-model[1].alpha.detach() * (a.max() - a) ** 2, 0)
+    pooled = (head + 1 / 16) / 2  # the pooling map: the mean of the two heads' weights
+    assert got["pointing"] == 1.0 and got["constant_maps"] == 0
+    assert got["energy"] == pytest.approx(float(pooled[0] / pooled.sum()), rel=1e-3)
+    assert got["class_head_energy"] > got["energy"]  # the class head's own map is not diluted by the flat head
+    assert "class_head_energy" not in lp.injection_validity(model, data, lp.LAPSettings(control_draws=1, lap_map="class_head"),
+                                                            "weak", batch_size=2, device="cpu")
+
+
+class _FixedScores(torch.nn.Module):
+    def forward(self, x):
+        scores = torch.zeros(len(x), 2, 4, 4)
+        scores[:, 0, 0, 0] = 10.0
+        return scores

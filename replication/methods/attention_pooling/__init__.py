@@ -17,8 +17,7 @@ from replication.methods.attention_pooling.claims import claim_results, claim_te
 from replication.methods.attention_pooling.experiment import (CONTROL, EXPLAINERS, LAP_MAPS, VARIANTS, EvidenceSet, LAPConfig,
                                                               LAPRecipe, LAPSettings, Runs, Subject, accuracy_summary,
                                                               explain_all, explained_subset, gradcam_layer, injection_validity,
-                                                              lap_explainer,
-                                                              map_head, map_metrics, metrics_summary, run_experiment,
+                                                              lap_explainer, map_head, map_metrics, metrics_summary, run_experiment,
                                                               sanity_table, state_fingerprint, subject_networks, train_lap)
 from replication.methods.attention_pooling.figures import plot_curves, plot_maps
 from replication.methods.attention_pooling.layer import (COMBINE_RULES, HEAD_MODES, WEIGHT_MODES, AttentionBlock, LAP2d,

@@ -85,11 +85,11 @@ class LAPSettings:
     averaged for the control; its validity is the exact expectation of a random map). `lap_map`: which map
     is LAP's explanation, "pooling" (the weights its layers pooled with, head-mean: what the logits were
     computed from) or "class_head" (the explained class's attention head, for models trained with the
-    class-tying weak losses; the mean attention otherwise). Verdict settings: `accuracy_tolerance` (points, L2 and L4), `sanity_max_spearman` (L8),
-    `skip_explainers[network]`: explainers not run on that network (stated in the decisions: e.g. zennit has
-    no canonizer for timm's BatchNormAct2d, so LRP refuses EfficientNet-Lite0),
-    `min_val_acc` (%: a network below it has not learned the task and no claim is judged on it), `holm_family`
-    ("claim": one Holm family per claim; "notebook": all tests in one)."""
+    class-tying weak losses; the mean attention otherwise). `skip_explainers[network]`: explainers not run
+    on that network (stated in the decisions: zennit has no canonizer for timm's BatchNormAct2d, so LRP
+    refuses EfficientNet-Lite0). Verdict settings: `accuracy_tolerance` (points, L2 and L4),
+    `sanity_max_spearman` (L8), `min_val_acc` (%: a network below it has not learned the task and no claim
+    is judged on it), `holm_family` ("claim": one Holm family per claim; "notebook": all tests in one)."""
 
     networks: tuple[str, ...] = ("resnet18", "alexnet_bn", "efficientnet_lite0")
     lap: LAPConfig = LAPConfig()
@@ -466,17 +466,17 @@ def injection_validity(model: nn.Module, images: EvidenceSet, settings: LAPSetti
     for the explained map (`settings.lap_map`), and, for a "pooling" explanation, the class head's energy
     (`class_head_energy`: what the weak and mask losses train, diluted in the pooling by the other heads)."""
     masks = images.masks[:, 0] > 0.5
-    out = {}
-    readings = {"": settings.lap_map} | ({"class_head_": "class_head"} if settings.lap_map == "pooling" else {})
-    for prefix, lap_map in readings.items():
-        maps = explain(model, images.images, lap_explainer(settings, variant, lap_map), batch_size=batch_size, device=device)
-        if prefix:
-            out[prefix + "energy"] = float(loc.energy_in_mask(maps, masks).nanmean())
-            continue
-        out.update(constant_maps=int(loc.constant_maps(maps).sum()),
-                   pointing=float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
-                   energy=float(loc.energy_in_mask(maps, masks).nanmean()),
-                   auroc=float(loc.pixel_auroc(maps, masks).nanmean()))
+
+    def maps_of(lap_map: str | None) -> torch.Tensor:
+        return explain(model, images.images, lap_explainer(settings, variant, lap_map), batch_size=batch_size, device=device)
+
+    maps = maps_of(None)
+    out = {"constant_maps": int(loc.constant_maps(maps).sum()),
+           "pointing": float(loc.pointing_game(maps, masks, tolerance=settings.pointing_tolerance).nanmean()),
+           "energy": float(loc.energy_in_mask(maps, masks).nanmean()),
+           "auroc": float(loc.pixel_auroc(maps, masks).nanmean())}
+    if settings.lap_map == "pooling":
+        out["class_head_energy"] = float(loc.energy_in_mask(maps_of("class_head"), masks).nanmean())
     return out
 
 

@@ -72,11 +72,9 @@ class LAP2d(nn.Module):
     B × C like timm's pool instead of B × C × 1 × 1). `attention` replaces the attention block (any
     module X -> B × heads × H × W scores; `nn.Identity()` with heads = C makes the features their own
     scores). `init_std`: the SD of the attention block's last-conv weights at initialisation (module
-    docstring). After each forward `attention_map` holds A = sigmoid(S), detached (losses hook the block),
-    `pooling_map` (B × H × W) the weight each input position gets in the pooling, the mean over heads (or
-    channels) of the window weights actually used (summed where windows overlap), and `pooling_departure`
-    (B) each image's mean over windows of the total-variation distance of those weights from average
-    pooling (0: the layer average-pools; 1: all weight on one position), both detached.
+    docstring). After each forward `attention_map` holds A = sigmoid(S) and `pooling_weights` the window
+    weights actually used, averaged over heads (or channels), both detached (losses hook the block); from
+    them, on demand, `pooling_map` and `pooling_departure`.
     Inside `lrp_linear()` the window weights are constants (detached), so the layer is linear in its input
     and LRP's rule for pools (zennit's `Norm`, `analysis.attribution`) gives R_p = w_p X_p / Σ_q w_q X_q · R."""
 
@@ -105,8 +103,8 @@ class LAP2d(nn.Module):
         self.raw_alpha = nn.Parameter(torch.tensor(_inverse_softplus(self.alpha_init)))
         self.attention = attention if attention is not None else AttentionBlock(channels, heads, reduction, init_std)
         self.attention_map: torch.Tensor | None = None
-        self.pooling_map: torch.Tensor | None = None
-        self.pooling_departure: torch.Tensor | None = None
+        self.pooling_weights: torch.Tensor | None = None  # B × windows × positions, of the last forward
+        self._pooled_size: tuple[int, int] | None = None  # the input's H × W in that forward
         self.constant_weights = False
 
     def reset_parameters(self) -> None:
@@ -145,17 +143,30 @@ class LAP2d(nn.Module):
         valid = F.unfold(x.new_ones(1, 1, h, w), **args).view(1, 1, self.kernel ** 2, -1).transpose(2, 3)
         return windows, valid, out
 
-    def _record_pooling(self, used: torch.Tensor, valid: torch.Tensor, plane: torch.Tensor) -> None:
-        """`pooling_map` and `pooling_departure` from the weights used (B × L × P, averaged over heads);
-        `plane` (B × H × W) carries the input's shape (a tensor, so that torch.fx can trace the forward)."""
-        normalised = used / used.sum(-1, keepdim=True).clamp_min(1e-30)
-        uniform = valid[0] / valid[0].sum(-1, keepdim=True)
-        self.pooling_departure = 0.5 * (normalised - uniform).abs().sum(-1).mean(-1)
+    def _last_pooling(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        if self.pooling_weights is None:
+            raise ValueError("this LAP layer has not pooled yet; run a forward pass first.")
+        h, w = self._pooled_size
+        _, valid, _ = self._windows(self.pooling_weights.new_ones(1, 1, h, w))
+        return self.pooling_weights, valid, (h, w)
+
+    @property
+    def pooling_map(self) -> torch.Tensor:
+        """B × H × W: the weight each input position got in the last pooling (summed where windows overlap)."""
+        weights, _, size = self._last_pooling()
         if self.kernel is None:
-            self.pooling_map = used.reshape_as(plane)
-        else:
-            self.pooling_map = F.fold(used.transpose(1, 2), plane.shape[-2:], kernel_size=self.kernel, padding=self.padding,
-                                      stride=self.stride)[:, 0]
+            return weights.reshape(-1, *size)
+        return F.fold(weights.transpose(1, 2), size, kernel_size=self.kernel, padding=self.padding, stride=self.stride)[:, 0]
+
+    @property
+    def pooling_departure(self) -> torch.Tensor:
+        """B: each image's mean over windows of the total-variation distance of the last pooling's weights
+        from average pooling over the window's real positions (0: the layer average-pooled; 1: all weight on
+        one position)."""
+        weights, valid, _ = self._last_pooling()
+        normalised = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        uniform = valid[0, 0] / valid[0, 0].sum(-1, keepdim=True)
+        return 0.5 * (normalised - uniform).abs().sum(-1).mean(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.attention(x)  # B × heads × H × W (no shape check here: torch.fx traces this forward)
@@ -168,7 +179,7 @@ class LAP2d(nn.Module):
             weights = torch.exp(-self.alpha ** 2 * (top - features) ** 2).masked_fill(invalid, 0)
             weights = weights.detach() if self.constant_weights else weights
             pooled = ((weights * features + TF_EPS) * valid).sum(-1) / valid.sum(-1)
-            self._record_pooling(weights.detach().mean(1) / valid.sum(-1, keepdim=True)[:, 0], valid, x[:, 0])
+            self.pooling_weights = weights.detach().mean(1) / valid.sum(-1, keepdim=True)[:, 0]
         else:
             if self.weight_mode == "gauss_max":
                 a, _, _ = self._windows(attention)
@@ -184,7 +195,8 @@ class LAP2d(nn.Module):
                 b, c, windows, positions = features.shape
                 grouped = features.view(b, self.heads, c // self.heads, windows, positions)
                 pooled = (weights.unsqueeze(2) * grouped).sum(-1).reshape(b, c, windows)
-            self._record_pooling(weights.detach().mean(1), valid, x[:, 0])
+            self.pooling_weights = weights.detach().mean(1)
+        self._pooled_size = x.shape[-2:]
         out = pooled.view(x.shape[0], x.shape[1], *grid)
         return out.flatten(1) if self.flatten else out
 
