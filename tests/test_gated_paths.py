@@ -17,6 +17,7 @@ import torchvision
 from replication.data import concept_world as cw
 from replication.data.classification import ClassificationDataset
 from replication.methods import gated_paths as gp
+from replication.methods.gated_paths import experiment as nad_experiment
 from replication.methods.gated_paths import search as nad_search
 from replication.models.backbones import BackboneConfig, build_backbone
 from replication.training.classifiers import RecipeSearch
@@ -232,6 +233,54 @@ def test_stopping_rule_is_per_class_and_equal_in_both_loops():
     assert (first["steps"] <= [2, 3, 4, 1]).all() and first["steps"].sum() > 0  # ceil(n / 4) batches, less skipped ones
     agreement = sequential.init_agreement().set_index("class_id")["agreement"]
     assert_close(torch.tensor(agreement.to_numpy()), torch.tensor(seq_trace.groupby("class_id")["init_agreement"].last().to_numpy()))
+
+
+def test_extended_search_equals_a_search_run_with_the_higher_cap_from_the_start():
+    """A search capped at 5 epochs, continued to 12, gives the paths and trace of a 12-epoch search:
+    classes the rule stopped keep their paths, the others go on with the draws they would have had."""
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=12, batch_size=4, stop_flip_rate=0.05, stop_patience=2, min_epochs=3)
+    full = gp.search_paths(model, locations, class_images, config=config, device="cpu")
+    short = gp.search_paths(model, locations, class_images, config=dataclasses.replace(config, epochs=5), device="cpu")
+    extended = gp.extend_search(model, locations, class_images, short, config=config, device="cpu", class_chunk=1)
+    epochs_run = full.trace.groupby("class_id")["epoch"].max()
+    assert (epochs_run < 5).any() and (epochs_run > 5).any(), "some classes must stop before the first cap, some after it"
+    for a, b in zip(full.logits, extended.logits):
+        assert_close(b, a, atol=1e-5)
+    pd.testing.assert_frame_equal(extended.trace.reset_index(drop=True),
+                                  full.trace.sort_values(["class_id", "epoch"]).reset_index(drop=True), atol=1e-5)
+    assert extended.config == full.config
+    stopped = gp.stopped_by_rule(full.trace, config)
+    assert stopped.eq(epochs_run < config.epochs).all()
+    again = gp.extend_search(model, locations, class_images, extended, config=config, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, extended.logits))
+
+
+def test_stopped_by_rule_reads_the_trailing_calm_epochs():
+    config = gp.PathSearchConfig(beta=1.0, epochs=5, stop_flip_rate=0.1, stop_patience=2, min_epochs=4)
+    trace = pd.DataFrame({"class_id": [0] * 3 + [1] * 5 + [2] * 5 + [3] * 5,
+                          "epoch": [1, 2, 3] + [1, 2, 3, 4, 5] * 3,
+                          "flip_rate": [0.5, 0.05, 0.05,  # calm twice but before min_epochs: still running
+                                        0.5, 0.05, 0.05, 0.05, 0.2,  # the last epoch broke the calm: capped
+                                        0.5, 0.5, 0.5, 0.05, 0.05,  # calm at the cap: the rule stopped it there
+                                        0.5, 0.05, 0.05, 0.05, 0.05]})
+    assert gp.stopped_by_rule(trace, config).to_dict() == {0: False, 1: False, 2: True, 3: True}
+    fixed = dataclasses.replace(config, stop_flip_rate=None)
+    assert not gp.stopped_by_rule(trace, fixed).any()
+
+
+def test_extend_search_refuses_other_settings_and_order_dependent_seeding():
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=2, batch_size=4)
+    short = gp.search_paths(model, locations, class_images, [0, 1], config=config, device="cpu")
+    with pytest.raises(ValueError, match="higher epoch cap and nothing else"):
+        gp.extend_search(model, locations, class_images, short, config=dataclasses.replace(config, epochs=4, beta=1.0))
+    with pytest.raises(ValueError, match="higher epoch cap and nothing else"):
+        gp.extend_search(model, locations, class_images, short, config=dataclasses.replace(config, epochs=1))
+    sequential = dataclasses.replace(config, seeding="sequential")
+    short = gp.search_paths(model, locations, class_images, [0, 1], config=sequential, device="cpu")
+    with pytest.raises(ValueError, match="per_class"):
+        gp.extend_search(model, locations, class_images, short, config=dataclasses.replace(sequential, epochs=4))
 
 
 def test_fixed_schedule_runs_every_epoch_and_init_agreement_starts_at_one():
@@ -606,6 +655,30 @@ def test_beta_check_picks_the_smallest_sparse_beta(tmp_path, monkeypatch):
     explicit = dataclasses.replace(settings, beta={"tiny": 1.0})
     unchanged, empty = gp.calibrate_betas({"tiny_s0": network}, images, explicit, device="cpu")
     assert unchanged.search_config("tiny").beta == 1.0 and empty.empty
+
+
+def test_cached_search_stages_continue_from_the_highest_cached_cap(tmp_path, monkeypatch):
+    """With epoch stages, a search with a higher cap starts from the cached lower-cap search (no fresh
+    search runs) and equals a search run with that cap at once; each stage is cached."""
+    monkeypatch.setenv("REPLICATION_CACHE", str(tmp_path))
+    model, locations, class_images = tiny_setup()
+    config = gp.PathSearchConfig(beta=0.5, epochs=12, batch_size=4, stop_flip_rate=0.05, stop_patience=2, min_epochs=3)
+    classes = list(class_images)
+
+    def cached(epochs: int, stages=()):
+        return gp.search_paths_cached(model, locations, class_images, classes, key={"model": "tiny"}, device="cpu",
+                                      config=dataclasses.replace(config, epochs=epochs), epoch_stages=stages)
+
+    cached(5)
+    monkeypatch.setattr(nad_experiment, "search_paths", lambda *a, **k: pytest.fail("the cached stage was not used"))
+    staged = cached(12, stages=(5, 8))
+    assert len(list(tmp_path.glob("nad_paths/*/DONE.json"))) == 3  # caps 5, 8 and 12
+    fresh = gp.search_paths(model, locations, class_images, classes, config=config, device="cpu")
+    for a, b in zip(fresh.logits, staged.logits):
+        assert_close(b, a, atol=1e-5)
+    monkeypatch.setattr(nad_experiment, "extend_search", lambda *a, **k: pytest.fail("the final cap is cached"))
+    again = cached(12, stages=(5, 8))
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, staged.logits))
 
 
 def test_networks_per_arch_are_trained_with_each_archs_recipe(tiny_world, tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ CGL_TRAIN = {
     "paper": (TrainConfig(epochs=90, batch_size=256, lr=0.01, weight_decay=1e-4, schedule="step", step_size=30), (90, 0.01)),
 }
 # NAD's search: epochs (the cap when a stopping rule is set) and the flip-rate rule (None = fixed schedule)
-NAD_SEARCH = {"ci": (2, 0.01), "default": (30, 0.01), "gpu": (170, 0.01), "paper": (20, None)}
+NAD_SEARCH = {"ci": (2, 0.01), "default": (170, 0.01), "gpu": (170, 0.01), "paper": (20, None)}
 
 
 @pytest.mark.parametrize("name", ["ci", "default", "gpu", "paper"])

@@ -10,7 +10,8 @@ quirk is the default and has a switch.
 Modules, in pipeline order (this file only re-exports their public names):
 - `gates`: gate placement (`gate_locations`) and in-line gating (`gated`, `gate_values`);
 - `search`: `PathSearchConfig`, `search_paths` (batched) and `find_paths_sequential` (the official
-  loop), both returning a `PathSet`;
+  loop), both returning a `PathSet`; `extend_search` (a search continued to a higher epoch cap) and
+  `stopped_by_rule`;
 - `images`: class image tensors (`images_by_class`) and 2x2 mosaics;
 - `similarity`: path IoU, similarity, diversity, misclassification ranks, concepts on paths;
 - `metrics`: path accuracy and the mosaic hit rate (per layer, dips, curve distance);
@@ -44,8 +45,8 @@ from replication.methods.gated_paths.metrics import (class_hit_rates, curve_dist
                                                      quadrant_share, summarize_hit_rates, top_fraction_mask)
 from replication.methods.gated_paths.search import (BETA_ARCH_OF_FAMILY, OFFICIAL_BETA, ORIGINAL_CACHE_BYTES,
                                                     SEEDINGS, TRACE_COLUMNS, PathSearchConfig, PathSet, class_path_loss,
-                                                    find_paths_sequential, official_beta, search_copy,
-                                                    search_paths)
+                                                    extend_search, find_paths_sequential, official_beta, search_copy,
+                                                    search_paths, stopped_by_rule)
 from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
                                                         path_diversity, path_diversity_se, path_iou,
                                                         path_similarity, path_stability, random_path_diversity,
@@ -64,7 +65,8 @@ __all__ = [
     "class_hit_rates", "curve_distance", "deep_hit_rates", "hit_rates", "largest_dip", "path_accuracy", "quadrant_share", "summarize_hit_rates",
     "top_fraction_mask",
     "BETA_ARCH_OF_FAMILY", "OFFICIAL_BETA", "ORIGINAL_CACHE_BYTES", "SEEDINGS", "TRACE_COLUMNS", "PathSearchConfig", "PathSet",
-    "class_path_loss", "find_paths_sequential", "official_beta", "search_copy", "search_paths",
+    "class_path_loss", "extend_search", "find_paths_sequential", "official_beta", "search_copy", "search_paths",
+    "stopped_by_rule",
     "group_similarity", "misclassification_ranks", "path_concepts", "path_diversity", "path_diversity_se",
     "path_iou", "path_similarity", "path_stability", "random_path_diversity", "random_paths_like",
 ]

@@ -31,7 +31,8 @@ from replication.data.classification import ClassificationDataset
 from replication.methods.gated_paths.gates import GateLocation, gate_locations
 from replication.methods.gated_paths.images import Mosaic, images_by_class
 from replication.methods.gated_paths.metrics import hit_rates, path_accuracy, summarize_hit_rates
-from replication.methods.gated_paths.search import PathSearchConfig, PathSet, official_beta, search_paths
+from replication.methods.gated_paths.search import (PathSearchConfig, PathSet, extend_search, official_beta,
+                                                    search_paths, stopped_by_rule)
 from replication.methods.gated_paths.similarity import (group_similarity, misclassification_ranks, path_concepts,
                                                         path_diversity, path_diversity_se, path_iou, path_stability,
                                                         random_path_diversity)
@@ -55,7 +56,9 @@ class NADSettings:
     without overrides is the shared baseline of notebook 00); `recipe_from[arch]`: the arch whose
     searched recipe `arch` is trained with (`training_recipes`). `search` (the table [nad.search]) is the
     `PathSearchConfig` of every arch, with beta from `official_beta(arch, beta_dataset)` unless
-    `beta[arch]` is given (`search_config`). `*_images_per_class` cap the images used (None = all).
+    `beta[arch]` is given (`search_config`); `search_stages`: lower epoch caps at which the searches
+    are also cached, so that a higher cap continues them (`search_paths_cached`).
+    `*_images_per_class` cap the images used (None = all).
     `dissect_layers`: dissect only the last gate locations (None = all). `mosaic_scale`: mosaic side /
     image side (official 1: the 2x2 mosaic is resized to the input size; 2 keeps every quadrant at
     the training resolution) [I]. `networks_per_arch`: how many networks of each arch are trained
@@ -79,6 +82,7 @@ class NADSettings:
     beta: Mapping[str, float] = field(default_factory=dict)
     beta_dataset: str = "imagenet"
     search: PathSearchConfig = PathSearchConfig()
+    search_stages: tuple[int, ...] = ()
     train_images_per_class: int | None = None
     val_images_per_class: int | None = None
     class_chunk: int | None = None
@@ -269,17 +273,32 @@ def prepare_networks(settings: NADSettings, root: str | Path, image_shape: Seque
 
 def search_paths_cached(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                         classes: Sequence[int], *, config: PathSearchConfig, key: Any,
-                        device: str | torch.device | None = None, class_chunk: int | None = None) -> PathSet:
-    """`search_paths` behind the configuration cache; `key` identifies the model and the images."""
-    folder = cache.stage_dir("nad_paths", {"key": key, "config": config, "classes": list(classes),
-                                           "locations": [asdict(loc) for loc in locations],
-                                           **runtime.compute_identity(device)})
-    if cache.is_done(folder):
-        return PathSet.load(folder / "paths.pt")
-    paths = search_paths(model, locations, class_images, classes, config=config, device=device,
-                         class_chunk=class_chunk)
-    paths.save(folder / "paths.pt")
-    cache.mark_done(folder, {"config": config, "classes": list(classes)})
+                        device: str | torch.device | None = None, class_chunk: int | None = None,
+                        epoch_stages: Sequence[int] = ()) -> PathSet:
+    """`search_paths` behind the configuration cache; `key` identifies the model and the images.
+
+    `epoch_stages`: lower epoch caps at which the search is also cached on its way to `config.epochs`
+    (cache-or-continue per stage): the search starts from the highest cached stage and goes on with
+    `extend_search`, which gives the same paths as one search with the final cap. Raising the cap
+    thus costs only the classes the lower cap stopped.
+    """
+    caps = sorted({cap for cap in epoch_stages if cap < config.epochs} | {config.epochs})
+    folders = {cap: cache.stage_dir("nad_paths", {"key": key, "config": dataclasses.replace(config, epochs=cap),
+                                                  "classes": list(classes),
+                                                  "locations": [asdict(loc) for loc in locations],
+                                                  **runtime.compute_identity(device)}) for cap in caps}
+    done = [cap for cap in caps if cache.is_done(folders[cap])]
+    paths = PathSet.load(folders[done[-1]] / "paths.pt") if done else None
+    for cap in caps[caps.index(done[-1]) + 1:] if done else caps:
+        staged = dataclasses.replace(config, epochs=cap)
+        if paths is None:
+            paths = search_paths(model, locations, class_images, classes, config=staged, device=device,
+                                 class_chunk=class_chunk)
+        else:
+            paths = extend_search(model, locations, class_images, paths, config=staged, device=device,
+                                  class_chunk=class_chunk)
+        paths.save(folders[cap] / "paths.pt")
+        cache.mark_done(folders[cap], {"config": staged, "classes": list(classes)})
     return paths
 
 
@@ -359,7 +378,8 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
         def search(seed: int, classes: Sequence[int]) -> PathSet:
             return search_paths_cached(network.model, network.locations, images.train, classes,
                                        config=dataclasses.replace(config, seed=seed), key=_key(network, settings),
-                                       device=device, class_chunk=settings.class_chunk)
+                                       device=device, class_chunk=settings.class_chunk,
+                                       epoch_stages=settings.search_stages)
 
         paths[name] = search(config.seed, images.classes)
         if repeated and settings.stability_seeds:
@@ -382,7 +402,7 @@ def convergence_table(networks: Mapping[str, Network], searches: Searches) -> pd
         rows.append({"network": name, "beta": config["beta"], "stop_flip_rate": config.get("stop_flip_rate"),
                      "max_epochs": config["epochs"], "steps_mean": per_class["steps"].mean(),
                      "steps_max": per_class["steps"].max(), "epochs_max": per_class["epochs"].max(),
-                     "stopped_by_rule": float((per_class["epochs"] < config["epochs"]).mean()),
+                     "stopped_by_rule": float(stopped_by_rule(trace, config).mean()),
                      "last_flip_rate": last["flip_rate"].mean(),
                      "init_agreement": path_set.init_agreement()["agreement"].mean(),
                      "units_kept": last["units_kept"].mean(),

@@ -8,6 +8,7 @@ batched search equal the sequential one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,17 +191,49 @@ def _class_plans(classes: Sequence[int], sizes: Sequence[int], locations: Sequen
     return plans
 
 
+@dataclass
+class _Resume:
+    """Where a search of some classes goes on from: their gate logits (K, C_l) per location at the end
+    of epoch `first_epoch` (0 = not yet started) and the stopping rule's count of calm epochs (K,)."""
+
+    logits: list[torch.Tensor]
+    first_epoch: int
+    calm: torch.Tensor
+
+
+def _calm_epochs(flip_rates: Sequence[float], config: PathSearchConfig) -> int:
+    """How many of the last epochs in a row flipped fewer than `stop_flip_rate` of the path decisions
+    (compared in float32, as `_EpochTracker` does)."""
+    calm = 0
+    for rate in flip_rates:
+        calm = calm + 1 if bool(torch.tensor(rate, dtype=torch.float32) < config.stop_flip_rate) else 0
+    return calm
+
+
+def stopped_by_rule(trace: pd.DataFrame, config: PathSearchConfig | Mapping[str, Any]) -> pd.Series:
+    """Per class of a search's `trace`: whether the stopping rule stopped it (False for every class of a
+    fixed schedule, and for a class the epoch cap stopped first)."""
+    config = config if isinstance(config, PathSearchConfig) else PathSearchConfig(**config)
+    stopped = {}
+    for class_id, rows in trace.sort_values("epoch").groupby("class_id"):
+        last = int(rows["epoch"].iloc[-1])
+        stopped[class_id] = (config.stop_flip_rate is not None and last >= config.min_epochs
+                             and _calm_epochs(rows["flip_rate"].tolist(), config) >= config.stop_patience)
+    return pd.Series(stopped, name="stopped_by_rule", dtype=bool)
+
+
 class _EpochTracker:
     """Per-class bookkeeping of a search, shared by both loops: the trace rows (mean loss of the
     epoch's steps, share of path decisions flipped in the epoch, agreement with the initial decisions,
     units kept) and the stopping rule of `PathSearchConfig`; `running` says which classes still step."""
 
-    def __init__(self, classes: Sequence[int], init: Sequence[torch.Tensor], config: PathSearchConfig):
+    def __init__(self, classes: Sequence[int], init: Sequence[torch.Tensor], config: PathSearchConfig,
+                 resume: "_Resume | None" = None):
         self.classes, self.config = list(classes), config
         self.initial = [m.cpu() > 0 for m in init]
-        self.previous = self.initial
+        self.previous = self.initial if resume is None else [m.cpu() > 0 for m in resume.logits]
         self.running = torch.ones(len(classes), dtype=torch.bool)
-        self.calm = torch.zeros(len(classes), dtype=torch.long)
+        self.calm = torch.zeros(len(classes), dtype=torch.long) if resume is None else resume.calm.clone()
         self.loss = torch.zeros(len(classes), dtype=torch.float64)
         self.steps = torch.zeros(len(classes), dtype=torch.long)
         self.rows: list[dict[str, Any]] = []
@@ -394,28 +427,31 @@ def _original_outputs(model: nn.Module, hooks: GateHooks, images: torch.Tensor, 
 
 def _search_chunk(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
                   classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
-                  device: torch.device, cache_original: bool,
-                  memory_format: torch.memory_format) -> tuple[list[torch.Tensor], pd.DataFrame]:
+                  device: torch.device, cache_original: bool, memory_format: torch.memory_format,
+                  resume: _Resume | None = None) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """Learn the gates of `classes` together: the batch holds (class, image) pairs, gates indexed per sample.
 
     The chunk's images are pooled in one tensor; a step gathers its batch from it by `index`.
     `cache_original`: run the original net once per image and keep its outputs (the images are fixed
     tensors, so they are the same every epoch) instead of once per step as the official loop does.
-    `memory_format`: the layout `model` runs fastest in (`search_copy`).
+    `memory_format`: the layout `model` runs fastest in (`search_copy`). `resume`: go on from those
+    logits after epoch `resume.first_epoch` instead of starting from the plans' initial ones.
     """
     n_classes, n_layers, bs = len(classes), len(locations), config.batch_size
-    gate_logits = [torch.stack([plan.init[l] for plan in plans]).to(device).requires_grad_(True)
-                   for l in range(n_layers)]
+    init = [torch.stack([plan.init[l] for plan in plans]) for l in range(n_layers)]
+    start = init if resume is None else resume.logits
+    gate_logits = [m.detach().clone().to(device).requires_grad_(True) for m in start]
     sizes = torch.tensor([len(class_images[c]) for c in classes])
     first_image = (sizes.cumsum(0) - sizes).tolist()
     images = torch.cat([class_images[c] for c in classes]).contiguous(memory_format=memory_format)
     image_rows = torch.repeat_interleave(torch.arange(n_classes), sizes).to(device)
     image_labels = torch.tensor(classes, device=device)[image_rows]
-    tracker = _EpochTracker(classes, gate_logits, config)
+    tracker = _EpochTracker(classes, init, config, resume)
     with frozen(model), gated(model, locations) as hooks:
         if cache_original:
             cached_outputs, cached_correct = _original_outputs(model, hooks, images, image_labels, max(bs, 256), device)
-        for epoch in progress(range(config.epochs), desc=f"search epochs ({n_classes} classes)"):
+        first_epoch = 0 if resume is None else resume.first_epoch
+        for epoch in progress(range(first_epoch, config.epochs), desc=f"search epochs ({n_classes} classes)"):
             if not tracker.running.any():
                 break
             orders = [first + plan.orders[epoch] for first, plan, running
@@ -479,15 +515,71 @@ def search_paths(model: nn.Module, locations: Sequence[GateLocation], class_imag
     `search_copy(model)` (BatchNorm folded into convs, channels-last on the CPU).
     """
     classes = _check_inputs(model, class_images, classes, config)
+    plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
+    logits, trace = _search_classes(model, locations, class_images, classes, plans, config, device, class_chunk,
+                                    original_cache_bytes, resume=None)
+    return PathSet(classes, list(locations), logits, asdict(config), trace)
+
+
+def extend_search(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
+                  previous: PathSet, *, config: PathSearchConfig, device: str | torch.device | None = None,
+                  class_chunk: int | None = None, original_cache_bytes: int = ORIGINAL_CACHE_BYTES) -> PathSet:
+    """`previous` (a search with the same configuration but a lower epoch cap) continued up to
+    `config.epochs`: equal (within float tolerance) to `search_paths` with `config`, at the cost of the
+    new epochs only.
+
+    The classes that were still running at `previous`'s cap (the stopping rule had not stopped them)
+    go on from their logits, with the image orders `search_paths` draws for those epochs (per-class
+    seeding draws every class's orders from its own generator, so a longer cap leaves the first epochs'
+    draws unchanged); the other classes keep their paths and trace.
+    """
+    before = PathSearchConfig(**previous.config)
+    if config.seeding != "per_class":
+        raise ValueError(f"extend_search needs seeding='per_class' (with {config.seeding!r} seeding a longer cap changes "
+                         "the draws of later classes); run search_paths with the new cap instead")
+    if dataclasses.replace(before, epochs=config.epochs) != config or before.epochs > config.epochs:
+        raise ValueError(f"extend_search continues a search up to a higher epoch cap and nothing else: the previous search "
+                         f"ran {before} but the extension asks for {config}")
+    if [asdict(loc) for loc in previous.locations] != [asdict(loc) for loc in locations]:
+        raise ValueError("extend_search got other gate locations than the search it continues")
+    classes = _check_inputs(model, class_images, previous.classes, config)
+    trace = previous.trace.sort_values(["class_id", "epoch"])
+    last_epoch = trace.groupby("class_id")["epoch"].max().reindex(classes, fill_value=0)
+    stopped = stopped_by_rule(trace, before).reindex(classes, fill_value=False)
+    going_on = [c for c in classes if last_epoch[c] == before.epochs and not stopped[c]]
+    if not going_on or before.epochs == config.epochs:
+        return PathSet(classes, list(locations), list(previous.logits), asdict(config), previous.trace)
+    rows = [previous.row(c) for c in going_on]
+    calm = torch.tensor([_calm_epochs(trace.loc[trace["class_id"] == c, "flip_rate"].tolist(), before)
+                         if before.stop_flip_rate is not None else 0 for c in going_on])
+    resume = _Resume([m[rows] for m in previous.logits], before.epochs, calm)
+    plans = _class_plans(going_on, [len(class_images[c]) for c in going_on], locations, config)
+    logits, added = _search_classes(model, locations, class_images, going_on, plans, config, device, class_chunk,
+                                    original_cache_bytes, resume=resume)
+    merged = [m.clone() for m in previous.logits]
+    for l, m in enumerate(logits):
+        merged[l][rows] = m
+    trace = pd.concat([previous.trace, added], ignore_index=True).sort_values(["class_id", "epoch"], kind="stable")
+    return PathSet(classes, list(locations), merged, asdict(config), trace.reset_index(drop=True))
+
+
+def _search_classes(model: nn.Module, locations: Sequence[GateLocation], class_images: Mapping[int, torch.Tensor],
+                    classes: Sequence[int], plans: Sequence[_ClassPlan], config: PathSearchConfig,
+                    device: str | torch.device | None, class_chunk: int | None, original_cache_bytes: int,
+                    resume: _Resume | None) -> tuple[list[torch.Tensor], pd.DataFrame]:
+    """The batched search of `classes` in chunks of `class_chunk` (see `search_paths`), from their
+    initial logits or from `resume`; returns the logits (K, C_l) per location and the trace."""
     device = resolve_device(device)
     model, memory_format = search_copy(model, locations)
-    plans = _class_plans(classes, [len(class_images[c]) for c in classes], locations, config)
     chunk = class_chunk or len(classes)
     parts = []
     for start in progress(range(0, len(classes), chunk), desc="paths (batched)"):
-        members = classes[start:start + chunk]
-        cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in members)) <= original_cache_bytes
-        parts.append(_search_chunk(model, locations, class_images, members, plans[start:start + chunk], config,
-                                   device, cache_original, memory_format))
+        members = slice(start, start + chunk)
+        part_resume = None if resume is None else _Resume([m[members] for m in resume.logits], resume.first_epoch,
+                                                          resume.calm[members])
+        cache_original = _original_bytes(locations, sum(len(class_images[c]) for c in classes[members])) \
+            <= original_cache_bytes
+        parts.append(_search_chunk(model, locations, class_images, classes[members], plans[members], config,
+                                   device, cache_original, memory_format, part_resume))
     logits = [torch.cat([part[0][l] for part in parts]) for l in range(len(locations))]
-    return PathSet(classes, list(locations), logits, asdict(config), pd.concat([part[1] for part in parts], ignore_index=True))
+    return logits, pd.concat([part[1] for part in parts], ignore_index=True)
