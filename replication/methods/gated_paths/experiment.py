@@ -391,9 +391,10 @@ def search_networks(networks: Mapping[str, Network], images: ClassImages, settin
 
 def convergence_table(networks: Mapping[str, Network], searches: Searches) -> pd.DataFrame:
     """Per network: the search's beta and stopping rule, steps and epochs per class (mean, max),
-    the share of classes that met the rule before the epoch cap, the last epoch's flip rate, the
-    share of path decisions still equal to the random initial ones and the units kept (means over
-    classes): is the path the search's or its initialisation's?"""
+    the share of classes the stopping rule stopped (the rest ran to the epoch cap), the last epoch's
+    flip rate, the share of path decisions still equal to the random initial ones and the units kept
+    (means over classes): is the path the search's or its initialisation's? `minutes_this_run`: the
+    search time spent in this run (0 when every stage came from the cache)."""
     rows = []
     for name, path_set in searches.paths.items():
         config, trace = path_set.config, path_set.trace
@@ -407,7 +408,7 @@ def convergence_table(networks: Mapping[str, Network], searches: Searches) -> pd
                      "init_agreement": path_set.init_agreement()["agreement"].mean(),
                      "units_kept": last["units_kept"].mean(),
                      "units_kept_min": last["units_kept"].min(), "units_kept_max": last["units_kept"].max(),
-                     "search_minutes": searches.seconds[name] / 60})
+                     "minutes_this_run": searches.seconds[name] / 60})
     return pd.DataFrame(rows)
 
 
