@@ -51,8 +51,9 @@ def test_placement_table_lists_each_archs_first_network():
 
 
 def test_training_table_reads_the_last_epoch_and_marks_pretrained_networks():
-    history = pd.DataFrame({"train_acc": [0.5, 0.75], "val_acc": [0.5, 2 / 3]})
+    history = pd.DataFrame({"train_acc": [0.5, 0.75], "val_acc": [0.5, 2 / 3], "seconds": [30.0, 60.0]})
     table = gp.training_table({"trained": network(plain_model(), history, seed=3), "pretrained": network(plain_model())})
+    assert table["train_minutes"].iloc[0] == 1.5 and math.isnan(table["train_minutes"].iloc[1])
     assert table["network"].tolist() == ["trained", "pretrained"] and table["seed"].tolist() == [3, 0]
     assert table["epochs"].tolist() == [2, 0] and table["train_acc"].iloc[0] == 75.0
     assert_close(table["val_acc"].iloc[0], 200 / 3) and math.isnan(table["val_acc"].iloc[1])

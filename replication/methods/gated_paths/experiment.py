@@ -576,8 +576,10 @@ def placement_table(networks: Mapping[str, Network]) -> pd.DataFrame:
 
 
 def training_table(networks: Mapping[str, Network]) -> pd.DataFrame:
-    """Per network: arch, seed, epochs trained, the last epoch's train and val accuracy (%) and whether
-    the val curve plateaued (`training.classifiers.plateaued`); NaN and 0 epochs for pretrained weights."""
+    """Per network: arch, seed, epochs trained, the last epoch's train and val accuracy (%), whether
+    the val curve plateaued (`training.classifiers.plateaued`) and the training minutes its history
+    recorded when it was trained (a cached network costs nothing in a later run; NaN without a
+    `seconds` column); NaN and 0 epochs for pretrained weights."""
     rows = []
     for name, network in networks.items():
         history = network.history
@@ -586,7 +588,8 @@ def training_table(networks: Mapping[str, Network]) -> pd.DataFrame:
                      "epochs": len(history) if trained else 0,
                      "train_acc": 100 * float(history["train_acc"].iloc[-1]) if trained else np.nan,
                      "val_acc": 100 * float(history["val_acc"].iloc[-1]) if trained else np.nan,
-                     "plateaued": plateaued(history) if trained else False})
+                     "plateaued": plateaued(history) if trained else False,
+                     "train_minutes": history["seconds"].sum() / 60 if trained and "seconds" in history else np.nan})
     return pd.DataFrame(rows)
 
 
