@@ -201,25 +201,27 @@ class _Resume:
     calm: torch.Tensor
 
 
-def _calm_epochs(flip_rates: Sequence[float], config: PathSearchConfig) -> int:
-    """How many of the last epochs in a row flipped fewer than `stop_flip_rate` of the path decisions
-    (compared in float32, as `_EpochTracker` does)."""
-    calm = 0
-    for rate in flip_rates:
-        calm = calm + 1 if bool(torch.tensor(rate, dtype=torch.float32) < config.stop_flip_rate) else 0
-    return calm
+def _rule_state(trace: pd.DataFrame, config: PathSearchConfig) -> pd.DataFrame:
+    """Per class of a search's `trace` (index class_id): its last epoch, the stopping rule's count of
+    calm epochs in a row at its end (flip rate below `stop_flip_rate`, compared in float32 as
+    `_EpochTracker` does; 0 for a fixed schedule) and whether the rule stopped it."""
+    rows = {}
+    for class_id, epochs in trace.sort_values("epoch").groupby("class_id"):
+        calm = 0
+        if config.stop_flip_rate is not None:
+            for rate in epochs["flip_rate"]:
+                calm = calm + 1 if bool(torch.tensor(rate, dtype=torch.float32) < config.stop_flip_rate) else 0
+        last = int(epochs["epoch"].iloc[-1])
+        rows[class_id] = {"last_epoch": last, "calm": calm,
+                          "stopped": calm >= config.stop_patience and last >= config.min_epochs}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["last_epoch", "calm", "stopped"])
 
 
 def stopped_by_rule(trace: pd.DataFrame, config: PathSearchConfig | Mapping[str, Any]) -> pd.Series:
     """Per class of a search's `trace`: whether the stopping rule stopped it (False for every class of a
     fixed schedule, and for a class the epoch cap stopped first)."""
     config = config if isinstance(config, PathSearchConfig) else PathSearchConfig(**config)
-    stopped = {}
-    for class_id, rows in trace.sort_values("epoch").groupby("class_id"):
-        last = int(rows["epoch"].iloc[-1])
-        stopped[class_id] = (config.stop_flip_rate is not None and last >= config.min_epochs
-                             and _calm_epochs(rows["flip_rate"].tolist(), config) >= config.stop_patience)
-    return pd.Series(stopped, name="stopped_by_rule", dtype=bool)
+    return _rule_state(trace, config)["stopped"].astype(bool).rename("stopped_by_rule")
 
 
 class _EpochTracker:
@@ -228,7 +230,7 @@ class _EpochTracker:
     units kept) and the stopping rule of `PathSearchConfig`; `running` says which classes still step."""
 
     def __init__(self, classes: Sequence[int], init: Sequence[torch.Tensor], config: PathSearchConfig,
-                 resume: "_Resume | None" = None):
+                 resume: _Resume | None = None):
         self.classes, self.config = list(classes), config
         self.initial = [m.cpu() > 0 for m in init]
         self.previous = self.initial if resume is None else [m.cpu() > 0 for m in resume.logits]
@@ -543,16 +545,13 @@ def extend_search(model: nn.Module, locations: Sequence[GateLocation], class_ima
     if [asdict(loc) for loc in previous.locations] != [asdict(loc) for loc in locations]:
         raise ValueError("extend_search got other gate locations than the search it continues")
     classes = _check_inputs(model, class_images, previous.classes, config)
-    trace = previous.trace.sort_values(["class_id", "epoch"])
-    last_epoch = trace.groupby("class_id")["epoch"].max().reindex(classes, fill_value=0)
-    stopped = stopped_by_rule(trace, before).reindex(classes, fill_value=False)
-    going_on = [c for c in classes if last_epoch[c] == before.epochs and not stopped[c]]
-    if not going_on or before.epochs == config.epochs:
+    state = _rule_state(previous.trace, before).reindex(classes, fill_value=0)  # a class without rows: not started
+    going_on = [c for c in classes if state.at[c, "last_epoch"] == before.epochs and not state.at[c, "stopped"]]
+    if before.epochs == config.epochs or not going_on:
         return PathSet(classes, list(locations), list(previous.logits), asdict(config), previous.trace)
     rows = [previous.row(c) for c in going_on]
-    calm = torch.tensor([_calm_epochs(trace.loc[trace["class_id"] == c, "flip_rate"].tolist(), before)
-                         if before.stop_flip_rate is not None else 0 for c in going_on])
-    resume = _Resume([m[rows] for m in previous.logits], before.epochs, calm)
+    resume = _Resume([m[rows] for m in previous.logits], before.epochs,
+                     torch.tensor(state.loc[going_on, "calm"].tolist(), dtype=torch.long))
     plans = _class_plans(going_on, [len(class_images[c]) for c in going_on], locations, config)
     logits, added = _search_classes(model, locations, class_images, going_on, plans, config, device, class_chunk,
                                     original_cache_bytes, resume=resume)
